@@ -1,0 +1,36 @@
+"""The project's config keys and the one setup every tool and test builds its config with."""
+import os
+
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+__all__ = ["add_aa_config", "setup_cfg"]
+
+
+def add_aa_config(cfg):
+    """Add the MODEL.AA node (attention augmentation of the ResNet backbone) to a detectron2 config."""
+    cfg.MODEL.AA = CN()
+    # Stages whose 3x3 convolutions are attention-augmented. The paper augments from the last
+    # (smallest) stage down until memory runs out; res3-res5 is that rule made explicit.
+    cfg.MODEL.AA.STAGES = ["res3", "res4", "res5"]
+    cfg.MODEL.AA.NUM_HEADS = 8
+    cfg.MODEL.AA.KAPPA = 0.2  # dk / Fout
+    cfg.MODEL.AA.UPSILON = 0.1  # dv / Fout
+    cfg.MODEL.AA.RELATIVE = True  # 2D relative position logits
+    cfg.MODEL.AA.IMPL = "auto"  # attention implementation: "auto", "naive" or "fused"
+    return cfg
+
+
+def setup_cfg(config_file=None, opts=()):
+    """A frozen config: detectron2's defaults, the AA keys, `config_file`, then `opts` overrides.
+
+    Importing this module registers the project's backbones, so any config built here can name them.
+    """
+    cfg = add_aa_config(get_cfg())
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"config file not found: {config_file}")
+        cfg.merge_from_file(config_file, allow_unsafe=False)
+    cfg.merge_from_list(list(opts))
+    cfg.freeze()
+    return cfg

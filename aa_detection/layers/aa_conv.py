@@ -1,0 +1,137 @@
+"""The attention-augmented convolution: concat(Conv(X), MHA(X)) along channels."""
+import math
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .relative_attention import IMPLS, relative_attention_2d
+
+__all__ = ["AAConv2d", "attention_depths"]
+
+
+def attention_depths(out_channels, num_heads, kappa, upsilon):
+    """Key and value depths (dk, dv) from the ratios kappa = dk / Fout and upsilon = dv / Fout.
+
+    Rounding rule: each depth is the multiple of num_heads nearest to ratio * out_channels, and at
+    least num_heads (one dimension per head). R-50 with Nh=8, kappa=0.2, upsilon=0.1 gives
+    (24, 16) at Fout=128, (48, 24) at 256 and (104, 48) at 512.
+    """
+    def depth(ratio):
+        return num_heads * max(1, round(ratio * out_channels / num_heads))
+
+    return depth(kappa), depth(upsilon)
+
+
+class AAConv2d(nn.Module):
+    """Attention-augmented convolution (Bello et al., 2019), x (B, Cin, H, W) -> (B, Cout, H', W').
+
+    The first Cout - dv channels are a k x k convolution (its filters are the parameter `weight`,
+    named like a plain convolution's so pretrained 3x3 kernels load by name); the last dv channels are
+    multi-head self-attention with 2D relative position logits, projected by a 1x1 convolution.
+    With stride 2 the attention runs on x average-pooled 2x2 (ceil mode), the convolution's output size.
+    `norm` and `activation`, when given, follow the concatenation, as in detectron2's Conv2d.
+
+    Relative embeddings depend on the offset only: each axis has a table of 2 * max_relative_size - 1
+    rows, shared by all heads and all input sizes, and offsets beyond +-(max_relative_size - 1) use the
+    table's last row on their side. Size it from the largest feature map expected.
+    """
+
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size=3,
+        stride=1,
+        dilation=1,
+        *,
+        num_heads=8,
+        key_depth=None,
+        value_depth=None,
+        kappa=0.2,
+        upsilon=0.1,
+        relative=True,
+        max_relative_size=64,
+        impl="auto",
+        bias=False,
+        norm=None,
+        activation=None,
+    ):
+        super().__init__()
+        if num_heads < 1:
+            raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+        default_dk, default_dv = attention_depths(out_channels, num_heads, kappa, upsilon)
+        dk = default_dk if key_depth is None else key_depth
+        dv = default_dv if value_depth is None else value_depth
+        for name, depth in (("key_depth (dk)", dk), ("value_depth (dv)", dv)):
+            if depth < 1 or depth % num_heads:
+                raise ValueError(f"{name}={depth} must be a positive multiple of num_heads={num_heads}")
+        if dv >= out_channels:
+            raise ValueError(
+                f"value_depth (dv)={dv} must be < out_channels={out_channels} to leave channels to the convolution"
+            )
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        if stride not in (1, 2):
+            raise ValueError(f"stride must be 1 or 2, got {stride}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if relative and max_relative_size < 1:
+            raise ValueError(f"max_relative_size must be >= 1, got {max_relative_size}")
+
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.dilation = kernel_size, stride, dilation
+        self.padding = dilation * (kernel_size // 2)
+        self.num_heads, self.key_depth, self.value_depth = num_heads, dk, dv
+        self.impl = impl
+
+        self.weight = nn.Parameter(torch.empty(out_channels - dv, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channels - dv)) if bias else None
+        self.qkv = nn.Conv2d(in_channels, 2 * dk + dv, 1)
+        self.attn_out = nn.Conv2d(dv, dv, 1)
+        dkh = dk // num_heads
+        if relative:
+            self.rel_h = nn.Parameter(torch.randn(2 * max_relative_size - 1, dkh) * dkh**-0.5)
+            self.rel_w = nn.Parameter(torch.randn(2 * max_relative_size - 1, dkh) * dkh**-0.5)
+        else:
+            self.register_parameter("rel_h", None)
+            self.register_parameter("rel_w", None)
+        self.norm = norm
+        self.activation = activation
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    @property
+    def relative(self):
+        return self.rel_h is not None
+
+    def split_heads(self, x):
+        """x (B, Cin, H, W) at the output resolution -> q, k (B, Nh, H, W, dkh), v (B, Nh, H, W, dvh)."""
+        B, _, H, W = x.shape
+        qkv = self.qkv(x).split([self.key_depth, self.key_depth, self.value_depth], dim=1)
+        return tuple(t.reshape(B, self.num_heads, -1, H, W).permute(0, 1, 3, 4, 2) for t in qkv)
+
+    def attention_input(self, x):
+        """x (B, Cin, H, W) -> the input of the attention branch, at the convolution's output size."""
+        if self.stride == 1:
+            return x
+        return F.avg_pool2d(x, self.stride, self.stride, ceil_mode=True)
+
+    def forward(self, x):
+        conv = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        q, k, v = self.split_heads(self.attention_input(x))
+        attn = relative_attention_2d(q, k, v, self.rel_h, self.rel_w, impl=self.impl)
+        B, Nh, H, W, dvh = attn.shape
+        attn = self.attn_out(attn.permute(0, 1, 4, 2, 3).reshape(B, Nh * dvh, H, W))
+        out = torch.cat([conv, attn], dim=1)
+        if self.norm is not None:
+            out = self.norm(out)
+        if self.activation is not None:
+            out = self.activation(out)
+        return out
+
+    def extra_repr(self):
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"num_heads={self.num_heads}, dk={self.key_depth}, dv={self.value_depth}, "
+            f"relative={self.relative}, impl={self.impl!r}"
+        )

@@ -1,0 +1,127 @@
+"""Multi-head self-attention over a 2D map with relative position logits (Bello et al., 2019).
+
+For query pixel i = (y_i, x_i) and key pixel j = (y_j, x_j) of an H x W map:
+
+    logit_ij = (q_i . k_j + q_i . rel_h[y_j - y_i + H - 1] + q_i . rel_w[x_j - x_i + W - 1]) / sqrt(dkh)
+    out_i    = sum_j softmax_j(logit_ij) v_j
+
+The offset is key minus query, the 1/sqrt(dkh) scale covers the relative terms too, and the tables
+rel_h (2H-1, dkh) and rel_w (2W-1, dkh) are shared by all heads.
+"""
+from functools import lru_cache
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["relative_attention_2d", "relative_table", "IMPLS", "NAIVE_MAX_PIXELS"]
+
+IMPLS = ("auto", "naive", "fused")
+
+# "auto" keeps the dense path up to this many pixels per map, where it is as fast and its
+# (B, Nh, HW, HW) logits are small; tools/benchmark_attention.py measures the crossing.
+NAIVE_MAX_PIXELS = 1024
+
+
+@lru_cache(maxsize=256)
+def _offset_rows(size: int, table_size: int, device: torch.device) -> torch.Tensor:
+    """(size, size) long: row of a (2L-1)-row table holding offset key - query, clipped to +-(L-1)."""
+    pos = torch.arange(size, device=device)
+    offset = (pos[None, :] - pos[:, None]).clamp(-(table_size - 1), table_size - 1)
+    return offset + table_size - 1
+
+
+def relative_table(rel: torch.Tensor, size: int) -> torch.Tensor:
+    """Per (query, key) pair embeddings of one axis.
+
+    rel: (2L-1, d), row `o + L - 1` holds offset o = key - query; offsets beyond +-(L-1) take the
+    last row on their side. Returns (size, size, d), entry [query, key].
+    """
+    table_size = (rel.shape[0] + 1) // 2
+    return rel[_offset_rows(size, table_size, rel.device)]
+
+
+def _relative_logits(q, rel_h, rel_w):
+    """q (B, Nh, H, W, d) -> unscaled relative logits along y (B, Nh, H, W, H) and x (B, Nh, H, W, W)."""
+    H, W = q.shape[2:4]
+    logits_h = torch.einsum("bnyxd,ykd->bnyxk", q, relative_table(rel_h, H).to(q.dtype))
+    logits_w = torch.einsum("bnyxd,xkd->bnyxk", q, relative_table(rel_w, W).to(q.dtype))
+    return logits_h, logits_w
+
+
+def _naive(q, k, v, rel_h, rel_w, scale):
+    B, Nh, H, W, dk = q.shape
+    logits = torch.einsum("bnyxd,bnuvd->bnyxuv", q, k)
+    if rel_h is not None:
+        logits_h, logits_w = _relative_logits(q, rel_h, rel_w)
+        logits = logits + logits_h[..., :, None] + logits_w[..., None, :]
+    weights = torch.softmax(logits.reshape(B, Nh, H * W, H * W) * scale, dim=-1)
+    return weights @ v.reshape(B, Nh, H * W, -1)
+
+
+@lru_cache(maxsize=64)
+def _key_position_onehots(H: int, W: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(H, W, H + W): for key pixel (y, x), one-hot of y followed by one-hot of x."""
+    rows = torch.eye(H, dtype=dtype, device=device)[:, None, :].expand(H, W, H)
+    cols = torch.eye(W, dtype=dtype, device=device)[None, :, :].expand(H, W, W)
+    return torch.cat([rows, cols], dim=-1)
+
+
+def _fused(q, k, v, rel_h, rel_w, scale):
+    """Exact low-rank form: q' = [q, q.r^H, q.r^W], k' = [k, onehot(y), onehot(x)], so q'.k' is the
+    full logit and one scaled_dot_product_attention call needs no dense (HW, HW) bias."""
+    B, Nh, H, W, _ = q.shape
+    dv = v.shape[-1]
+    if rel_h is not None:
+        logits_h, logits_w = _relative_logits(q, rel_h, rel_w)
+        q = torch.cat([q, logits_h, logits_w], dim=-1)
+        onehots = _key_position_onehots(H, W, k.dtype, k.device).expand(B, Nh, H, W, H + W)
+        k = torch.cat([k, onehots], dim=-1)
+    # CPU flash attention wants one width for q, k and v: pad the narrower side with zeros.
+    width = max(q.shape[-1], dv)
+    q, k = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k))
+    v = F.pad(v, (0, width - dv))
+    out = F.scaled_dot_product_attention(
+        q.reshape(B, Nh, H * W, width),
+        k.reshape(B, Nh, H * W, width),
+        v.reshape(B, Nh, H * W, width),
+        scale=scale,
+    )
+    return out[..., :dv]
+
+
+def relative_attention_2d(q, k, v, rel_h=None, rel_w=None, impl="auto"):
+    """Self-attention with 2D relative position logits.
+
+    Args:
+        q, k: (B, Nh, H, W, dkh) queries and keys, unscaled.
+        v: (B, Nh, H, W, dvh) values.
+        rel_h: (2L_h-1, dkh) embeddings of y offsets, row o + L_h - 1 for offset o = y_key - y_query;
+            usually L_h = H. Offsets beyond +-(L_h-1) use the last row on their side. None, with
+            rel_w None, gives content-only attention.
+        rel_w: (2L_w-1, dkh), likewise for x offsets.
+        impl: "naive" (dense logits, the reference), "fused" (exact, never builds (HW, HW) relative
+            logits) or "auto" (naive up to NAIVE_MAX_PIXELS pixels, fused above).
+
+    Returns:
+        (B, Nh, H, W, dvh)
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if (rel_h is None) != (rel_w is None):
+        raise ValueError("rel_h and rel_w must be given together (or both None for content-only attention)")
+    if q.dim() != 5 or k.shape != q.shape or v.shape[:4] != q.shape[:4]:
+        raise ValueError(
+            f"expected q, k (B, Nh, H, W, dkh) and v (B, Nh, H, W, dvh), got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if rel_h is not None and (rel_h.shape[-1] != q.shape[-1] or rel_w.shape[-1] != q.shape[-1]):
+        raise ValueError(
+            f"rel_h {tuple(rel_h.shape)} and rel_w {tuple(rel_w.shape)} must have width dkh={q.shape[-1]}"
+        )
+    B, Nh, H, W, dk = q.shape
+    if impl == "auto":
+        impl = "naive" if H * W <= NAIVE_MAX_PIXELS else "fused"
+    attend = _naive if impl == "naive" else _fused
+    out = attend(q, k, v, rel_h, rel_w, 1.0 / math.sqrt(dk))
+    return out.reshape(B, Nh, H, W, v.shape[-1])

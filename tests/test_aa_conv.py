@@ -1,0 +1,90 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aa_detection.layers import AAConv2d, attention_depths
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [(7, 7), (5, 9), (1, 6), (8, 3), (1, 1)])
+def test_output_shape_matches_convolution(stride, size):
+    layer = AAConv2d(16, 32, 3, stride=stride, num_heads=4, key_depth=8, value_depth=8)
+    x = torch.randn(2, 16, *size)
+    expected = F.conv2d(x, torch.zeros(32, 16, 3, 3), stride=stride, padding=1).shape
+    assert layer(x).shape == expected
+
+
+def test_same_layer_runs_on_two_sizes_with_same_embeddings():
+    layer = AAConv2d(8, 16, num_heads=2, key_depth=4, value_depth=4, max_relative_size=8).eval()
+    small, large = torch.randn(1, 8, 3, 5), torch.randn(1, 8, 11, 6)
+    assert layer(small).shape == (1, 16, 3, 5) and layer(large).shape == (1, 16, 11, 6)
+    # The embedding of an offset is one table row, whatever the map size.
+    assert layer.rel_h.shape == (15, 2) and layer.rel_w.shape == (15, 2)
+
+
+def test_relative_off_equals_content_only_attention():
+    layer = AAConv2d(8, 16, num_heads=2, key_depth=4, value_depth=6, relative=False)
+    assert layer.rel_h is None and layer.rel_w is None
+    x = torch.randn(2, 8, 5, 6)
+    out = layer(x)
+    conv = F.conv2d(x, layer.weight, padding=1)
+    q, k, v = (t.reshape(2, 2, -1, 30) for t in layer.qkv(x).split([4, 4, 6], dim=1))  # (B, Nh, d, HW)
+    weights = torch.softmax(q.transpose(2, 3) @ k / math.sqrt(2), dim=-1)  # (B, Nh, HW, HW)
+    attn = (weights @ v.transpose(2, 3)).transpose(2, 3).reshape(2, 6, 5, 6)  # heads concatenated
+    ref = torch.cat([conv, layer.attn_out(attn)], dim=1)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_stride_two_attends_over_pooled_input():
+    layer = AAConv2d(4, 8, stride=2, num_heads=1, key_depth=2, value_depth=2, relative=False)
+    x = torch.randn(1, 4, 5, 7)
+    pooled = layer.attention_input(x)
+    assert pooled.shape[-2:] == (3, 4)
+    assert torch.allclose(pooled[0, :, 0, 0], x[0, :, :2, :2].mean(dim=(1, 2)))
+    assert torch.allclose(pooled[0, :, 2, 3], x[0, :, 4, 6])  # a corner window holds one pixel
+
+
+def test_gradients_reach_every_parameter():
+    layer = AAConv2d(8, 16, num_heads=2, key_depth=4, value_depth=4, norm=nn.BatchNorm2d(16), activation=nn.ReLU())
+    layer(torch.randn(2, 8, 6, 7)).pow(2).sum().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("impl", ["naive", "fused"])
+def test_implementations_agree_in_the_layer(impl):
+    layer = AAConv2d(8, 16, num_heads=2, key_depth=4, value_depth=4, impl="naive")
+    x = torch.randn(2, 8, 9, 4)
+    ref = layer(x)
+    layer.impl = impl
+    assert torch.allclose(layer(x), ref, atol=1e-5)
+
+
+def test_depths_from_ratios():
+    assert attention_depths(128, 8, 0.2, 0.1) == (24, 16)
+    assert attention_depths(256, 8, 0.2, 0.1) == (48, 24)
+    assert attention_depths(512, 8, 0.2, 0.1) == (104, 48)
+    assert attention_depths(16, 8, 0.2, 0.1) == (8, 8)  # at least one dimension per head
+    layer = AAConv2d(64, 256, num_heads=8, kappa=0.2, upsilon=0.1)
+    assert (layer.key_depth, layer.value_depth) == (48, 24)
+    assert layer.weight.shape == (256 - 24, 64, 3, 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_heads=3, key_depth=8, value_depth=6), "key_depth"),
+        (dict(num_heads=4, key_depth=8, value_depth=6), "value_depth"),
+        (dict(num_heads=4, key_depth=8, value_depth=32), "out_channels"),
+        (dict(kernel_size=2), "kernel_size"),
+        (dict(stride=3), "stride"),
+        (dict(num_heads=0), "num_heads"),
+        (dict(impl="cuda"), "impl"),
+    ],
+)
+def test_invalid_settings_raise_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AAConv2d(16, 32, **kwargs)
