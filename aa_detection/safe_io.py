@@ -1,0 +1,89 @@
+"""Reading untrusted weight files safely and writing outputs atomically."""
+import contextlib
+import io
+import os
+import pickle
+import tempfile
+
+import torch
+
+__all__ = ["UnsafePickleError", "atomic_write", "load_pickle_weights", "load_torch_weights"]
+
+# What weight pickles need: numpy arrays and scalars, plain containers, and tensors.
+_SAFE_GLOBALS = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),
+    ("collections", "OrderedDict"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"),
+}
+_NUMPY_DTYPE_MODULES = ("numpy.dtypes", "numpy")
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle holds objects beyond tensors, arrays and plain containers."""
+
+
+def _tensor_from_bytes(data):
+    # torch pickles a storage as the bytes of a torch.save file; read those bytes weights-only too.
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+class _WeightsUnpickler(pickle.Unpickler):
+    def __init__(self, file, path):
+        super().__init__(file, encoding="latin1")
+        self.path = path
+
+    def find_class(self, module, name):
+        if (module, name) in _SAFE_GLOBALS or (module in _NUMPY_DTYPE_MODULES and name.endswith("DType")):
+            return super().find_class(module, name)
+        if (module, name) == ("torch.storage", "_load_from_bytes"):
+            return _tensor_from_bytes
+        raise UnsafePickleError(
+            f"{self.path}: refusing to unpickle '{module}.{name}': weight files may hold only tensors, "
+            "arrays and plain containers. Allow it (MODEL.WEIGHTS_ALLOW_UNSAFE_PICKLE True, or "
+            "allow_unsafe=True) only if you trust its source."
+        )
+
+
+def load_pickle_weights(path, allow_unsafe=False):
+    """Unpickle a weight file (.pkl); objects other than tensors, arrays and containers raise
+    UnsafePickleError naming the file, unless allow_unsafe."""
+    with open(path, "rb") as f:
+        if allow_unsafe:
+            return pickle.load(f, encoding="latin1")
+        return _WeightsUnpickler(f, path).load()
+
+
+def load_torch_weights(path, map_location="cpu"):
+    """torch.load with weights-only loading; the error names the file."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafePickleError(f"{path}: not a weights-only torch file ({e})") from e
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """Open a temporary file beside `path` and move it onto `path` only once the block succeeds,
+    so readers and resumed runs never see a partial file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
