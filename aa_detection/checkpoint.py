@@ -89,7 +89,7 @@ class AACheckpointer(DetectionCheckpointer):
             "filters of their pretrained 3x3 kernel (their norms loaded whole).",
             f"Left at random initialisation: {len(attention)} attention parameters "
             f"({', '.join(ATTENTION_PARAMETERS)} of every AAConv2d)"
-            + (f" and {len(other)} other entries outside AA convolutions (see the missing keys above)." if other else "."),
+            + (f" and {len(other)} other entries outside AA convolutions (listed with the missing keys)." if other else "."),
         ]
         lines += [f"  random: {k}" for k in attention]
         logger.info("\n".join(lines))
