@@ -42,7 +42,7 @@ def analyze(config_file, opts=(), size=(800, 1333), flops=True):
 
 
 def format_table(rows):
-    header = ["config", "params (M)", "backbone params (M)", "GFLOPs", "attention GFLOPs"]
+    header = ["config", "params (M)", "backbone params (M)", "GFLOPs", "attention matmul GFLOPs"]
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for r in rows:
         cells = [r["config"], f"{r['params'] / 1e6:.2f}", f"{r['backbone_params'] / 1e6:.2f}",
@@ -61,7 +61,8 @@ def main(argv=None):
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides for every config")
     args = parser.parse_args(argv)
     rows = [analyze(f, args.opts, tuple(args.size), flops=not args.no_flops) for f in args.config_file]
-    print(f"input {args.size[0]}x{args.size[1]}, fvcore FLOPs (1 multiply-add = 1 flop)")
+    if not args.no_flops:
+        print(f"input {args.size[0]}x{args.size[1]}, fvcore FLOPs (1 multiply-add = 1 flop)")
     print(format_table(rows))
     if len(rows) > 1:
         base = rows[0]
