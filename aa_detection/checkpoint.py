@@ -89,7 +89,8 @@ class AACheckpointer(DetectionCheckpointer):
             "filters of their pretrained 3x3 kernel (their norms loaded whole).",
             f"Left at random initialisation: {len(attention)} attention parameters "
             f"({', '.join(ATTENTION_PARAMETERS)} of every AAConv2d)"
-            + (f" and {len(other)} other entries outside AA convolutions (listed with the missing keys)." if other else "."),
+            + (f" and {len(other)} other entries outside AA convolutions (listed with the missing keys)."
+               if other else "."),
         ]
         lines += [f"  random: {k}" for k in attention]
         logger.info("\n".join(lines))
@@ -97,4 +98,4 @@ class AACheckpointer(DetectionCheckpointer):
     @staticmethod
     def _is_attention(key):
         parts = key.split(".")
-        return len(parts) >= 2 and parts[-2] in ATTENTION_PARAMETERS or parts[-1] in ("rel_h", "rel_w")
+        return (len(parts) >= 2 and parts[-2] in ATTENTION_PARAMETERS) or parts[-1] in ("rel_h", "rel_w")
