@@ -4,6 +4,8 @@ import os
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
+import aa_detection.modeling  # noqa: F401  (registers the AA backbones)
+
 __all__ = ["add_aa_config", "setup_cfg"]
 
 
@@ -18,6 +20,9 @@ def add_aa_config(cfg):
     cfg.MODEL.AA.UPSILON = 0.1  # dv / Fout
     cfg.MODEL.AA.RELATIVE = True  # 2D relative position logits
     cfg.MODEL.AA.IMPL = "auto"  # attention implementation: "auto", "naive" or "fused"
+    # Each augmented stage sizes its relative tables from INPUT.MAX_SIZE_TRAIN: ceil(MAX_SIZE_TRAIN / stride)
+    # rows per side (res3 stride 8, res4 16, res5 32); offsets beyond the largest training map clip to
+    # the last row.
     return cfg
 
 
@@ -32,5 +37,6 @@ def setup_cfg(config_file=None, opts=()):
             raise FileNotFoundError(f"config file not found: {config_file}")
         cfg.merge_from_file(config_file, allow_unsafe=False)
     cfg.merge_from_list(list(opts))
+    aa_detection.modeling.backbone.check_aa_stages(cfg)
     cfg.freeze()
     return cfg

@@ -1,0 +1,144 @@
+import math
+import os
+
+import pytest
+
+pytest.importorskip("detectron2", reason="detectron2 is not installed; see README.md, Install")
+import torch  # noqa: E402
+from detectron2.layers import FrozenBatchNorm2d, ShapeSpec  # noqa: E402
+from detectron2.modeling import BACKBONE_REGISTRY, build_model  # noqa: E402
+from detectron2.modeling.backbone import build_resnet_backbone  # noqa: E402
+from detectron2.structures import Boxes, Instances  # noqa: E402
+from detectron2.utils.events import EventStorage  # noqa: E402
+
+from aa_detection.config import setup_cfg  # noqa: E402
+from aa_detection.layers import AAConv2d  # noqa: E402
+from aa_detection.modeling import AABasicBlock, AABottleneckBlock, build_aa_resnet_backbone  # noqa: E402
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
+ALL_OUT = ["MODEL.RESNETS.OUT_FEATURES", "['res2', 'res3', 'res4', 'res5']"]
+ATTENTION = ("qkv", "attn_out", "rel_h", "rel_w")
+
+
+def _is_attention(key):
+    return any(f".{name}" in key for name in ATTENTION)
+
+
+def test_both_builders_are_registered():
+    for name in ("build_aa_resnet_backbone", "build_retinanet_aa_resnet_fpn_backbone"):
+        assert BACKBONE_REGISTRY.get(name) is not None
+
+
+@pytest.mark.parametrize("depth", [18, 34, 50, 101])
+@pytest.mark.parametrize("stride_in_1x1", [True, False])
+def test_names_match_detectron2_resnet(depth, stride_in_1x1):
+    cfg = setup_cfg(None, ["MODEL.RESNETS.DEPTH", str(depth), "MODEL.RESNETS.STRIDE_IN_1X1", str(stride_in_1x1)]
+                    + ALL_OUT + (["MODEL.RESNETS.RES2_OUT_CHANNELS", "64"] if depth < 50 else []))
+    plain = build_resnet_backbone(cfg, ShapeSpec(channels=3)).state_dict()
+    aa = build_aa_resnet_backbone(cfg, ShapeSpec(channels=3)).state_dict()
+    assert {k for k in aa if not _is_attention(k)} == set(plain)
+    assert all(_is_attention(k) for k in set(aa) - set(plain))
+    for key, value in plain.items():
+        if aa[key].shape != value.shape:  # only the conv branch of augmented convolutions is narrower
+            assert key.split(".")[0] in ("res3", "res4", "res5") and key.endswith("weight")
+            assert aa[key].shape[1:] == value.shape[1:] and aa[key].shape[0] < value.shape[0]
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+@pytest.mark.parametrize("stride_in_1x1", [True, False])
+def test_augmented_convolutions_and_output_shape(depth, stride_in_1x1):
+    opts = ["MODEL.RESNETS.DEPTH", str(depth), "MODEL.RESNETS.STRIDE_IN_1X1", str(stride_in_1x1)] + ALL_OUT
+    if depth < 50:
+        opts += ["MODEL.RESNETS.RES2_OUT_CHANNELS", "64"]
+    model = build_aa_resnet_backbone(setup_cfg(None, opts), ShapeSpec(channels=3)).eval()
+    for name in ("res2", "res3", "res4", "res5"):
+        for block in getattr(model, name):
+            augmented = name != "res2"
+            if depth < 50:
+                assert isinstance(block, AABasicBlock) == augmented
+                assert isinstance(block.conv1, AAConv2d) == augmented  # both 3x3 convolutions
+                assert isinstance(block.conv2, AAConv2d) == augmented
+            else:
+                assert isinstance(block, AABottleneckBlock) == augmented
+                assert isinstance(block.conv2, AAConv2d) == augmented  # the 3x3 convolution only
+                assert not isinstance(block.conv1, AAConv2d) and not isinstance(block.conv3, AAConv2d)
+            if augmented:
+                assert isinstance(block.conv2.norm, FrozenBatchNorm2d)  # MODEL.RESNETS.NORM follows the concat
+    for size in [(67, 93), (1, 33)]:
+        with torch.no_grad():
+            out = model(torch.randn(1, 3, *size))
+        for name, spec in model.output_shape().items():
+            assert out[name].shape == (1, spec.channels, math.ceil(size[0] / spec.stride),
+                                       math.ceil(size[1] / spec.stride)), (name, size)
+
+
+def test_freeze_at_and_stage_selection():
+    cfg = setup_cfg(None, ["MODEL.BACKBONE.FREEZE_AT", "3", "MODEL.AA.STAGES", "['res3', 'res5']",
+                           "MODEL.RESNETS.NORM", "BN"] + ALL_OUT)
+    model = build_aa_resnet_backbone(cfg, ShapeSpec(channels=3))
+    assert not any(isinstance(m, AAConv2d) for m in model.res4.modules())
+    assert all(isinstance(b.conv2, AAConv2d) for b in list(model.res3) + list(model.res5))
+    for name, p in model.named_parameters():
+        assert p.requires_grad == (name.split(".")[0] in ("res4", "res5")), name
+    # frozen stages get FrozenBatchNorm2d, including the norm after an augmented convolution
+    assert isinstance(model.res3[0].conv2.norm, FrozenBatchNorm2d)
+    assert isinstance(model.res5[0].conv2.norm, torch.nn.BatchNorm2d)
+
+
+def test_grouped_convolutions_are_refused_in_augmented_stages():
+    cfg = setup_cfg(None, ["MODEL.RESNETS.NUM_GROUPS", "32", "MODEL.RESNETS.WIDTH_PER_GROUP", "4"])
+    with pytest.raises(ValueError, match="NUM_GROUPS"):
+        build_aa_resnet_backbone(cfg, ShapeSpec(channels=3))
+
+
+def _retinanet(train, opts=()):
+    cfg = setup_cfg(os.path.join(CONFIG_DIR, "retinanet_AA_R_50_FPN_1x.yaml"),
+                    ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""] + list(opts))
+    model = build_model(cfg)
+    return model.train(train), cfg
+
+
+def test_fpn_output_shape_matches_outputs():
+    model, _ = _retinanet(False)
+    x = torch.randn(1, 3, 224, 256)  # RetinaNet pads images to a multiple of 32 before the backbone
+    with torch.no_grad():
+        feats = model.backbone(x)
+    shapes = model.backbone.output_shape()
+    assert set(feats) == set(shapes) == {"p3", "p4", "p5", "p6", "p7"}
+    for name, spec in shapes.items():
+        assert feats[name].shape == (1, spec.channels, math.ceil(224 / spec.stride), math.ceil(256 / spec.stride))
+
+
+def test_retinanet_inference_on_odd_size():
+    model, _ = _retinanet(False)
+    with torch.no_grad():
+        out = model([{"image": torch.rand(3, 200, 249) * 255, "height": 200, "width": 249}])
+    inst = out[0]["instances"]
+    assert inst.image_size == (200, 249) and len(inst) > 0
+    assert torch.isfinite(inst.pred_boxes.tensor).all()
+
+
+@pytest.mark.parametrize("with_instances", [True, False])
+def test_retinanet_training_step_reaches_attention(with_instances):
+    # Random weights under FrozenBN (identity statistics) let activations grow through 50 layers until the
+    # res5 softmax saturates and passes no gradient; BN keeps them at the unit scale pretrained weights give.
+    model, cfg = _retinanet(True, ["MODEL.RESNETS.NORM", "BN"])
+    inst = Instances((200, 249))
+    if with_instances:
+        inst.gt_boxes = Boxes(torch.tensor([[10.0, 20.0, 120.0, 180.0], [100.0, 30.0, 240.0, 90.0]]))
+        inst.gt_classes = torch.tensor([3, 17])
+    else:
+        inst.gt_boxes = Boxes(torch.zeros(0, 4))
+        inst.gt_classes = torch.zeros(0, dtype=torch.long)
+    with EventStorage():
+        losses = model([{"image": torch.rand(3, 200, 249) * 255, "instances": inst}])
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    attention = {n: p for n, p in model.named_parameters() if _is_attention(n)}
+    assert attention
+    for stage in ("res3", "res4", "res5"):
+        names = [n for n in attention if f".{stage}." in n]
+        assert {n.split(".")[-2] if "rel_" not in n else n.split(".")[-1] for n in names} >= set(ATTENTION)
+        for n in names:
+            assert attention[n].grad is not None and attention[n].grad.abs().sum() > 0, n

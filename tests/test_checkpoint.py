@@ -1,0 +1,152 @@
+import importlib.util
+import os
+import pickle
+import re
+
+import pytest
+
+pytest.importorskip("detectron2", reason="detectron2 is not installed; see README.md, Install")
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+from detectron2.layers import ShapeSpec  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.modeling.backbone import build_resnet_backbone  # noqa: E402
+
+from aa_detection.checkpoint import AACheckpointer  # noqa: E402
+from aa_detection.config import setup_cfg  # noqa: E402
+from aa_detection.layers import AAConv2d  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+CONFIG = os.path.join(ROOT, "configs", "retinanet_AA_R_50_FPN_1x.yaml")
+BASELINE = os.path.join(ROOT, "configs", "retinanet_R_50_FPN_1x.yaml")
+# R-50 with narrow bottlenecks (16, 32, 64, 128) keeps the test fast; names and structure are R-50's.
+SMALL = ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.RESNETS.WIDTH_PER_GROUP", "16"]
+PREFIX = "backbone.bottom_up."
+ATTENTION = ("qkv", "attn_out", "rel_h", "rel_w")
+
+
+def _converter():
+    spec = importlib.util.spec_from_file_location(
+        "convert_torchvision_to_d2", os.path.join(ROOT, "tools", "convert_torchvision_to_d2.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _randomize_norms(module):
+    """Non-trivial norm parameters and statistics, so that a test notices any that did not load."""
+    g = torch.Generator().manual_seed(1)
+    for name, t in module.state_dict().items():
+        if "norm" in name or "bn" in name or "downsample.1" in name:
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+
+
+def _caffe2_name(key):
+    """detectron2 ResNet name -> the MSRA Caffe2 name it is converted from (inverse of detectron2's rules)."""
+    if key.startswith("stem.conv1."):
+        return {"weight": "conv1_w", "norm.weight": "res_conv1_bn_s", "norm.bias": "res_conv1_bn_b"}.get(
+            key[len("stem.conv1."):])
+    m = re.match(r"res(\d)\.(\d+)\.(conv[123]|shortcut)\.(weight|norm\.weight|norm\.bias)$", key)
+    if m is None:
+        return None  # running statistics: the MSRA files fold them into scale and bias
+    stage, block, conv, param = m.groups()
+    branch = {"conv1": "branch2a", "conv2": "branch2b", "conv3": "branch2c", "shortcut": "branch1"}[conv]
+    suffix = {"weight": "w", "norm.weight": "bn_s", "norm.bias": "bn_b"}[param]
+    return f"res{stage}_{block}_{branch}_{suffix}"
+
+
+def _aa_model(stride_in_1x1):
+    cfg = setup_cfg(CONFIG, SMALL + ["MODEL.RESNETS.STRIDE_IN_1X1", str(stride_in_1x1)])
+    return build_model(cfg)
+
+
+def _check_loaded(model, before, expected, checkpointer):
+    """expected: {backbone key (detectron2 name): pretrained tensor}."""
+    after = model.state_dict()
+    aa_convs = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, AAConv2d)}
+    assert aa_convs
+    for key, value in expected.items():
+        full = PREFIX + key
+        if full in aa_convs:
+            dv = aa_convs[full].value_depth
+            assert value.shape[0] == after[full].shape[0] + dv
+            assert torch.equal(after[full], value[: value.shape[0] - dv]), full  # the first Fout - dv filters
+        else:
+            assert torch.equal(after[full], value), full
+    for key, value in after.items():
+        if key.split(".")[-2] in ATTENTION or key.split(".")[-1] in ("rel_h", "rel_w"):
+            assert torch.equal(value, before[key]), key  # attention stays at its initialisation
+            assert key in checkpointer.last_load_report["random"]
+    assert set(checkpointer.last_load_report["sliced"]) == set(aa_convs)
+    random = checkpointer.last_load_report["random"]
+    assert not any(k.startswith(PREFIX) and k.split(".")[-2] not in ATTENTION and "rel_" not in k
+                   and "running" not in k for k in random)
+
+
+def test_msra_caffe2_pkl_loads_into_aa_resnet(tmp_path):
+    plain_cfg = setup_cfg(BASELINE, SMALL)
+    plain = build_resnet_backbone(plain_cfg, ShapeSpec(channels=3))
+    _randomize_norms(plain)
+    c2 = {}
+    expected = {}
+    for key, value in plain.state_dict().items():
+        name = _caffe2_name(key)
+        if name is not None:
+            c2[name] = value.numpy().copy()
+            expected[key] = value.clone()
+    c2["fc1000_w"], c2["fc1000_b"] = torch.randn(1000, 2048).numpy(), torch.zeros(1000).numpy()
+    path = str(tmp_path / "R-50-msra.pkl")
+    with open(path, "wb") as f:
+        pickle.dump(c2, f)
+
+    model = _aa_model(True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    checkpointer = AACheckpointer(model)
+    checkpointer.load(path)
+    _check_loaded(model, before, expected, checkpointer)
+
+
+def test_torchvision_converted_pkl_loads_into_aa_resnet(tmp_path):
+    tv = torchvision.models.resnet50(weights=None, width_per_group=16)
+    _randomize_norms(tv)
+    pth, pkl = str(tmp_path / "resnet50.pth"), str(tmp_path / "resnet50.pkl")
+    torch.save(tv.state_dict(), pth)
+    converted = _converter().convert(pth, pkl)
+    expected = {k: torch.from_numpy(v) for k, v in converted.items()}
+
+    model = _aa_model(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    checkpointer = AACheckpointer(model)
+    checkpointer.load(pkl)
+    _check_loaded(model, before, expected, checkpointer)
+
+
+def test_plain_retinanet_state_dict_loads_into_aa_retinanet(tmp_path):
+    plain = build_model(setup_cfg(BASELINE, SMALL))
+    _randomize_norms(plain)
+    path = str(tmp_path / "retinanet_r50.pth")
+    torch.save({"model": plain.state_dict()}, path)
+
+    model = _aa_model(True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    checkpointer = AACheckpointer(model)
+    checkpointer.load(path)
+    backbone = {k[len(PREFIX):]: v for k, v in plain.state_dict().items() if k.startswith(PREFIX)}
+    _check_loaded(model, before, backbone, checkpointer)
+    after = model.state_dict()
+    for key, value in plain.state_dict().items():
+        if not key.startswith(PREFIX):
+            assert torch.equal(after[key], value), key  # FPN and head load whole too
+
+
+def test_aa_checkpoint_resumes_without_slicing(tmp_path):
+    source = _aa_model(True)
+    path = str(tmp_path / "aa.pth")
+    torch.save({"model": source.state_dict()}, path)
+    model = _aa_model(True)
+    checkpointer = AACheckpointer(model)
+    checkpointer.load(path)
+    assert checkpointer.last_load_report["sliced"] == {}
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key

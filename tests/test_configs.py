@@ -1,0 +1,105 @@
+import glob
+import math
+import os
+
+import pytest
+
+pytest.importorskip("detectron2", reason="detectron2 is not installed; see README.md, Install")
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+
+from aa_detection.config import setup_cfg  # noqa: E402
+from aa_detection.layers import AAConv2d  # noqa: E402
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
+CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
+SHIPPED = ["retinanet_R_50_FPN_1x", "retinanet_AA_R_50_FPN_1x", "retinanet_R_50_FPN_3x",
+           "retinanet_AA_R_50_FPN_3x", "retinanet_R_101_FPN_3x", "retinanet_AA_R_101_FPN_3x"]
+
+
+def _flat(node, prefix=""):
+    out = {}
+    for k, v in node.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def test_all_shipped_configs_exist():
+    names = {os.path.splitext(os.path.basename(p))[0] for p in CONFIGS}
+    assert set(SHIPPED) <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_config_parses_and_builds_on_cpu(path):
+    cfg = setup_cfg(path, ["MODEL.DEVICE", "cpu"])
+    model = build_model(cfg)
+    n_aa = sum(isinstance(m, AAConv2d) for m in model.modules())
+    if "_AA_" in os.path.basename(path):
+        assert n_aa > 0
+        assert cfg.MODEL.BACKBONE.NAME == "build_retinanet_aa_resnet_fpn_backbone"
+    else:
+        assert n_aa == 0
+    assert cfg.MODEL.META_ARCHITECTURE == "RetinaNet"
+    assert cfg.DATASETS.TRAIN == ("coco_2017_train",) and cfg.DATASETS.TEST == ("coco_2017_val",)
+    # The MSRA ImageNet weights' conventions, stated by every config.
+    assert cfg.INPUT.FORMAT == "BGR" and cfg.MODEL.RESNETS.STRIDE_IN_1X1
+    assert list(cfg.MODEL.PIXEL_MEAN) == [103.530, 116.280, 123.675] and list(cfg.MODEL.PIXEL_STD) == [1.0] * 3
+
+
+@pytest.mark.parametrize("name", [n for n in SHIPPED if "_AA_" in n])
+def test_aa_twin_differs_from_baseline_only_in_backbone(name):
+    aa = _flat(setup_cfg(os.path.join(CONFIG_DIR, name + ".yaml")))
+    base = _flat(setup_cfg(os.path.join(CONFIG_DIR, name.replace("_AA_", "_") + ".yaml")))
+    assert {k for k in aa if aa[k] != base[k]} == {"MODEL.BACKBONE.NAME"}
+
+
+def test_schedules_and_depths():
+    r50_1x = setup_cfg(os.path.join(CONFIG_DIR, "retinanet_R_50_FPN_1x.yaml"))
+    r50_3x = setup_cfg(os.path.join(CONFIG_DIR, "retinanet_R_50_FPN_3x.yaml"))
+    r101 = setup_cfg(os.path.join(CONFIG_DIR, "retinanet_AA_R_101_FPN_3x.yaml"))
+    assert (r50_1x.SOLVER.MAX_ITER, r50_3x.SOLVER.MAX_ITER, r101.SOLVER.MAX_ITER) == (90000, 270000, 270000)
+    assert r50_1x.MODEL.RESNETS.DEPTH == 50 and r101.MODEL.RESNETS.DEPTH == 101
+    assert r50_1x.MODEL.WEIGHTS.endswith("MSRA/R-50.pkl") and r101.MODEL.WEIGHTS.endswith("MSRA/R-101.pkl")
+
+
+def _raw_chain(path):
+    """Keys set by a config file and its _BASE_ ancestors (nearest first), without detectron2's defaults."""
+    chain = []
+    while path:
+        with open(path) as f:
+            own = _flat(yaml.safe_load(f))
+        base = own.pop("_BASE_", None)
+        chain.append(own)
+        path = os.path.join(os.path.dirname(path), base) if base else None
+    return chain
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_no_key_repeats_a_value_its_bases_set(path):
+    own, *ancestors = _raw_chain(path)
+    for key, value in own.items():
+        inherited = next((a[key] for a in ancestors if key in a), None)
+        assert inherited != value, f"{os.path.basename(path)} repeats {key}={value!r} from a _BASE_ file"
+
+
+def test_aa_defaults_and_stage_validation():
+    cfg = setup_cfg()
+    assert list(cfg.MODEL.AA.STAGES) == ["res3", "res4", "res5"]
+    assert (cfg.MODEL.AA.NUM_HEADS, cfg.MODEL.AA.KAPPA, cfg.MODEL.AA.UPSILON) == (8, 0.2, 0.1)
+    assert cfg.MODEL.AA.RELATIVE and cfg.MODEL.AA.IMPL == "auto"
+    with pytest.raises(ValueError, match=r"MODEL\.AA\.STAGES.*res6.*res2"):
+        setup_cfg(None, ["MODEL.AA.STAGES", "['res3', 'res6']"])
+
+
+def test_relative_tables_sized_from_max_train_size():
+    cfg = setup_cfg(os.path.join(CONFIG_DIR, "retinanet_AA_R_50_FPN_1x.yaml"), ["MODEL.DEVICE", "cpu"])
+    bottom_up = build_model(cfg).backbone.bottom_up
+    for name, stride in (("res3", 8), ("res4", 16), ("res5", 32)):
+        rows = 2 * math.ceil(cfg.INPUT.MAX_SIZE_TRAIN / stride) - 1
+        for block in getattr(bottom_up, name):
+            assert block.conv2.rel_h.shape[0] == rows and block.conv2.rel_w.shape[0] == rows
+    assert torch.is_tensor(bottom_up.res5[0].conv2.rel_h)

@@ -1,0 +1,94 @@
+import importlib.util
+import math
+import os
+import pickle
+
+import pytest
+
+pytest.importorskip("detectron2", reason="detectron2 is not installed; see README.md, Install")
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.layers import ShapeSpec  # noqa: E402
+from detectron2.modeling.backbone import build_resnet_backbone  # noqa: E402
+
+from aa_detection.analysis import count_parameters, flop_count  # noqa: E402
+from aa_detection.config import setup_cfg  # noqa: E402
+from aa_detection.layers import AAConv2d  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_torchvision_conversion_round_trip(tmp_path, depth):
+    tv = getattr(torchvision.models, f"resnet{depth}")(weights=None).eval()
+    g = torch.Generator().manual_seed(0)
+    for m in tv.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # non-trivial statistics, as in trained weights
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g))
+    pth, pkl = str(tmp_path / "tv.pth"), str(tmp_path / "tv.pkl")
+    torch.save(tv.state_dict(), pth)
+    _tool("convert_torchvision_to_d2").main([pth, pkl])
+    with open(pkl, "rb") as f:
+        data = pickle.load(f)
+    assert data["__author__"] == "torchvision" and data["matching_heuristics"]
+    assert not any(k.startswith("fc.") or "num_batches_tracked" in k for k in data["model"])
+
+    opts = ["MODEL.RESNETS.DEPTH", str(depth), "MODEL.RESNETS.STRIDE_IN_1X1", "False",
+            "MODEL.RESNETS.OUT_FEATURES", "['res5']"]
+    if depth < 50:
+        opts += ["MODEL.RESNETS.RES2_OUT_CHANNELS", "64"]
+    d2 = build_resnet_backbone(setup_cfg(None, opts), ShapeSpec(channels=3)).eval()
+    DetectionCheckpointer(d2).load(pkl)
+    loaded = d2.state_dict()
+    assert all(torch.equal(loaded[k], torch.from_numpy(v)) for k, v in data["model"].items())
+    x = torch.randn(1, 3, 70, 90)  # RGB, torchvision's normalisation
+    with torch.no_grad():
+        expected = torch.nn.Sequential(*list(tv.children())[:-2])(x)
+        assert torch.allclose(d2(x)["res5"], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["naive", "fused"])
+def test_flop_count_counts_attention_matmuls_by_real_widths(impl):
+    B, C, F, H, W, heads, dk, dv = 1, 16, 32, 12, 10, 2, 8, 6
+    layer = AAConv2d(C, F, num_heads=heads, key_depth=dk, value_depth=dv, impl=impl).eval()
+    total, by_op = flop_count(layer, (torch.randn(B, C, H, W),))
+    hw = H * W
+    convs = hw * (F - dv) * C * 9 + hw * C * (2 * dk + dv) + hw * dv * dv
+    content = B * heads * hw * hw * (dk // heads + dv // heads)  # q.k and p.v
+    relative = B * heads * hw * (H + W) * (dk // heads)  # q . r^H and q . r^W
+    assert by_op["conv"] == convs
+    assert total == convs + content + relative
+
+
+def test_analyze_model_prints_params_and_flops(capsys):
+    configs = [os.path.join(ROOT, "configs", f) for f in ("retinanet_R_50_FPN_1x.yaml",
+                                                          "retinanet_AA_R_50_FPN_1x.yaml")]
+    rows = _tool("analyze_model").main(["--config-file", *configs, "--size", "64", "96",
+                                        "--opts", "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64"])
+    out = capsys.readouterr().out
+    assert "params (M)" in out and "GFLOPs" in out and "params x" in out
+    plain, aa = rows
+    assert aa["params"] < plain["params"] and aa["attention_gflops"] > 0 and plain["attention_gflops"] == 0
+    assert all(math.isfinite(r["gflops"]) and r["gflops"] > 0 for r in rows)
+
+
+def test_aa_r50_retinanet_has_fewer_parameters_than_r50():
+    from detectron2.modeling import build_model
+
+    counts = {}
+    for name in ("retinanet_R_50_FPN_1x", "retinanet_AA_R_50_FPN_1x"):
+        cfg = setup_cfg(os.path.join(ROOT, "configs", name + ".yaml"), ["MODEL.DEVICE", "cpu"])
+        counts[name] = count_parameters(build_model(cfg))["total"]
+    ratio = counts["retinanet_AA_R_50_FPN_1x"] / counts["retinanet_R_50_FPN_1x"]
+    assert ratio <= 1.0 and abs(ratio - 33.1 / 33.4) < 0.01  # the paper's 33.1M vs 33.4M
