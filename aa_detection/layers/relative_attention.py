@@ -25,10 +25,14 @@ NAIVE_MAX_PIXELS = 1024
 
 @lru_cache(maxsize=256)
 def _offset_rows(size: int, table_size: int, device: torch.device) -> torch.Tensor:
-    """(size, size) long: row of a (2L-1)-row table holding offset key - query, clipped to +-(L-1)."""
-    pos = torch.arange(size, device=device)
-    offset = (pos[None, :] - pos[:, None]).clamp(-(table_size - 1), table_size - 1)
-    return offset + table_size - 1
+    """(size, size) long: row of a (2L-1)-row table holding offset key - query, clipped to +-(L-1).
+
+    Cached per size, so created outside inference mode: a cached inference tensor could not be used
+    by a later training step."""
+    with torch.inference_mode(False):
+        pos = torch.arange(size, device=device)
+        offset = (pos[None, :] - pos[:, None]).clamp(-(table_size - 1), table_size - 1)
+        return offset + table_size - 1
 
 
 def relative_table(rel: torch.Tensor, size: int) -> torch.Tensor:
@@ -61,10 +65,11 @@ def _naive(q, k, v, rel_h, rel_w, scale):
 
 @lru_cache(maxsize=64)
 def _key_position_onehots(H: int, W: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(H, W, H + W): for key pixel (y, x), one-hot of y followed by one-hot of x."""
-    rows = torch.eye(H, dtype=dtype, device=device)[:, None, :].expand(H, W, H)
-    cols = torch.eye(W, dtype=dtype, device=device)[None, :, :].expand(H, W, W)
-    return torch.cat([rows, cols], dim=-1)
+    """(H, W, H + W): for key pixel (y, x), one-hot of y followed by one-hot of x (cached, see _offset_rows)."""
+    with torch.inference_mode(False):
+        rows = torch.eye(H, dtype=dtype, device=device)[:, None, :].expand(H, W, H)
+        cols = torch.eye(W, dtype=dtype, device=device)[None, :, :].expand(H, W, W)
+        return torch.cat([rows, cols], dim=-1)
 
 
 def _fused(q, k, v, rel_h, rel_w, scale):
