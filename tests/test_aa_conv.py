@@ -99,3 +99,16 @@ def test_training_after_inference_at_the_same_size(impl):
     out = layer(x)  # reuses what the inference call cached for this size
     out.sum().backward()
     assert torch.allclose(out, expected) and layer.rel_h.grad is not None
+
+
+def test_kept_attention_is_the_layers_softmax():
+    layer = AAConv2d(8, 16, stride=2, num_heads=2, key_depth=4, value_depth=4).eval()
+    x = torch.randn(2, 8, 9, 6)
+    expected = layer(x)
+    layer.keep_attention = True
+    out = layer(x)
+    weights = layer.last_attention
+    assert torch.allclose(out, expected, atol=1e-5)  # same output as the usual path
+    assert weights.shape == (2, 2, 5, 3, 5, 3)
+    assert torch.allclose(weights.sum(dim=(-2, -1)), torch.ones(2, 2, 5, 3))
+    assert not torch.allclose(weights[0, 0, 0, 0], weights[0, 0, 4, 2])  # queries attend differently

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .relative_attention import IMPLS, relative_attention_2d
+from .relative_attention import IMPLS, attention_weights, relative_attention_2d
 
 __all__ = ["AAConv2d", "attention_depths"]
 
@@ -31,6 +31,10 @@ class AAConv2d(nn.Module):
     multi-head self-attention with 2D relative position logits, projected by a 1x1 convolution.
     With stride 2 the attention runs on x average-pooled 2x2 (ceil mode), the convolution's output size.
     `norm` and `activation`, when given, follow the concatenation, as in detectron2's Conv2d.
+
+    With `keep_attention = True` the layer computes its attention from dense softmax weights and keeps
+    them, detached, in `last_attention` (B, Nh, H', W', H', W'): entry [..., y, x, :, :] is the map of
+    query pixel (y, x) over all keys, the very weights that produced the layer's output.
 
     Relative embeddings depend on the offset only: each axis has a table of 2 * max_relative_size - 1
     rows, shared by all heads and all input sizes, and offsets beyond +-(max_relative_size - 1) use the
@@ -84,6 +88,8 @@ class AAConv2d(nn.Module):
         self.padding = dilation * (kernel_size // 2)
         self.num_heads, self.key_depth, self.value_depth = num_heads, dk, dv
         self.impl = impl
+        self.keep_attention = False
+        self.last_attention = None
 
         self.weight = nn.Parameter(torch.empty(out_channels - dv, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels - dv)) if bias else None
@@ -119,8 +125,13 @@ class AAConv2d(nn.Module):
     def forward(self, x):
         conv = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
         q, k, v = self.split_heads(self.attention_input(x))
-        attn = relative_attention_2d(q, k, v, self.rel_h, self.rel_w, impl=self.impl)
-        B, Nh, H, W, dvh = attn.shape
+        B, Nh, H, W, dvh = v.shape
+        if self.keep_attention:
+            weights = attention_weights(q, k, self.rel_h, self.rel_w)
+            self.last_attention = weights.detach().reshape(B, Nh, H, W, H, W)
+            attn = (weights @ v.reshape(B, Nh, H * W, dvh)).reshape(B, Nh, H, W, dvh)
+        else:
+            attn = relative_attention_2d(q, k, v, self.rel_h, self.rel_w, impl=self.impl)
         attn = self.attn_out(attn.permute(0, 1, 4, 2, 3).reshape(B, Nh * dvh, H, W))
         out = torch.cat([conv, attn], dim=1)
         if self.norm is not None:

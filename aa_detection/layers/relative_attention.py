@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["relative_attention_2d", "relative_table", "IMPLS", "NAIVE_MAX_PIXELS"]
+__all__ = ["attention_weights", "relative_attention_2d", "relative_table", "IMPLS", "NAIVE_MAX_PIXELS"]
 
 IMPLS = ("auto", "naive", "fused")
 
@@ -53,14 +53,20 @@ def _relative_logits(q, rel_h, rel_w):
     return logits_h, logits_w
 
 
-def _naive(q, k, v, rel_h, rel_w, scale):
+def attention_weights(q, k, rel_h=None, rel_w=None):
+    """The softmax weights, dense: q, k (B, Nh, H, W, dkh) -> (B, Nh, HW, HW), row i for query pixel
+    i = y * W + x, summing to one over the keys. The naive path is these weights times v."""
     B, Nh, H, W, dk = q.shape
     logits = torch.einsum("bnyxd,bnuvd->bnyxuv", q, k)
     if rel_h is not None:
         logits_h, logits_w = _relative_logits(q, rel_h, rel_w)
         logits = logits + logits_h[..., :, None] + logits_w[..., None, :]
-    weights = torch.softmax(logits.reshape(B, Nh, H * W, H * W) * scale, dim=-1)
-    return weights @ v.reshape(B, Nh, H * W, -1)
+    return torch.softmax(logits.reshape(B, Nh, H * W, H * W) / math.sqrt(dk), dim=-1)
+
+
+def _naive(q, k, v, rel_h, rel_w, scale):
+    B, Nh, H, W, _ = q.shape
+    return attention_weights(q, k, rel_h, rel_w) @ v.reshape(B, Nh, H * W, -1)
 
 
 @lru_cache(maxsize=64)
