@@ -27,6 +27,9 @@ def add_aa_config(cfg):
     cfg.DATASETS.SYNTHETIC.NUM_TRAIN = 800
     cfg.DATASETS.SYNTHETIC.NUM_VAL = 200
     cfg.DATASETS.SYNTHETIC.SEED = 0
+
+    # "SGD" (detectron2's default optimizer) or "ADAMW" (trains small models from scratch faster).
+    cfg.SOLVER.OPTIMIZER = "SGD"
     return cfg
 
 

@@ -1,8 +1,8 @@
 """A deterministic synthetic detection dataset in COCO format, generated on disk without any download.
 
 Each image is a textured, noisy background with distractor strokes and 1-8 objects of five shape
-classes (rectangle, ellipse, triangle, cross, ring) in random colours, sizes from about 8 px to about
-half the image, placed so that later objects may partly occlude earlier ones. Colour carries no class
+classes (rectangle, ellipse, triangle, cross, ring) in random colours, sizes from about 10 px to about
+half the image (images are 128 to 192 px a side), placed so that later objects may partly occlude earlier ones. Colour carries no class
 information: the detector has to learn shape. Boxes and areas are exact, computed from each object's
 own drawn mask (amodal, like a full outline).
 
@@ -130,7 +130,7 @@ def _make_image(rng, h, w, max_objects, min_size, max_size):
 
 
 def generate_split(out_dir, split, num_images, seed=0, image_size=(128, 192), max_objects=8,
-                   min_size=8, max_size=None):
+                   min_size=10, max_size=None):
     """Write `num_images` images of one split to `out_dir/split/` and its COCO JSON to
     `out_dir/split.json`. Image sizes (h, w) are drawn from the multiples of 32 in `image_size`."""
     lo, hi = image_size
