@@ -1,0 +1,207 @@
+"""The detectron2 trainer of the project, its command-line setup and its entry point.
+
+`tools/train_net.py` is a thin wrapper around `argument_parser`, `main` and `launch_main` here.
+Besides detectron2's usual outputs (checkpoints, `metrics.json`, `inference/`), every training or
+`--eval-only` run writes `OUTPUT_DIR/eval_results.json` (atomically, main process only) with the COCO
+metrics of each test dataset, the iteration, the model's parameters and GFLOPs, the inference time
+per image and the training wall time.
+"""
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import time
+import weakref
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import build_detection_test_loader
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import defaults as d2_defaults
+from detectron2.evaluation import COCOEvaluator
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+from detectron2.utils import comm
+
+from ..config import setup_cfg
+
+__all__ = ["Trainer", "argument_parser", "setup", "main", "launch_main", "RESULTS_FILE",
+           "model_complexity", "inference_seconds_per_image"]
+
+logger = logging.getLogger("aa_detection")
+
+RESULTS_FILE = "eval_results.json"
+
+
+@contextlib.contextmanager
+def _cpu_ddp():
+    """Let DefaultTrainer wrap a CPU model in DistributedDataParallel.
+
+    detectron2's `create_ddp_model` passes `device_ids=[local_rank]`, which DistributedDataParallel
+    rejects for a CPU module; CPU modules need `device_ids=None`. This swaps in a wrapper for the
+    duration of DefaultTrainer's constructor only; GPU models are wrapped exactly as before.
+    """
+    original = d2_defaults.create_ddp_model
+
+    def create_ddp_model(model, **kwargs):
+        if next(model.parameters()).device.type == "cpu":
+            kwargs.setdefault("device_ids", None)
+        return original(model, **kwargs)
+
+    d2_defaults.create_ddp_model = create_ddp_model
+    try:
+        yield
+    finally:
+        d2_defaults.create_ddp_model = original
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with the COCO evaluator, CPU multi-process support and a swappable checkpointer."""
+
+    # The one place that decides how checkpoints and pretrained weights are loaded.
+    checkpointer_class = DetectionCheckpointer
+
+    def __init__(self, cfg):
+        with _cpu_ddp():
+            super().__init__(cfg)
+
+    @classmethod
+    def build_checkpointer(cls, model, save_dir, **kwargs):
+        return cls.checkpointer_class(model, save_dir, **kwargs)
+
+    def build_hooks(self):
+        # DefaultTrainer.__init__ sets self.checkpointer just before calling build_hooks.
+        self.checkpointer = self.build_checkpointer(
+            self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        return super().build_hooks()
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        if cfg.SOLVER.OPTIMIZER.upper() == "SGD":
+            return super().build_optimizer(cfg, model)
+        if cfg.SOLVER.OPTIMIZER.upper() != "ADAMW":
+            raise ValueError(f"SOLVER.OPTIMIZER must be SGD or ADAMW, got {cfg.SOLVER.OPTIMIZER}")
+        params = get_default_optimizer_params(
+            model, base_lr=cfg.SOLVER.BASE_LR, weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+            bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR, weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS)
+        adamw = maybe_add_gradient_clipping(cfg, torch.optim.AdamW)
+        return adamw(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return COCOEvaluator(dataset_name, tasks=("bbox",), output_dir=output_folder)
+
+
+def model_complexity(cfg, model):
+    """(parameters, GFLOPs) of `model` on the first image of the first test dataset.
+
+    GFLOPs count one fused multiply-add as one FLOP (fvcore's convention, the papers' one).
+    """
+    from detectron2.utils.analysis import FlopCountAnalysis
+
+    params = sum(p.numel() for p in model.parameters())
+    inputs = next(iter(build_detection_test_loader(cfg, cfg.DATASETS.TEST[0])))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        flops = FlopCountAnalysis(model, inputs)
+        flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        gflops = flops.total() / 1e9
+    model.train(was_training)
+    return params, gflops
+
+
+def inference_seconds_per_image(cfg, model, num_images=30, warmup=3):
+    """Mean wall time of the model's forward pass (batch 1, no data loading) on test images."""
+    loader = build_detection_test_loader(cfg, cfg.DATASETS.TEST[0])
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i, inputs in enumerate(loader):
+            if i >= num_images + warmup:
+                break
+            start = time.perf_counter()
+            model(inputs)
+            if i >= warmup:
+                total += time.perf_counter() - start
+                count += 1
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _write_json_atomic(path, data):
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path) or ".")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def save_results(cfg, model, results, iteration, train_seconds=None):
+    """Write OUTPUT_DIR/eval_results.json; call on every process, only the main one writes."""
+    if not comm.is_main_process():
+        return None
+    model = model.module if hasattr(model, "module") else model
+    results = dict(results or {})
+    if len(cfg.DATASETS.TEST) == 1 and cfg.DATASETS.TEST[0] not in results:
+        results = {cfg.DATASETS.TEST[0]: results}  # DefaultTrainer.test unwraps a single dataset
+    params, gflops = model_complexity(cfg, model)
+    data = {
+        "config_file": getattr(cfg, "_config_file", None),
+        "backbone": cfg.MODEL.BACKBONE.NAME,
+        "datasets": {"train": list(cfg.DATASETS.TRAIN), "test": list(cfg.DATASETS.TEST)},
+        "iteration": iteration,
+        "results": {k: {t: dict(m) for t, m in v.items()} for k, v in results.items()},
+        "params": params,
+        "gflops": gflops,
+        "seconds_per_image": inference_seconds_per_image(cfg, model),
+        "train_seconds": train_seconds,
+    }
+    _write_json_atomic(os.path.join(cfg.OUTPUT_DIR, RESULTS_FILE), data)
+    logger.info("wrote %s", os.path.join(cfg.OUTPUT_DIR, RESULTS_FILE))
+    return data
+
+
+def argument_parser():
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--dataset", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"),
+        help="register a COCO-format dataset (repeatable); name it in DATASETS.TRAIN / DATASETS.TEST")
+    return parser
+
+
+def setup(args):
+    cfg = setup_cfg(args.config_file, args.opts, datasets=args.dataset)
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        checkpointer = Trainer.build_checkpointer(model, cfg.OUTPUT_DIR)
+        checkpoint = checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        results = Trainer.test(cfg, model)
+        iteration = checkpoint.get("iteration")
+        save_results(cfg, model, results, None if iteration is None else iteration + 1)
+        return results
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    start = time.perf_counter()
+    results = trainer.train()
+    train_seconds = time.perf_counter() - start
+    if results is None or not len(results):
+        results = getattr(trainer, "_last_eval_results", None)
+    if cfg.DATASETS.TEST and (results is None or not len(results)):
+        results = Trainer.test(cfg, trainer.model)
+    save_results(cfg, trainer.model, results, trainer.iter, train_seconds)
+    return results
+
+
+def launch_main(args):
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))

@@ -1,0 +1,110 @@
+import json
+import os
+
+import pytest
+
+pytest.importorskip("detectron2", reason="detectron2 is not installed; see README.md, Install")
+
+from aa_detection.config import setup_cfg  # noqa: E402
+from aa_detection.data import SYNTHETIC_CLASSES, ensure_synthetic_dataset, generate_split  # noqa: E402
+from aa_detection.engine.compare import format_table, load_run, plot_runs  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SYN_CFG = os.path.join(ROOT, "configs/synthetic/retinanet_R_18_FPN_synthetic.yaml")
+
+
+def _read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_synthetic_is_deterministic_and_varied(tmp_path):
+    a = generate_split(str(tmp_path / "a"), "train", 12, seed=3)
+    b = generate_split(str(tmp_path / "b"), "train", 12, seed=3)
+    assert a == b
+    for im in a["images"]:
+        assert _read(tmp_path / "a" / "train" / im["file_name"]) == _read(tmp_path / "b" / "train" / im["file_name"])
+    c = generate_split(str(tmp_path / "c"), "train", 12, seed=4)
+    assert c["annotations"] != a["annotations"]
+
+    big = generate_split(str(tmp_path / "d"), "train", 60, seed=0)
+    cats = {x["category_id"] for x in big["annotations"]}
+    assert cats == set(range(1, len(SYNTHETIC_CLASSES) + 1))
+    sides = [max(x["bbox"][2], x["bbox"][3]) for x in big["annotations"]]
+    assert min(sides) <= 12 and max(sides) >= 60
+    for x in big["annotations"]:
+        im = big["images"][x["image_id"] - 1]
+        x0, y0, w, h = x["bbox"]
+        assert 0 <= x0 and 0 <= y0 and x0 + w <= im["width"] and y0 + h <= im["height"]
+        assert 0 < x["area"] <= w * h
+
+
+def test_ensure_is_idempotent(tmp_path):
+    root = str(tmp_path / "syn")
+    ensure_synthetic_dataset(root, num_train=4, num_val=2)
+    stamp = os.path.getmtime(os.path.join(root, "train.json"))
+    ensure_synthetic_dataset(root, num_train=4, num_val=2)
+    assert os.path.getmtime(os.path.join(root, "train.json")) == stamp
+    assert sorted(os.listdir(tmp_path)) == ["syn"]  # no temporary folder left behind
+
+
+def _coco(path, names, image_root):
+    os.makedirs(image_root, exist_ok=True)
+    data = {"images": [], "annotations": [],
+            "categories": [{"id": 10 + i, "name": n} for i, n in enumerate(names)]}
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+def test_custom_dataset_sets_num_classes(tmp_path):
+    _coco(tmp_path / "three.json", ["a", "b", "c"], tmp_path / "img")
+    _coco(tmp_path / "two.json", ["a", "b"], tmp_path / "img")
+    cfg = setup_cfg(SYN_CFG, ["DATASETS.TRAIN", "('three_train',)", "DATASETS.TEST", "('three_val',)"],
+                    datasets=[("three_train", str(tmp_path / "three.json"), str(tmp_path / "img")),
+                              ("three_val", str(tmp_path / "three.json"), str(tmp_path / "img"))])
+    assert cfg.MODEL.RETINANET.NUM_CLASSES == 3
+    # the same through the config key
+    reg = [["three_cfg", str(tmp_path / "three.json"), str(tmp_path / "img")]]
+    cfg = setup_cfg(SYN_CFG, ["DATASETS.REGISTER", str(reg), "DATASETS.TRAIN", "('three_cfg',)",
+                              "DATASETS.TEST", "()"])
+    assert cfg.MODEL.RETINANET.NUM_CLASSES == 3
+    with pytest.raises(ValueError, match="classes"):
+        setup_cfg(SYN_CFG, ["DATASETS.TRAIN", "('three_train',)", "DATASETS.TEST", "('two_val',)"],
+                  datasets=[("two_val", str(tmp_path / "two.json"), str(tmp_path / "img"))])
+    with pytest.raises(KeyError, match="not registered"):
+        setup_cfg(SYN_CFG, ["DATASETS.TRAIN", "('nowhere',)", "DATASETS.TEST", "()"])
+
+
+def test_synthetic_names_generate_and_register(tmp_path):
+    root = str(tmp_path / "syn")
+    cfg = setup_cfg(SYN_CFG, ["DATASETS.SYNTHETIC.ROOT", root, "DATASETS.SYNTHETIC.NUM_TRAIN", "3",
+                              "DATASETS.SYNTHETIC.NUM_VAL", "2"])
+    assert cfg.MODEL.RETINANET.NUM_CLASSES == len(SYNTHETIC_CLASSES)
+    assert os.path.isfile(os.path.join(root, "val.json"))
+
+
+def _fake_run(path, ap_final, losses):
+    os.makedirs(path)
+    with open(os.path.join(path, "metrics.json"), "w") as f:
+        for i, loss in enumerate(losses):
+            f.write(json.dumps({"iteration": 20 * i + 19, "total_loss": loss, "time": 0.5}) + "\n")
+        f.write(json.dumps({"iteration": 20 * len(losses) - 1, "bbox/AP": ap_final - 5}) + "\n")
+        f.write('{"iteration": 99, "total_lo')  # a line cut by an interruption
+    res = {"iteration": 20 * len(losses), "params": 2.5e6, "gflops": 1.25, "seconds_per_image": 0.02,
+           "train_seconds": 100.0, "results": {"val": {"bbox": {
+               "AP": ap_final, "AP50": 60.0, "AP75": 30.0, "APs": 10.0, "APm": 40.0, "APl": float("nan")}}}}
+    with open(os.path.join(path, "eval_results.json"), "w") as f:
+        json.dump(res, f)
+
+
+def test_compare_table_and_plot(tmp_path):
+    _fake_run(str(tmp_path / "base"), 30.0, [2.0, 1.5, 1.0])
+    _fake_run(str(tmp_path / "aa"), 32.5, [2.0, 1.4, 0.9])
+    runs = [load_run(str(tmp_path / "base")), load_run(str(tmp_path / "aa"))]
+    table = format_table(runs)
+    assert "| AP | 30.0 | 32.5 | +2.5 |" in table
+    assert "| APl | - | - | - |" in table
+    assert "| params (M) | 2.50 | 2.50 | +0.00 |" in table
+    assert runs[0]["ap"] == [(59, 25.0)] and len(runs[0]["loss"]) == 3
+    plot = plot_runs(runs, str(tmp_path / "p.png"))
+    assert os.path.getsize(plot) > 1000

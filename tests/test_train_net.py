@@ -1,0 +1,120 @@
+"""Short real trainings on a tiny synthetic dataset: loss, metrics, --resume, --eval-only, 2 processes."""
+import json
+import os
+
+import pytest
+
+pytest.importorskip("detectron2", reason="detectron2 is not installed; see README.md, Install")
+
+import torch  # noqa: E402
+from detectron2.engine import HookBase, launch  # noqa: E402
+
+from aa_detection.engine.compare import read_metrics  # noqa: E402
+from aa_detection.engine.trainer import RESULTS_FILE, Trainer, argument_parser, main, setup  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = os.path.join(ROOT, "configs/synthetic/retinanet_R_18_FPN_synthetic.yaml")
+BOX_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from aa_detection.data import ensure_synthetic_dataset
+
+    root = str(tmp_path_factory.mktemp("data") / "synthetic")
+    ensure_synthetic_dataset(root, num_train=32, num_val=6, image_size=(64, 96))
+    return root
+
+
+def _args(data_root, out, *extra, max_iter=40, flags=()):
+    opts = [
+        "DATASETS.SYNTHETIC.ROOT", data_root, "DATASETS.SYNTHETIC.NUM_TRAIN", "32",
+        "DATASETS.SYNTHETIC.NUM_VAL", "6", "INPUT.MIN_SIZE_TRAIN", "(64, 96)", "INPUT.MAX_SIZE_TRAIN", "128",
+        "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "128", "SOLVER.IMS_PER_BATCH", "4",
+        "SOLVER.BASE_LR", "0.01", "SOLVER.MAX_ITER", str(max_iter), "SOLVER.WARMUP_ITERS", "5",
+        "SOLVER.STEPS", "()", "SOLVER.CHECKPOINT_PERIOD", "20", "TEST.EVAL_PERIOD", "0",
+        "DATALOADER.NUM_WORKERS", "0", "SEED", "1", "OUTPUT_DIR", str(out),
+    ] + list(extra)
+    return argument_parser().parse_args(["--config-file", CFG, *flags, *opts])
+
+
+def _results(out):
+    with open(os.path.join(out, RESULTS_FILE)) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    main(_args(tiny_data, out))
+    return out
+
+
+def test_training_lowers_loss_and_evaluates(trained):
+    # metrics.json holds medians over 20-iteration windows: iterations 0-19 against 20-39
+    losses = [r["total_loss"] for r in read_metrics(os.path.join(trained, "metrics.json")) if "total_loss" in r]
+    assert len(losses) == 2 and losses[1] < 0.9 * losses[0], losses
+    res = _results(trained)
+    box = res["results"]["synthetic_val"]["bbox"]
+    assert BOX_KEYS <= set(box)
+    assert res["iteration"] == 40 and res["params"] > 1e6 and res["gflops"] > 0
+    assert res["seconds_per_image"] > 0 and res["train_seconds"] > 0
+    assert os.path.isfile(os.path.join(trained, "model_final.pth"))
+
+
+def test_eval_only_reproduces_metrics(trained, tiny_data, tmp_path):
+    weights = os.path.join(trained, "model_final.pth")
+    main(_args(tiny_data, tmp_path, "MODEL.WEIGHTS", weights, flags=["--eval-only"]))
+    again, first = _results(tmp_path), _results(trained)
+    assert again["iteration"] == first["iteration"]
+    a, b = again["results"]["synthetic_val"]["bbox"], first["results"]["synthetic_val"]["bbox"]
+    for k in BOX_KEYS:
+        assert a[k] == pytest.approx(b[k], abs=1e-6, nan_ok=True), k
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _InterruptAt(HookBase):
+    def __init__(self, iteration):
+        self.iteration = iteration
+
+    def after_step(self):
+        if self.trainer.iter == self.iteration:
+            raise _Interrupt()
+
+
+def test_resume_continues_from_last_checkpoint(tiny_data, tmp_path):
+    args = _args(tiny_data, tmp_path, max_iter=30, flags=["--resume"])
+    trainer = Trainer(setup(args))
+    trainer.resume_or_load(resume=True)
+    trainer.register_hooks([_InterruptAt(24)])
+    with pytest.raises(_Interrupt):
+        trainer.train()
+    with open(os.path.join(tmp_path, "last_checkpoint")) as f:
+        assert f.read().strip() == "model_0019.pth"
+    saved = torch.load(os.path.join(tmp_path, "model_0019.pth"), map_location="cpu", weights_only=False)
+
+    resumed = Trainer(setup(args))
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 20
+    state = resumed.model.state_dict()
+    assert set(state) == set(saved["model"])
+    for k, v in saved["model"].items():
+        assert torch.equal(state[k], torch.as_tensor(v)), k
+    assert resumed.scheduler.last_epoch == saved["scheduler"]["last_epoch"]
+    resumed.train()
+    assert resumed.iter == 30
+    assert os.path.isfile(os.path.join(tmp_path, "model_final.pth"))
+
+
+def test_two_processes_on_cpu(tiny_data, tmp_path):
+    args = _args(tiny_data, tmp_path, max_iter=6, flags=["--num-gpus", "2"])
+    args.dist_url = "auto"
+    launch(main, args.num_gpus, num_machines=1, machine_rank=0, dist_url="auto", args=(args,))
+    res = _results(tmp_path)
+    assert res["iteration"] == 6
+    assert BOX_KEYS <= set(res["results"]["synthetic_val"]["bbox"])
+    with open(os.path.join(tmp_path, "last_checkpoint")) as f:
+        assert f.read().strip() == "model_final.pth"

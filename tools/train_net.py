@@ -1,0 +1,21 @@
+#!/usr/bin/env python
+"""Train or evaluate RetinaNet with a ResNet or AA-ResNet backbone, the detectron2 way.
+
+    python tools/train_net.py --config-file configs/synthetic/retinanet_R_18_FPN_synthetic.yaml
+    python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS OUT/model_final.pth
+    python tools/train_net.py --config-file CFG --resume
+    python tools/train_net.py --config-file CFG --num-gpus 8 SOLVER.IMS_PER_BATCH 16 SOLVER.BASE_LR 0.01
+    python tools/train_net.py --config-file CFG --dataset mine_train train.json images/ \
+        --dataset mine_val val.json images/ DATASETS.TRAIN '("mine_train",)' DATASETS.TEST '("mine_val",)'
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from aa_detection.engine.trainer import argument_parser, launch_main  # noqa: E402
+
+if __name__ == "__main__":
+    args = argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch_main(args)
