@@ -194,10 +194,9 @@ def main(args):
     start = time.perf_counter()
     results = trainer.train()
     train_seconds = time.perf_counter() - start
-    if results is None or not len(results):
-        results = getattr(trainer, "_last_eval_results", None)
-    if cfg.DATASETS.TEST and (results is None or not len(results)):
-        results = Trainer.test(cfg, trainer.model)
+    # DefaultTrainer's EvalHook has evaluated the final model (on the main process the results are
+    # complete; the others hold empty dicts, and save_results writes on the main process only).
+    results = getattr(trainer, "_last_eval_results", results)
     save_results(cfg, trainer.model, results, trainer.iter, train_seconds)
     return results
 
