@@ -1,0 +1,3 @@
+from .memory import measure_peak_memory
+
+__all__ = ["measure_peak_memory"]
