@@ -52,8 +52,18 @@ void check_input(const torch::Tensor& t, const char* name, int64_t dim) {
 
 struct Shapes {
   int64_t B, Nh, HW, dk, dv;
-  int H, W;
+  int H, W, Wp;
 };
+
+// (B, Nh, C, HW) -> (B, Nh, C, H, Wp): key rows padded with zeros to a multiple of kLanes.
+torch::Tensor pad_rows(const torch::Tensor& t, const Shapes& s) {
+  return torch::constant_pad_nd(t.view({s.B, s.Nh, t.size(2), s.H, s.W}), {0, s.Wp - s.W}).contiguous();
+}
+
+// Inverse of pad_rows for (..., C, H, Wp) gradients.
+torch::Tensor unpad_rows(const torch::Tensor& t, const Shapes& s) {
+  return t.narrow(-1, 0, s.W).reshape({s.B, s.Nh, t.size(-3), s.HW});
+}
 
 Shapes check_inputs(const torch::Tensor& q, const torch::Tensor& kT, const torch::Tensor& vT,
                     const torch::Tensor& rh, const torch::Tensor& rw, int64_t H, int64_t W) {
@@ -62,7 +72,8 @@ Shapes check_inputs(const torch::Tensor& q, const torch::Tensor& kT, const torch
   check_input(vT, "vT", 4);
   check_input(rh, "rh", 4);
   check_input(rw, "rw", 4);
-  Shapes s{q.size(0), q.size(1), q.size(2), q.size(3), vT.size(2), static_cast<int>(H), static_cast<int>(W)};
+  const int Wp = static_cast<int>((W + kLanes - 1) / kLanes * kLanes);
+  Shapes s{q.size(0), q.size(1), q.size(2), q.size(3), vT.size(2), static_cast<int>(H), static_cast<int>(W), Wp};
   TORCH_CHECK(H * W == s.HW, "q has ", s.HW, " queries, expected H * W = ", H * W);
   TORCH_CHECK(s.dk >= 1 && s.dk <= kMaxWidth && s.dv >= 1 && s.dv <= kMaxWidth,
               "head widths must lie in [1, ", kMaxWidth, "], got dkh=", s.dk, " dvh=", s.dv);
@@ -73,15 +84,18 @@ Shapes check_inputs(const torch::Tensor& q, const torch::Tensor& kT, const torch
   return s;
 }
 
+// kT, vT: padded by pad_rows.
 AttentionSlice slice(const Shapes& s, int64_t bh, const torch::Tensor& q, const torch::Tensor& kT,
                      const torch::Tensor& vT, const torch::Tensor& rh, const torch::Tensor& rw, double scale) {
+  const int64_t padded = static_cast<int64_t>(s.H) * s.Wp;
   return {q.data_ptr<float>() + bh * s.HW * s.dk,
-          kT.data_ptr<float>() + bh * s.HW * s.dk,
-          vT.data_ptr<float>() + bh * s.HW * s.dv,
+          kT.data_ptr<float>() + bh * padded * s.dk,
+          vT.data_ptr<float>() + bh * padded * s.dv,
           rh.data_ptr<float>() + bh * s.HW * s.H,
           rw.data_ptr<float>() + bh * s.HW * s.W,
           s.H,
           s.W,
+          s.Wp,
           static_cast<int>(s.dk),
           static_cast<int>(s.dv),
           static_cast<float>(scale)};
@@ -92,16 +106,17 @@ std::vector<torch::Tensor> attention_forward(const torch::Tensor& q, const torch
                                              const torch::Tensor& vT, const torch::Tensor& rh,
                                              const torch::Tensor& rw, int64_t H, int64_t W, double scale) {
   const Shapes s = check_inputs(q, kT, vT, rh, rw, H, W);
+  const auto kTp = pad_rows(kT, s), vTp = pad_rows(vT, s);
   auto out = torch::empty({s.B, s.Nh, s.HW, s.dv}, q.options());
   auto lse = torch::empty({s.B, s.Nh, s.HW}, q.options());
   const int64_t blocks = (s.HW + kQueryBlock - 1) / kQueryBlock;
   const ForwardRows forward = isa().forward;
   at::parallel_for(0, s.B * s.Nh * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> work(2 * s.W + s.dv);
+    std::vector<float> work(2 * s.Wp);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks, i0 = (task % blocks) * kQueryBlock;
       const int64_t i1 = std::min(i0 + kQueryBlock, s.HW);
-      forward(slice(s, bh, q, kT, vT, rh, rw, scale), i0, i1, out.data_ptr<float>() + bh * s.HW * s.dv,
+      forward(slice(s, bh, q, kTp, vTp, rh, rw, scale), i0, i1, out.data_ptr<float>() + bh * s.HW * s.dv,
               lse.data_ptr<float>() + bh * s.HW, work.data());
     }
   });
@@ -122,6 +137,7 @@ std::vector<torch::Tensor> attention_backward(const torch::Tensor& dout, const t
   TORCH_CHECK(dout.sizes() == out.sizes() && out.sizes() == torch::IntArrayRef({s.B, s.Nh, s.HW, s.dv}),
               "dout and out must be (B, Nh, HW, dvh)");
   const auto delta = (dout * out).sum(-1).contiguous();
+  const auto kTp = pad_rows(kT, s), vTp = pad_rows(vT, s);
   // Keys are shared by all queries: each group of query rows accumulates its own dk, dv copy, summed
   // afterwards. One group per (batch, head) when there are enough of them to keep the threads busy.
   const int64_t BH = s.B * s.Nh;
@@ -130,18 +146,18 @@ std::vector<torch::Tensor> attention_backward(const torch::Tensor& dout, const t
                                            (s.HW + kQueryBlock - 1) / kQueryBlock);
   const int64_t rows_per_group = (s.HW + groups - 1) / groups;
   auto dq = torch::empty_like(q);
-  auto dkT = torch::zeros({groups, s.B, s.Nh, s.dk, s.HW}, q.options());
-  auto dvT = torch::zeros({groups, s.B, s.Nh, s.dv, s.HW}, q.options());
+  auto dkT = torch::zeros({groups, s.B, s.Nh, s.dk, s.H, s.Wp}, q.options());
+  auto dvT = torch::zeros({groups, s.B, s.Nh, s.dv, s.H, s.Wp}, q.options());
   auto drh = torch::empty_like(rh);
   auto drw = torch::empty_like(rw);
   const BackwardRows backward = isa().backward;
   at::parallel_for(0, BH * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> work(2 * s.W);
+    std::vector<float> work(2 * s.Wp);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / groups, group = task % groups;
       const int64_t i0 = group * rows_per_group, i1 = std::min(i0 + rows_per_group, s.HW);
       if (i0 >= i1) continue;
-      const int64_t key_offset = (group * BH + bh) * s.HW;
+      const int64_t key_offset = (group * BH + bh) * s.H * s.Wp;
       const AttentionGrads g{dout.data_ptr<float>() + bh * s.HW * s.dv,
                              lse.data_ptr<float>() + bh * s.HW,
                              delta.data_ptr<float>() + bh * s.HW,
@@ -150,10 +166,11 @@ std::vector<torch::Tensor> attention_backward(const torch::Tensor& dout, const t
                              dvT.data_ptr<float>() + key_offset * s.dv,
                              drh.data_ptr<float>() + bh * s.HW * s.H,
                              drw.data_ptr<float>() + bh * s.HW * s.W};
-      backward(slice(s, bh, q, kT, vT, rh, rw, scale), g, i0, i1, work.data());
+      backward(slice(s, bh, q, kTp, vTp, rh, rw, scale), g, i0, i1, work.data());
     }
   });
-  return {dq, groups == 1 ? dkT[0] : dkT.sum(0), groups == 1 ? dvT[0] : dvT.sum(0), drh, drw};
+  return {dq, unpad_rows(groups == 1 ? dkT[0] : dkT.sum(0), s), unpad_rows(groups == 1 ? dvT[0] : dvT.sum(0), s),
+          drh, drw};
 }
 
 }  // namespace

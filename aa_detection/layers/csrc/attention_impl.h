@@ -1,15 +1,19 @@
 // Relative 2D attention on one (batch, head) slice, fp32, never storing the (HW, HW) logits.
 //
-// This header is compiled once per instruction set (see attention_isa_*.cpp); it must define
-// everything inside the namespace AA_ISA and include no torch headers.
+// This header is compiled once per instruction set (attention_isa_*.cpp define AA_ISA and the vector
+// width AA_VEC_BYTES first); it defines everything inside the namespace AA_ISA and includes no torch
+// headers. The loops use GCC vector extensions, which lower to the instruction set of the file.
 //
-// Layouts of one (batch, head) slice, HW = H * W, key j = (y, x) at j = y * W + x:
-//   q   (HW, DK)   queries, row-major            kT (DK, HW)  keys, transposed
-//   vT  (DV, HW)   values, transposed            rh (HW, H)   q_i . r^H[y - y_i]   (unscaled)
-//   rw  (HW, W)    q_i . r^W[x - x_i] (unscaled)
+// Layouts of one (batch, head) slice, key j = (y, x), rows of keys padded to Wp (a multiple of
+// kLanes) floats:
+//   q   (HW, DK)       queries, row-major          kT (DK, H, Wp)  keys, transposed
+//   vT  (DV, H, Wp)    values, transposed          rh (HW, H)      q_i . r^H[y - y_i]  (unscaled)
+//   rw  (HW, W)        q_i . r^W[x - x_i] (unscaled)
 // logit_ij = scale * (q_i . k_j + rh[i, y_j] + rw[i, x_j]).
-// Keys are visited one key row (fixed y) at a time, so the y term is one scalar per row and the
-// x term is a contiguous vector over the row.
+// Keys are visited one key row (fixed y) at a time: the y term is one scalar per row and the x term
+// a contiguous vector over the row. Padded key columns get a logit of -1e30, hence probability 0.
+
+#include <cstring>
 
 #include "attention_kernel.h"
 
@@ -18,146 +22,159 @@ namespace AA_ISA {
 
 namespace {
 
-// exp(x) for x <= 0 (inputs are logits minus a running max): 2^n * p(r), |rel err| < 2e-7.
-// Plain arithmetic so that gcc vectorises the loops that call it.
-inline float fast_exp(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693145751953125f;  // ln 2 split in a high and a low part
-  r = r - n * 1.428606765330187045e-06f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int bits = (static_cast<int>(n) + 127) << 23;
-  float scale;
-  __builtin_memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+constexpr int L = AA_VEC_BYTES / 4;  // floats per vector
+typedef float vf __attribute__((vector_size(AA_VEC_BYTES)));
+typedef int vi __attribute__((vector_size(AA_VEC_BYTES)));
+typedef float vf_u __attribute__((vector_size(AA_VEC_BYTES), aligned(4)));
+
+static_assert(kLanes % L == 0, "row padding must be a multiple of the vector width");
+
+inline vf load(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
+inline void store(float* p, vf v) { *reinterpret_cast<vf_u*>(p) = v; }
+inline vf splat(float x) { return vf{} + x; }
+
+inline float hsum(vf v) {
+  float s = 0.0f;
+  for (int i = 0; i < L; ++i) s += v[i];
+  return s;
 }
 
-// s[x] = base + rw[x] + sum_d q[d] * k[d * stride + x] for x < W; returns max_x s[x].
+inline float hmax(vf v) {
+  float m = v[0];
+  for (int i = 1; i < L; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+// exp(x) for x <= 0 (logits minus their max): 2^n p(r) with |rel err| < 2e-7; 0 below -87.
+inline vf fast_exp(vf x) {
+  const vf big = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const vf xc = x < splat(-87.0f) ? splat(-87.0f) : x;
+  const vf t = xc * splat(1.44269504088896341f) + big;
+  const vf n = t - big;
+  vf r = xc - n * splat(0.693145751953125f);  // ln 2 split in a high and a low part
+  r = r - n * splat(1.428606765330187045e-06f);
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * r * r + r + splat(1.0f);
+  vi ti, bi;
+  std::memcpy(&ti, &t, sizeof(ti));
+  std::memcpy(&bi, &big, sizeof(bi));
+  const vi bits = (ti - bi + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  const vf e = p * scale;
+  return x < splat(-87.0f) ? vf{} : e;
+}
+
+// logits of one query against key columns [c * L, c * L + L) of one key row.
 template <int DK>
-inline float row_logits(const float* __restrict q, const float* __restrict k, int64_t stride,
-                        const float* __restrict rw, float base, int W, int dk, float* __restrict s) {
-  float mx = -3.0e38f;
+inline vf chunk_logits(const float* qs, const float* k, int64_t plane, int64_t c, vf base, int dk) {
   const int d_count = DK > 0 ? DK : dk;
-#pragma omp simd reduction(max : mx)
-  for (int x = 0; x < W; ++x) {
-    float acc = base + rw[x];
-    for (int d = 0; d < d_count; ++d) acc += q[d] * k[d * stride + x];
-    s[x] = acc;
-    mx = acc > mx ? acc : mx;
-  }
-  return mx;
+  vf acc = base;
+  for (int d = 0; d < d_count; ++d) acc += splat(qs[d]) * load(k + d * plane + c);
+  return acc;
+}
+
+// Per-query setup shared by forward and backward: scaled q and scaled, padded x logits.
+inline void scaled_query(const AttentionSlice& a, int64_t i, float* qs, float* rws) {
+  for (int d = 0; d < a.dk; ++d) qs[d] = a.q[i * a.dk + d] * a.scale;
+  const float* rw_i = a.rw + i * a.W;
+  for (int x = 0; x < a.W; ++x) rws[x] = rw_i[x] * a.scale;
+  for (int x = a.W; x < a.Wp; ++x) rws[x] = -1.0e30f;
 }
 
 template <int DK>
 void forward_rows(const AttentionSlice& a, int64_t i0, int64_t i1, float* __restrict out,
                   float* __restrict lse, float* __restrict work) {
-  const int H = a.H, W = a.W, dk = a.dk, dv = a.dv;
-  const int64_t HW = static_cast<int64_t>(H) * W;
-  float* s = work;           // W
-  float* rws = work + W;     // W
-  float* acc = rws + W;      // dv
+  const int H = a.H, Wp = a.Wp, dk = a.dk, dv = a.dv;
+  const int64_t plane = static_cast<int64_t>(H) * Wp;
+  float* s = work;        // Wp
+  float* rws = work + Wp;  // Wp
   float qs[kMaxWidth];
+  vf acc[kMaxWidth];
   for (int64_t i = i0; i < i1; ++i) {
-    for (int d = 0; d < dk; ++d) qs[d] = a.q[i * dk + d] * a.scale;
-    const float* rw_i = a.rw + i * W;
-    for (int x = 0; x < W; ++x) rws[x] = rw_i[x] * a.scale;
+    scaled_query(a, i, qs, rws);
     const float* rh_i = a.rh + i * H;
-    float m = -3.0e38f, l = 0.0f;
-    for (int c = 0; c < dv; ++c) acc[c] = 0.0f;
+    float m = -3.0e38f;
+    vf l = vf{};
+    for (int c = 0; c < dv; ++c) acc[c] = vf{};
     for (int y = 0; y < H; ++y) {
-      const int64_t j0 = static_cast<int64_t>(y) * W;
-      const float row_max = row_logits<DK>(qs, a.kT + j0, HW, rws, rh_i[y] * a.scale, W, dk, s);
+      const int64_t row = static_cast<int64_t>(y) * Wp;
+      const vf base = splat(rh_i[y] * a.scale);
+      vf mx = splat(-3.0e38f);
+      for (int c = 0; c < Wp; c += L) {
+        const vf sc = chunk_logits<DK>(qs, a.kT + row, plane, c, base + load(rws + c), dk);
+        store(s + c, sc);
+        mx = sc > mx ? sc : mx;
+      }
+      const float row_max = hmax(mx);
       if (row_max > m) {
-        const float shrink = __builtin_expf(m - row_max);
+        const vf shrink = splat(__builtin_expf(m - row_max));
         l *= shrink;
-        for (int c = 0; c < dv; ++c) acc[c] *= shrink;
+        for (int ch = 0; ch < dv; ++ch) acc[ch] *= shrink;
         m = row_max;
       }
-      float row_sum = 0.0f;
-#pragma omp simd reduction(+ : row_sum)
-      for (int x = 0; x < W; ++x) {
-        const float p = fast_exp(s[x] - m);
-        s[x] = p;
-        row_sum += p;
-      }
-      l += row_sum;
-      for (int c = 0; c < dv; ++c) {
-        const float* v_row = a.vT + c * HW + j0;
-        float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-        for (int x = 0; x < W; ++x) dot += s[x] * v_row[x];
-        acc[c] += dot;
+      const vf mv = splat(m);
+      for (int c = 0; c < Wp; c += L) {
+        const vf p = fast_exp(load(s + c) - mv);
+        l += p;
+        for (int ch = 0; ch < dv; ++ch) acc[ch] += p * load(a.vT + ch * plane + row + c);
       }
     }
-    const float inv = 1.0f / l;
-    for (int c = 0; c < dv; ++c) out[i * dv + c] = acc[c] * inv;
-    lse[i] = m + __builtin_logf(l);
+    const float total = hsum(l);
+    for (int ch = 0; ch < dv; ++ch) out[i * dv + ch] = hsum(acc[ch]) / total;
+    lse[i] = m + __builtin_logf(total);
   }
 }
 
 template <int DK>
 void backward_rows(const AttentionSlice& a, const AttentionGrads& g, int64_t i0, int64_t i1,
                    float* __restrict work) {
-  const int H = a.H, W = a.W, dk = a.dk, dv = a.dv;
-  const int64_t HW = static_cast<int64_t>(H) * W;
+  const int H = a.H, W = a.W, Wp = a.Wp, dk = a.dk, dv = a.dv;
   const int d_count = DK > 0 ? DK : dk;
-  float* s = work;        // W: logits, then probabilities, then ds
-  float* rws = work + W;  // W
-  float qs[kMaxWidth], qd_raw[kMaxWidth], dq[kMaxWidth], go[kMaxWidth];
+  const int64_t plane = static_cast<int64_t>(H) * Wp;
+  float* drw_acc = work;   // Wp
+  float* rws = work + Wp;  // Wp
+  float qs[kMaxWidth], go[kMaxWidth];
+  vf dq[kMaxWidth];
+  const vf scale = splat(a.scale);
   for (int64_t i = i0; i < i1; ++i) {
-    for (int d = 0; d < dk; ++d) {
-      qs[d] = a.q[i * dk + d] * a.scale;
-      qd_raw[d] = a.q[i * dk + d];
-      dq[d] = 0.0f;
-    }
-    for (int c = 0; c < dv; ++c) go[c] = g.dout[i * dv + c];
-    const float* rw_i = a.rw + i * W;
-    for (int x = 0; x < W; ++x) rws[x] = rw_i[x] * a.scale;
+    scaled_query(a, i, qs, rws);
+    for (int d = 0; d < dk; ++d) dq[d] = vf{};
+    for (int ch = 0; ch < dv; ++ch) go[ch] = g.dout[i * dv + ch];
+    for (int x = 0; x < Wp; ++x) drw_acc[x] = 0.0f;
     const float* rh_i = a.rh + i * H;
-    const float lse_i = g.lse[i], D_i = g.delta[i];
-    float* drw_i = g.drw + i * W;
-    for (int x = 0; x < W; ++x) drw_i[x] = 0.0f;
+    const vf delta = splat(g.delta[i]);
+    const float* q_i = a.q + i * dk;
     for (int y = 0; y < H; ++y) {
-      const int64_t j0 = static_cast<int64_t>(y) * W;
-      row_logits<DK>(qs, a.kT + j0, HW, rws, rh_i[y] * a.scale - lse_i, W, dk, s);
-      // s <- p, dv_j += p go, then s <- ds = p (dp - D) with dp = go . v_j
-#pragma omp simd
-      for (int x = 0; x < W; ++x) {
-        const float p = fast_exp(s[x]);
-        float dp = 0.0f;
-        for (int c = 0; c < dv; ++c) {
-          dp += go[c] * a.vT[c * HW + j0 + x];
-          g.dvT[c * HW + j0 + x] += p * go[c];
+      const int64_t row = static_cast<int64_t>(y) * Wp;
+      const vf base = splat(rh_i[y] * a.scale - g.lse[i]);
+      vf row_sum = vf{};
+      for (int c = 0; c < Wp; c += L) {
+        const vf p = fast_exp(chunk_logits<DK>(qs, a.kT + row, plane, c, base + load(rws + c), dk));
+        vf dp = vf{};
+        for (int ch = 0; ch < dv; ++ch) {
+          const int64_t at = ch * plane + row + c;
+          dp += splat(go[ch]) * load(a.vT + at);
+          store(g.dvT + at, load(g.dvT + at) + p * splat(go[ch]));
         }
-        s[x] = p * (dp - D_i) * a.scale;
-      }
-      float row_sum = 0.0f;
-#pragma omp simd reduction(+ : row_sum)
-      for (int x = 0; x < W; ++x) {
-        row_sum += s[x];
-        drw_i[x] += s[x];
-      }
-      g.drh[i * H + y] = row_sum;
-      for (int d = 0; d < d_count; ++d) {
-        const float* k_row = a.kT + d * HW + j0;
-        float* dk_row = g.dkT + d * HW + j0;
-        const float qd = qd_raw[d];
-        float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-        for (int x = 0; x < W; ++x) {
-          dot += s[x] * k_row[x];
-          dk_row[x] += s[x] * qd;
+        const vf ds = p * (dp - delta) * scale;
+        row_sum += ds;
+        store(drw_acc + c, load(drw_acc + c) + ds);
+        for (int d = 0; d < d_count; ++d) {
+          const int64_t at = d * plane + row + c;
+          dq[d] += ds * load(a.kT + at);
+          store(g.dkT + at, load(g.dkT + at) + ds * splat(q_i[d]));
         }
-        dq[d] += dot;
       }
+      g.drh[i * H + y] = hsum(row_sum);
     }
-    for (int d = 0; d < dk; ++d) g.dq[i * dk + d] = dq[d];
+    for (int d = 0; d < dk; ++d) g.dq[i * dk + d] = hsum(dq[d]);
+    std::memcpy(g.drw + i * W, drw_acc, W * sizeof(float));
   }
 }
 

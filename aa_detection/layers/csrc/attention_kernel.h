@@ -6,6 +6,8 @@ namespace aa_detection {
 
 // Widest dkh and dvh the kernel accepts (per-query registers live on the stack).
 constexpr int kMaxWidth = 64;
+// Key rows are padded to a multiple of this many floats (the widest vector, AVX-512).
+constexpr int kLanes = 16;
 
 // One (batch, head) slice; see attention_impl.h for the layouts.
 struct AttentionSlice {
@@ -14,7 +16,7 @@ struct AttentionSlice {
   const float* vT;
   const float* rh;
   const float* rw;
-  int H, W, dk, dv;
+  int H, W, Wp, dk, dv;  // Wp: W rounded up to kLanes
   float scale;
 };
 
@@ -25,13 +27,13 @@ struct AttentionGrads {
   const float* lse;    // (HW)
   const float* delta;  // (HW): dout_i . out_i
   float* dq;           // (HW, DK)
-  float* dkT;          // (DK, HW)
-  float* dvT;          // (DV, HW)
+  float* dkT;          // (DK, H, Wp)
+  float* dvT;          // (DV, H, Wp)
   float* drh;          // (HW, H)
   float* drw;          // (HW, W)
 };
 
-// Scratch floats per thread: forward 2 * W + dv, backward 2 * W.
+// Scratch floats per thread: 2 * Wp.
 #define AA_DECLARE_ISA(ns)                                                                          \
   namespace ns {                                                                                    \
   void attention_forward_rows(const AttentionSlice& a, int64_t i0, int64_t i1, float* out,          \
