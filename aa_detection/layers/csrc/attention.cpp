@@ -41,7 +41,7 @@ const Isa& isa() {
 }
 
 // Queries per parallel task.
-constexpr int64_t kQueryBlock = 64;
+constexpr int64_t kQueriesPerTask = 64;
 
 void check_input(const torch::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
@@ -109,13 +109,13 @@ std::vector<torch::Tensor> attention_forward(const torch::Tensor& q, const torch
   const auto kTp = pad_rows(kT, s), vTp = pad_rows(vT, s);
   auto out = torch::empty({s.B, s.Nh, s.HW, s.dv}, q.options());
   auto lse = torch::empty({s.B, s.Nh, s.HW}, q.options());
-  const int64_t blocks = (s.HW + kQueryBlock - 1) / kQueryBlock;
+  const int64_t blocks = (s.HW + kQueriesPerTask - 1) / kQueriesPerTask;
   const ForwardRows forward = isa().forward;
   at::parallel_for(0, s.B * s.Nh * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> work(2 * s.Wp);
+    std::vector<float> work(kScratchRows * s.Wp);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / blocks, i0 = (task % blocks) * kQueryBlock;
-      const int64_t i1 = std::min(i0 + kQueryBlock, s.HW);
+      const int64_t bh = task / blocks, i0 = (task % blocks) * kQueriesPerTask;
+      const int64_t i1 = std::min(i0 + kQueriesPerTask, s.HW);
       forward(slice(s, bh, q, kTp, vTp, rh, rw, scale), i0, i1, out.data_ptr<float>() + bh * s.HW * s.dv,
               lse.data_ptr<float>() + bh * s.HW, work.data());
     }
@@ -143,7 +143,7 @@ std::vector<torch::Tensor> attention_backward(const torch::Tensor& dout, const t
   const int64_t BH = s.B * s.Nh;
   const int64_t threads = at::get_num_threads();
   const int64_t groups = std::min<int64_t>(std::max<int64_t>(1, (2 * threads + BH - 1) / BH),
-                                           (s.HW + kQueryBlock - 1) / kQueryBlock);
+                                           (s.HW + kQueriesPerTask - 1) / kQueriesPerTask);
   const int64_t rows_per_group = (s.HW + groups - 1) / groups;
   auto dq = torch::empty_like(q);
   auto dkT = torch::zeros({groups, s.B, s.Nh, s.dk, s.H, s.Wp}, q.options());
@@ -152,7 +152,7 @@ std::vector<torch::Tensor> attention_backward(const torch::Tensor& dout, const t
   auto drw = torch::empty_like(rw);
   const BackwardRows backward = isa().backward;
   at::parallel_for(0, BH * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> work(2 * s.Wp);
+    std::vector<float> work(kScratchRows * s.Wp);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / groups, group = task % groups;
       const int64_t i0 = group * rows_per_group, i1 = std::min(i0 + rows_per_group, s.HW);

@@ -27,6 +27,9 @@ typedef float vf __attribute__((vector_size(AA_VEC_BYTES)));
 typedef int vi __attribute__((vector_size(AA_VEC_BYTES)));
 typedef float vf_u __attribute__((vector_size(AA_VEC_BYTES), aligned(4)));
 
+// Queries processed together by the backward pass.
+constexpr int kQueryBlock = 4;
+
 static_assert(kLanes % L == 0, "row padding must be a multiple of the vector width");
 
 inline vf load(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
@@ -131,50 +134,99 @@ void forward_rows(const AttentionSlice& a, int64_t i0, int64_t i1, float* __rest
   }
 }
 
+// Backward of QB consecutive queries [i, i + QB): each key chunk (k, v and their gradients) is
+// loaded once for the block, and dk, dv are accumulated in registers over the block.
+template <int DK, int DV, int QB>
+void backward_block(const AttentionSlice& a, const AttentionGrads& g, int64_t i, float* __restrict work) {
+  const int H = a.H, W = a.W, Wp = a.Wp, dk = a.dk, dv = DV > 0 ? DV : a.dv;
+  const int d_count = DK > 0 ? DK : dk;
+  const int64_t plane = static_cast<int64_t>(H) * Wp;
+  float* drw_acc = work;        // QB * Wp
+  float* rws = work + QB * Wp;  // QB * Wp
+  float qs[QB][kMaxWidth], go[QB][kMaxWidth];
+  vf dq[QB][kMaxWidth];
+  vf kc[kMaxWidth], dkc[kMaxWidth], vc[kMaxWidth], dvc[kMaxWidth];
+  const vf scale = splat(a.scale);
+  vf delta[QB];
+  for (int b = 0; b < QB; ++b) {
+    scaled_query(a, i + b, qs[b], rws + b * Wp);
+    for (int d = 0; d < dk; ++d) dq[b][d] = vf{};
+    for (int ch = 0; ch < dv; ++ch) go[b][ch] = g.dout[(i + b) * dv + ch];
+    delta[b] = splat(g.delta[i + b]);
+  }
+  for (int x = 0; x < QB * Wp; ++x) drw_acc[x] = 0.0f;
+  const float* q = a.q + i * dk;
+  for (int y = 0; y < H; ++y) {
+    const int64_t row = static_cast<int64_t>(y) * Wp;
+    vf base[QB], row_sum[QB];
+    for (int b = 0; b < QB; ++b) {
+      base[b] = splat(a.rh[(i + b) * H + y] * a.scale - g.lse[i + b]);
+      row_sum[b] = vf{};
+    }
+    for (int c = 0; c < Wp; c += L) {
+      for (int d = 0; d < d_count; ++d) {
+        kc[d] = load(a.kT + d * plane + row + c);
+        dkc[d] = vf{};
+      }
+      for (int ch = 0; ch < dv; ++ch) {
+        vc[ch] = load(a.vT + ch * plane + row + c);
+        dvc[ch] = vf{};
+      }
+      for (int b = 0; b < QB; ++b) {
+        vf logit = base[b] + load(rws + b * Wp + c);
+        for (int d = 0; d < d_count; ++d) logit += splat(qs[b][d]) * kc[d];
+        const vf p = fast_exp(logit);
+        vf dp = vf{};
+        for (int ch = 0; ch < dv; ++ch) {
+          dp += splat(go[b][ch]) * vc[ch];
+          dvc[ch] += p * splat(go[b][ch]);
+        }
+        const vf ds = p * (dp - delta[b]) * scale;
+        row_sum[b] += ds;
+        store(drw_acc + b * Wp + c, load(drw_acc + b * Wp + c) + ds);
+        for (int d = 0; d < d_count; ++d) {
+          dq[b][d] += ds * kc[d];
+          dkc[d] += ds * splat(q[b * dk + d]);
+        }
+      }
+      for (int d = 0; d < d_count; ++d) {
+        float* at = g.dkT + d * plane + row + c;
+        store(at, load(at) + dkc[d]);
+      }
+      for (int ch = 0; ch < dv; ++ch) {
+        float* at = g.dvT + ch * plane + row + c;
+        store(at, load(at) + dvc[ch]);
+      }
+    }
+    for (int b = 0; b < QB; ++b) g.drh[(i + b) * H + y] = hsum(row_sum[b]);
+  }
+  for (int b = 0; b < QB; ++b) {
+    for (int d = 0; d < dk; ++d) g.dq[(i + b) * dk + d] = hsum(dq[b][d]);
+    std::memcpy(g.drw + (i + b) * W, drw_acc + b * Wp, W * sizeof(float));
+  }
+}
+
+template <int DK, int DV>
+void backward_rows_dv(const AttentionSlice& a, const AttentionGrads& g, int64_t i0, int64_t i1,
+                      float* __restrict work) {
+  int64_t i = i0;
+  for (; i + kQueryBlock <= i1; i += kQueryBlock) backward_block<DK, DV, kQueryBlock>(a, g, i, work);
+  for (; i < i1; ++i) backward_block<DK, DV, 1>(a, g, i, work);
+}
+
+// Value widths with their own unrolled code; others take the generic loop.
 template <int DK>
 void backward_rows(const AttentionSlice& a, const AttentionGrads& g, int64_t i0, int64_t i1,
                    float* __restrict work) {
-  const int H = a.H, W = a.W, Wp = a.Wp, dk = a.dk, dv = a.dv;
-  const int d_count = DK > 0 ? DK : dk;
-  const int64_t plane = static_cast<int64_t>(H) * Wp;
-  float* drw_acc = work;   // Wp
-  float* rws = work + Wp;  // Wp
-  float qs[kMaxWidth], go[kMaxWidth];
-  vf dq[kMaxWidth];
-  const vf scale = splat(a.scale);
-  for (int64_t i = i0; i < i1; ++i) {
-    scaled_query(a, i, qs, rws);
-    for (int d = 0; d < dk; ++d) dq[d] = vf{};
-    for (int ch = 0; ch < dv; ++ch) go[ch] = g.dout[i * dv + ch];
-    for (int x = 0; x < Wp; ++x) drw_acc[x] = 0.0f;
-    const float* rh_i = a.rh + i * H;
-    const vf delta = splat(g.delta[i]);
-    const float* q_i = a.q + i * dk;
-    for (int y = 0; y < H; ++y) {
-      const int64_t row = static_cast<int64_t>(y) * Wp;
-      const vf base = splat(rh_i[y] * a.scale - g.lse[i]);
-      vf row_sum = vf{};
-      for (int c = 0; c < Wp; c += L) {
-        const vf p = fast_exp(chunk_logits<DK>(qs, a.kT + row, plane, c, base + load(rws + c), dk));
-        vf dp = vf{};
-        for (int ch = 0; ch < dv; ++ch) {
-          const int64_t at = ch * plane + row + c;
-          dp += splat(go[ch]) * load(a.vT + at);
-          store(g.dvT + at, load(g.dvT + at) + p * splat(go[ch]));
-        }
-        const vf ds = p * (dp - delta) * scale;
-        row_sum += ds;
-        store(drw_acc + c, load(drw_acc + c) + ds);
-        for (int d = 0; d < d_count; ++d) {
-          const int64_t at = d * plane + row + c;
-          dq[d] += ds * load(a.kT + at);
-          store(g.dkT + at, load(g.dkT + at) + ds * splat(q_i[d]));
-        }
-      }
-      g.drh[i * H + y] = hsum(row_sum);
-    }
-    for (int d = 0; d < dk; ++d) g.dq[i * dk + d] = hsum(dq[d]);
-    std::memcpy(g.drw + i * W, drw_acc, W * sizeof(float));
+  switch (a.dv) {
+    case 2:
+      return backward_rows_dv<DK, 2>(a, g, i0, i1, work);
+    case 3:
+      return backward_rows_dv<DK, 3>(a, g, i0, i1, work);
+    case 6:
+      return backward_rows_dv<DK, 6>(a, g, i0, i1, work);
+    default:
+      return backward_rows_dv<DK, 0>(a, g, i0, i1, work);
   }
 }
 

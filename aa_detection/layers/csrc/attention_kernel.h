@@ -33,7 +33,8 @@ struct AttentionGrads {
   float* drw;          // (HW, W)
 };
 
-// Scratch floats per thread: 2 * Wp.
+// Scratch floats per thread: kScratchRows * Wp.
+constexpr int kScratchRows = 8;
 #define AA_DECLARE_ISA(ns)                                                                          \
   namespace ns {                                                                                    \
   void attention_forward_rows(const AttentionSlice& a, int64_t i0, int64_t i1, float* out,          \
