@@ -93,14 +93,19 @@ def test_kernel_threads_agree():
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(g1, g4))
 
 
-def test_auto_uses_kernel_on_large_cpu_maps(monkeypatch):
+def test_auto_uses_the_kernel_on_the_cpu(monkeypatch):
     from aa_detection.layers import relative_attention as ra
 
     calls = []
     monkeypatch.setitem(ra._IMPLEMENTATIONS, "kernel", lambda *a: calls.append(a) or ra._fused(*a))
-    small = random_inputs(1, 1, 2, 3, 2, 2)
-    relative_attention_2d(*small)
-    assert not calls
-    H = W = int(ra.NAIVE_MAX_PIXELS**0.5) + 1
-    relative_attention_2d(*random_inputs(1, 1, H, W, 2, 2))
-    assert len(calls) == 1
+    relative_attention_2d(*random_inputs(1, 1, 2, 3, 2, 2))
+    relative_attention_2d(*random_inputs(1, 1, 9, 9, 2, 2))
+    assert len(calls) == 2
+
+
+def test_auto_without_the_kernel_uses_the_pixel_threshold(monkeypatch):
+    from aa_detection.layers import relative_attention as ra
+
+    monkeypatch.setattr(ra, "_C", None)
+    small, large = random_inputs(1, 1, 2, 3, 2, 2)[0], random_inputs(1, 1, 9, 9, 2, 2)[0]
+    assert ra._choose_impl(small) == "naive" and ra._choose_impl(large) == "fused"

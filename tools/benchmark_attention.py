@@ -61,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--no-train", action="store_true", help="forward only")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--sweep", action="store_true",
+                   help="instead, time the paths on small maps (res5 widths) to place NAIVE_MAX_PIXELS")
     return p.parse_args(argv)
 
 
@@ -106,8 +108,10 @@ def run_once(inputs, grad_out, impl, train):
     return result["seconds"], peak, result["out"], result["grads"]
 
 
-def measure_rates(repeats=5):
-    """This machine's fp32 matmul rate (FLOP/s) and exp rate (elements/s), best of a few sizes."""
+def measure_rates(repeats=10):
+    """This machine's fp32 matmul rate (FLOP/s, torch.mm) and exp rate (elements/s, torch.exp) at the
+    current thread count: the best call over a few sizes and repeats (the CPU is shared, so the best
+    call is the closest to what the machine can do)."""
     mm = 0.0
     for n in (1024, 2048):
         a, b = torch.randn(n, n), torch.randn(n, n)
@@ -117,18 +121,18 @@ def measure_rates(repeats=5):
             t0 = time.perf_counter()
             torch.mm(a, b)
             times.append(time.perf_counter() - t0)
-        mm = max(mm, 2 * n**3 / statistics.median(times))
+        mm = max(mm, 2 * n**3 / min(times))
     ex = 0.0
     for n in (1 << 18, 1 << 20, 1 << 22):
         x, y = torch.randn(n), torch.empty(n)
         torch.exp(x, out=y)
-        reps = max(repeats, (1 << 24) // n)
+        reps = max(repeats, (1 << 25) // n)
         times = []
         for _ in range(reps):
             t0 = time.perf_counter()
             torch.exp(x, out=y)
             times.append(time.perf_counter() - t0)
-        ex = max(ex, n / statistics.median(times))
+        ex = max(ex, n / min(times))
     return mm, ex
 
 
@@ -142,18 +146,54 @@ def floor_work(B, Nh, H, W, dkh, dvh):
     return {"forward": (fwd_flops, pairs), "train": (fwd_flops + bwd_flops, pairs)}
 
 
+def warm_up():
+    """One call of each path and mode on a small map (thread pools, caches, first-call costs)."""
+    inputs, grad_out = make_inputs(2, 8, 12, 20, 13, 6)
+    for p in PATHS:
+        if p != "kernel" or relative_attention.kernel_available():
+            for train in (False, True):
+                run_once(inputs, grad_out, p, train)
+
+
+def sweep(args):
+    """Naive vs the other paths on small maps at the res5 widths: where "auto" should switch."""
+    B, Nh = args.batch, args.heads
+    dk, dv = attention_depths(SIZES["res5"][2], Nh, args.kappa, args.upsilon)
+    paths = [p for p in PATHS if p != "kernel" or relative_attention.kernel_available()]
+    print(f"\n| HxW | HW | mode | " + " | ".join(f"{p} (ms)" for p in paths) + " | fastest |")
+    print("|---|---|---|" + "---|" * (len(paths) + 1))
+    rows = []
+    for H, W in ((4, 4), (8, 8), (12, 16), (16, 24), (20, 32), (24, 40), (28, 44), (32, 48)):
+        inputs, grad_out = make_inputs(B, Nh, H, W, dk // Nh, dv // Nh)
+        for train in (False, True):
+            times = {p: [] for p in paths}
+            for _ in range(max(args.repeats, 5)):
+                for p in paths:
+                    times[p].append(run_once(inputs, grad_out, p, train)[0])
+            med = {p: statistics.median(t) * 1e3 for p, t in times.items()}
+            best = min(med, key=med.get)
+            mode = "train" if train else "forward"
+            rows.append({"H": H, "W": W, "mode": mode, "ms": med})
+            print(f"| {H}x{W} | {H * W} | {mode} | " + " | ".join(f"{med[p]:.1f}" for p in paths) + f" | {best} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"sweep": rows, "torch": torch.__version__, "threads": torch.get_num_threads()}, f, indent=1)
+    return rows
+
+
 def max_diff(a, b):
     return (a.double() - b.double()).abs().max().item()
 
 
-def bench_size(name, args, rates, naive_factor, results_so_far):
+def bench_size(name, args, rates, factors):
+    """Times and peaks of every path on one map; factors: naive peak / dense logits bytes per mode."""
     H, W, fout = SIZES[name]
     dk, dv = attention_depths(fout, args.heads, args.kappa, args.upsilon)
     dkh, dvh = dk // args.heads, dv // args.heads
     B, Nh = args.batch, args.heads
     inputs, grad_out = make_inputs(B, Nh, H, W, dkh, dvh)
     logits_bytes = B * Nh * (H * W) ** 2 * 4
-    est_naive = naive_factor * logits_bytes
+    est_naive = factors["forward"] * logits_bytes
     limit = (args.naive_max_gib if args.naive_max_gib is not None else mem_available_gib() / 2) * GiB
     paths = [p for p in PATHS if p != "kernel" or relative_attention.kernel_available()]
     skipped = {}
@@ -177,8 +217,9 @@ def bench_size(name, args, rates, naive_factor, results_so_far):
     ref = "naive" if "naive" in paths else "fused"
     row = {"size": name, "H": H, "W": W, "B": B, "Nh": Nh, "dkh": dkh, "dvh": dvh, "reference": ref,
            "naive_logits_bytes": logits_bytes, "paths": {}, "skipped": {}}
-    for p, est in skipped.items():
-        row["skipped"][p] = {"estimated_peak_bytes": {"forward": est, "train": est * naive_factor_train(naive_factor)}}
+    modes_est = {m: factors[m] * logits_bytes for m in modes}
+    for p in skipped:
+        row["skipped"][p] = {"estimated_peak_bytes": modes_est}
     work = floor_work(B, Nh, H, W, dkh, dvh)
     row["floor"] = {}
     for mode in modes:
@@ -205,12 +246,8 @@ def bench_size(name, args, rates, naive_factor, results_so_far):
     return row
 
 
-def naive_factor_train(factor):
-    return 1.0  # the training estimate is stored separately (see estimate_factors)
-
-
 def fmt_bytes(n):
-    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / (1 << 20):.0f} MiB"
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / (1 << 20):.1f} MiB"
 
 
 def print_tables(rows, rates, modes):
@@ -252,17 +289,17 @@ def main(argv=None):
         if s not in SIZES:
             raise SystemExit(f"unknown size {s!r}; choose from {', '.join(SIZES)}")
     modes = ["forward"] if args.no_train else ["forward", "train"]
+    warm_up()
+    if args.sweep:
+        return sweep(args)
     mm, ex = measure_rates()
     rates = {"matmul_flops": mm, "exp_per_s": ex, "threads": torch.get_num_threads()}
     # Naive peak / dense-logits size, measured on the largest map the naive path ran on (4 until then).
     factors = {m: 4.0 for m in modes}
     rows = []
     for name in sorted(sizes, key=lambda s: SIZES[s][0] * SIZES[s][1]):
-        row = bench_size(name, args, rates, factors["forward"], rows)
-        if "naive" in row["skipped"]:
-            row["skipped"]["naive"]["estimated_peak_bytes"] = {
-                m: factors[m] * row["naive_logits_bytes"] for m in modes}
-        else:
+        row = bench_size(name, args, rates, factors)
+        if "naive" not in row["skipped"]:
             for m in modes:
                 factors[m] = row["paths"]["naive"][m]["peak_bytes"] / row["naive_logits_bytes"]
         rows.append(row)

@@ -29,9 +29,11 @@ def kernel_available() -> bool:
     return _C is not None
 
 
-# "auto" keeps the dense path up to this many pixels per map, where it is as fast and its
-# (B, Nh, HW, HW) logits are small; tools/benchmark_attention.py measures the crossing.
-NAIVE_MAX_PIXELS = 1024
+# "auto" without the compiled kernel (GPU, or a pure-Python install) keeps the dense path up to this
+# many pixels per map and uses the fused path above. On the 2-core CPU of tools/benchmark_attention.py
+# (--sweep, res5 head widths) the fused path was already faster than the dense one from 12x16 maps up;
+# the dense path is kept for maps of at most 8x8, where both take about a millisecond.
+NAIVE_MAX_PIXELS = 64
 
 
 @lru_cache(maxsize=256)
@@ -152,13 +154,12 @@ def _kernel(q, k, v, rel_h, rel_w, scale):
 
 
 def _choose_impl(q):
-    """The "auto" rule: dense logits on small maps, the compiled kernel on larger CPU maps, SDPA otherwise."""
-    H, W = q.shape[2:4]
-    if H * W <= NAIVE_MAX_PIXELS:
-        return "naive"
+    """The "auto" rule: the compiled kernel for CPU tensors when it is built (the fastest path at every
+    map size measured, 8x8 to 100x167); otherwise dense logits up to NAIVE_MAX_PIXELS pixels, fused above."""
     if q.device.type == "cpu" and _C is not None:
         return "kernel"
-    return "fused"
+    H, W = q.shape[2:4]
+    return "naive" if H * W <= NAIVE_MAX_PIXELS else "fused"
 
 
 _IMPLEMENTATIONS = {"naive": _naive, "fused": _fused, "kernel": _kernel}
@@ -176,8 +177,8 @@ def relative_attention_2d(q, k, v, rel_h=None, rel_w=None, impl="auto"):
         rel_w: (2L_w-1, dkh), likewise for x offsets.
         impl: "naive" (dense logits, the reference), "fused" (exact low-rank form through
             scaled_dot_product_attention, never builds (HW, HW) relative logits), "kernel" (the compiled
-            CPU kernel, never stores (HW, HW) logits at all; needs aa_detection._C) or "auto" (naive up
-            to NAIVE_MAX_PIXELS pixels; above, the kernel on the CPU when it is built, else fused).
+            CPU kernel, never stores (HW, HW) logits at all; needs aa_detection._C) or "auto" (the kernel
+            for CPU tensors when it is built; otherwise naive up to NAIVE_MAX_PIXELS pixels, fused above).
 
     Returns:
         (B, Nh, H, W, dvh)
