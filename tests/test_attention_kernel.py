@@ -107,5 +107,5 @@ def test_auto_without_the_kernel_uses_the_pixel_threshold(monkeypatch):
     from aa_detection.layers import relative_attention as ra
 
     monkeypatch.setattr(ra, "_C", None)
-    small, large = random_inputs(1, 1, 2, 3, 2, 2)[0], random_inputs(1, 1, 9, 9, 2, 2)[0]
+    small, large = random_inputs(1, 1, 2, 3, 2, 2)[0], random_inputs(1, 1, 17, 17, 2, 2)[0]
     assert ra._choose_impl(small) == "naive" and ra._choose_impl(large) == "fused"

@@ -30,10 +30,10 @@ def kernel_available() -> bool:
 
 
 # "auto" without the compiled kernel (GPU, or a pure-Python install) keeps the dense path up to this
-# many pixels per map and uses the fused path above. On the 2-core CPU of tools/benchmark_attention.py
-# (--sweep, res5 head widths) the fused path was already faster than the dense one from 12x16 maps up;
-# the dense path is kept for maps of at most 8x8, where both take about a millisecond.
-NAIVE_MAX_PIXELS = 64
+# many pixels per map and uses the fused path above. On the 2-core CPU, `tools/benchmark_attention.py
+# --sweep` (res5 head widths, batch 2, 8 heads) had the dense path faster up to 8x8 maps, mixed at 12x16
+# (fused faster forward, slower forward+backward) and the fused path faster from 16x24 (384 pixels) up.
+NAIVE_MAX_PIXELS = 256
 
 
 @lru_cache(maxsize=256)

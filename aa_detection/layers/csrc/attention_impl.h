@@ -48,7 +48,7 @@ inline float hmax(vf v) {
   return m;
 }
 
-// exp(x) for x <= 0 (logits minus their max): 2^n p(r) with |rel err| < 2e-7; 0 below -87.
+// exp(x) for x <= 88 (used on logits minus their max): 2^n p(r) with |rel err| < 2e-7; 0 below -87.
 inline vf fast_exp(vf x) {
   const vf big = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   const vf xc = x < splat(-87.0f) ? splat(-87.0f) : x;
@@ -231,6 +231,12 @@ void backward_rows(const AttentionSlice& a, const AttentionGrads& g, int64_t i0,
 }
 
 }  // namespace
+
+void exp_inplace(float* x, int64_t n) {
+  int64_t i = 0;
+  for (; i + L <= n; i += L) store(x + i, fast_exp(load(x + i)));
+  for (; i < n; ++i) x[i] = __builtin_expf(x[i]);
+}
 
 void attention_forward_rows(const AttentionSlice& a, int64_t i0, int64_t i1, float* out, float* lse,
                             float* work) {

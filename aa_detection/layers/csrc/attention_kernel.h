@@ -41,6 +41,7 @@ constexpr int kScratchRows = 8;
                               float* lse, float* work);                                             \
   void attention_backward_rows(const AttentionSlice& a, const AttentionGrads& g, int64_t i0,        \
                                int64_t i1, float* work);                                            \
+  void exp_inplace(float* x, int64_t n);                                                            \
   }
 
 AA_DECLARE_ISA(isa_default)
