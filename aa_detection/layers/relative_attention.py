@@ -67,20 +67,22 @@ def _relative_logits(q, rel_h, rel_w):
     return logits_h, logits_w
 
 
-def attention_weights(q, k, rel_h=None, rel_w=None):
+def attention_weights(q, k, rel_h=None, rel_w=None, scale=None):
     """The softmax weights, dense: q, k (B, Nh, H, W, dkh) -> (B, Nh, HW, HW), row i for query pixel
-    i = y * W + x, summing to one over the keys. The naive path is these weights times v."""
+    i = y * W + x, summing to one over the keys; scale defaults to 1/sqrt(dkh). The naive path is
+    these weights times v."""
     B, Nh, H, W, dk = q.shape
+    scale = 1.0 / math.sqrt(dk) if scale is None else scale
     logits = torch.einsum("bnyxd,bnuvd->bnyxuv", q, k)
     if rel_h is not None:
         logits_h, logits_w = _relative_logits(q, rel_h, rel_w)
         logits = logits + logits_h[..., :, None] + logits_w[..., None, :]
-    return torch.softmax(logits.reshape(B, Nh, H * W, H * W) / math.sqrt(dk), dim=-1)
+    return torch.softmax(logits.reshape(B, Nh, H * W, H * W) * scale, dim=-1)
 
 
 def _naive(q, k, v, rel_h, rel_w, scale):
     B, Nh, H, W, _ = q.shape
-    return attention_weights(q, k, rel_h, rel_w) @ v.reshape(B, Nh, H * W, -1)
+    return attention_weights(q, k, rel_h, rel_w, scale) @ v.reshape(B, Nh, H * W, -1)
 
 
 @lru_cache(maxsize=64)
