@@ -1,20 +1,21 @@
 """Parameter and FLOP counts shared by the tools (fvcore conventions: one multiply-add is one flop).
 
-fvcore already counts convolutions, linear layers, matmul/bmm and einsum (the naive attention path and the
-q . r relative logits). `flop_count` adds `aten::scaled_dot_product_attention` (the fused attention path),
-counted as its two matmuls q.k and p.v by their REAL widths: the fused path concatenates one-hot position
-columns to q/k (the relative logits, already counted by their einsum) and zero-pads to a common width;
-the handle walks back through those reshapes, pads and concatenations to the true dkh and dvh.
+fvcore counts convolutions, linear layers and matmul-like ops from a trace, but what an attention path
+emits depends on the path (dense einsums, a scaled_dot_product_attention over padded widths, a compiled
+kernel fvcore cannot see). `flop_count` therefore counts the attention core of every AAConv2d from its
+real shapes (`AAConv2d.attention_flops`: q.k, the relative logits q.r^H, q.r^W, and p.v) and drops
+whatever matmul-like ops the traced path emitted inside the layer, so every path counts the same.
 """
 from collections import Counter
 
-from fvcore.nn.jit_handles import get_shape
 import torch
 
-__all__ = ["count_parameters", "flop_count", "sdpa_flop_jit"]
+from .layers import AAConv2d
 
-_PASS_THROUGH = {"aten::reshape", "aten::view", "aten::contiguous", "aten::constant_pad_nd", "aten::pad",
-                 "aten::expand", "aten::to"}
+__all__ = ["count_parameters", "flop_count"]
+
+# fvcore operator names an attention path may emit; inside an AAConv2d they are the attention core.
+_ATTENTION_OPS = ("einsum", "matmul", "bmm", "scaled_dot_product_attention")
 
 
 def count_parameters(model):
@@ -26,49 +27,35 @@ def count_parameters(model):
     }
 
 
-def _real_width(value):
-    """Last-dim width of the tensor a fused-attention operand was built from (before pads / one-hots)."""
-    shape = get_shape(value)
-    width = shape[-1] if shape else None
-    node = value.node()
-    for _ in range(16):
-        kind = node.kind()
-        if kind in _PASS_THROUGH:
-            value = next(node.inputs())
-            node = value.node()
-            continue
-        if kind == "aten::cat":
-            parts = list(next(node.inputs()).node().inputs())  # the ListConstruct of cat's tensors
-            first = get_shape(parts[0]) if parts else None
-            return first[-1] if first else width
-        shape = get_shape(value)
-        return shape[-1] if shape else width
-    return width
-
-
-def sdpa_flop_jit(inputs, outputs):
-    """FLOPs of aten::scaled_dot_product_attention: B*Nh*L*S*(dk + dv), dk and dv the real widths."""
-    q_shape, k_shape = get_shape(inputs[0]), get_shape(inputs[1])
-    batch = 1
-    for d in q_shape[:-2]:
-        batch *= d
-    L, S = q_shape[-2], k_shape[-2]
-    return batch * L * S * (_real_width(inputs[0]) + _real_width(inputs[2]))
-
-
 def flop_count(model, inputs):
-    """fvcore FlopCountAnalysis of a detectron2 model (or any module) with attention matmuls counted.
+    """fvcore FlopCountAnalysis of a detectron2 model (or any module), attention cores counted exactly.
 
     `inputs` is the tuple of positional arguments of model.forward (for a detectron2 meta-architecture,
-    `([{"image": tensor}],)`). Returns (total flops, Counter {operator: flops}); run the model in eval mode.
+    `([{"image": tensor}],)`). Returns (total flops, Counter {operator: flops}) where the attention cores
+    of the AAConv2d layers are under "attention". Run the model in eval mode.
     """
     try:
         from detectron2.utils.analysis import FlopCountAnalysis
     except ImportError:  # plain torch modules without detectron2
         from fvcore.nn import FlopCountAnalysis
-    analysis = FlopCountAnalysis(model, inputs)
-    analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
-    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-    with torch.no_grad():
-        by_operator = Counter(analysis.by_operator())
-    return analysis.total(), by_operator
+    attention = {}
+    hooks = [
+        module.register_forward_hook(lambda m, x, out, name=name: attention.update({name: m.attention_flops(out)}))
+        for name, module in model.named_modules()
+        if isinstance(module, AAConv2d)
+    ]
+    try:
+        analysis = FlopCountAnalysis(model, inputs)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        with torch.no_grad():
+            by_operator = Counter(analysis.by_operator())
+        by_module = analysis.by_module_and_operator()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for name in attention:
+        for op in _ATTENTION_OPS:
+            by_operator[op] -= by_module.get(name, {}).get(op, 0)
+    by_operator = Counter({op: n for op, n in by_operator.items() if n > 0})
+    by_operator["attention"] = sum(attention.values())
+    return sum(by_operator.values()), by_operator

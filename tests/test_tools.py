@@ -13,6 +13,7 @@ from detectron2.layers import ShapeSpec  # noqa: E402
 from detectron2.modeling.backbone import build_resnet_backbone  # noqa: E402
 
 from aa_detection.analysis import count_parameters, flop_count  # noqa: E402
+from aa_detection.layers.relative_attention import kernel_available  # noqa: E402
 from aa_detection.config import setup_cfg  # noqa: E402
 from aa_detection.layers import AAConv2d  # noqa: E402
 
@@ -58,8 +59,10 @@ def test_torchvision_conversion_round_trip(tmp_path, depth):
         assert torch.allclose(d2(x)["res5"], expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("impl", ["naive", "fused"])
+@pytest.mark.parametrize("impl", ["naive", "fused", "kernel"])
 def test_flop_count_counts_attention_matmuls_by_real_widths(impl):
+    if impl == "kernel" and not kernel_available():
+        pytest.skip("aa_detection._C is not built")
     B, C, F, H, W, heads, dk, dv = 1, 16, 32, 12, 10, 2, 8, 6
     layer = AAConv2d(C, F, num_heads=heads, key_depth=dk, value_depth=dv, impl=impl).eval()
     total, by_op = flop_count(layer, (torch.randn(B, C, H, W),))
@@ -68,6 +71,7 @@ def test_flop_count_counts_attention_matmuls_by_real_widths(impl):
     content = B * heads * hw * hw * (dk // heads + dv // heads)  # q.k and p.v
     relative = B * heads * hw * (H + W) * (dk // heads)  # q . r^H and q . r^W
     assert by_op["conv"] == convs
+    assert by_op["attention"] == content + relative
     assert total == convs + content + relative
 
 

@@ -110,6 +110,15 @@ class AAConv2d(nn.Module):
     def relative(self):
         return self.rel_h is not None
 
+    def attention_flops(self, output):
+        """Multiply-adds of the attention core for an output (B, Cout, H', W'): q.k and p.v over all
+        (H'W')^2 pairs and, with relative positions, the logits q.r^H and q.r^W."""
+        B, _, H, W = output.shape
+        hw = H * W
+        dkh, dvh = self.key_depth // self.num_heads, self.value_depth // self.num_heads
+        relative = hw * (H + W) * dkh if self.relative else 0
+        return B * self.num_heads * (hw * hw * (dkh + dvh) + relative)
+
     def split_heads(self, x):
         """x (B, Cin, H, W) at the output resolution -> q, k (B, Nh, H, W, dkh), v (B, Nh, H, W, dvh)."""
         B, _, H, W = x.shape
