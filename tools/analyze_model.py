@@ -9,12 +9,15 @@ attention matmuls included (aa_detection.analysis.flop_count); detectron2's post
 `--opts` apply to every config.
 """
 import argparse
+import os
 import sys
 
 import torch
 
-from aa_detection.analysis import count_parameters, flop_count
-from aa_detection.config import setup_cfg
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from aa_detection.analysis import count_parameters, flop_count  # noqa: E402
+from aa_detection.config import setup_cfg  # noqa: E402
 
 __all__ = ["analyze", "main"]
 
