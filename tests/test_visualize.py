@@ -234,3 +234,16 @@ def test_compare_side_by_side(setup, tmp_path):
     r = setup["val"][0]
     out = _read(tmp_path / "b" / (os.path.splitext(os.path.basename(r["file_name"]))[0] + "_compare.jpg"))
     assert out.shape[1] == 3 * r["width"] + 2 * GAP
+
+
+def test_matched_ground_truth_counts_class_and_iou():
+    from detectron2.structures import BoxMode
+
+    from aa_detection.visualization.cli import matched_ground_truth
+
+    record = {"annotations": [{"bbox": [0, 0, 10, 10], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0},
+                              {"bbox": [20, 20, 10, 10], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 1}]}
+    inst = Instances((40, 40), pred_boxes=Boxes(torch.tensor([[0.0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]])),
+                     scores=torch.tensor([0.9, 0.8, 0.7]), pred_classes=torch.tensor([0, 0, 0]))
+    assert matched_ground_truth(inst, record, 0.5) == 1  # the third has the wrong class, the second a duplicate
+    assert matched_ground_truth(inst, record, 0.95) == 0

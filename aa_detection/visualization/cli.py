@@ -26,7 +26,7 @@ from .predictions import (
     side_by_side, to_rgb, write_image,
 )
 
-__all__ = ["argument_parser", "main"]
+__all__ = ["argument_parser", "main", "matched_ground_truth"]
 
 logger = logging.getLogger("aa_detection.visualize")
 
@@ -226,6 +226,30 @@ def cmd_attention(args):
     return _run(items, _unique_names(items, args.format, "_attention"), args, export, "attention")
 
 
+def matched_ground_truth(instances, record, threshold, iou=0.5):
+    """How many ground-truth objects of `record` a detection scoring >= threshold finds: same class,
+    IoU >= `iou`, each detection matched at most once (greedily, highest score first)."""
+    from detectron2.structures import Boxes, BoxMode, pairwise_iou
+    import torch
+
+    from .predictions import instances_to_arrays
+
+    annos = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0)]
+    boxes, _, classes = instances_to_arrays(instances, threshold)
+    if not annos or not len(boxes):
+        return 0
+    gt = Boxes(torch.tensor([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos],
+                            dtype=torch.float32))
+    ious = pairwise_iou(Boxes(torch.as_tensor(boxes, dtype=torch.float32)), gt).numpy()
+    gt_classes = np.array([a["category_id"] for a in annos])
+    taken = np.zeros(len(annos), bool)
+    for d in range(len(boxes)):
+        ok = (ious[d] >= iou) & (gt_classes == classes[d]) & ~taken
+        if ok.any():
+            taken[np.argmax(np.where(ok, ious[d], -1))] = True
+    return int(taken.sum())
+
+
 def cmd_compare(args):
     if len(args.config_file) != 2 or len(args.weights) != 2:
         raise SystemExit("compare: give two --config-file and two --weights (baseline first, then AA)")
@@ -248,7 +272,11 @@ def cmd_compare(args):
             inst = runner(image)
             n = int((inst.scores >= args.threshold).sum())
             panels.append(draw_predictions(rgb, inst, names, args.threshold, args.scale))
-            captions.append(f"{title}: {n} boxes")
+            if item.record is not None:
+                found = matched_ground_truth(inst, item.record, args.threshold)
+                captions.append(f"{title}: {n} boxes, {found}/{len(item.record.get('annotations', []))} found")
+            else:
+                captions.append(f"{title}: {n} boxes")
         if item.record is not None and not args.no_gt:
             panels.insert(0, draw_ground_truth(rgb, item.record, names, args.scale))
             captions.insert(0, f"ground truth: {len(item.record.get('annotations', []))} boxes")
