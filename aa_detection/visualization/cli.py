@@ -144,8 +144,14 @@ def cmd_predict(args):
 def _results_by_image(results_file):
     if not os.path.isfile(results_file):
         raise FileNotFoundError(f"results file not found: {results_file}")
-    with open(results_file) as f:
-        results = json.load(f)
+    try:
+        with open(results_file) as f:
+            results = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{results_file}: not a JSON file ({e})") from e
+    if not isinstance(results, list):
+        raise ValueError(f"{results_file}: expected COCO detection results (a list of "
+                         f"{{image_id, category_id, bbox, score}}), got {type(results).__name__}")
     by_image = {}
     for r in results:
         by_image.setdefault(r["image_id"], []).append(r)
