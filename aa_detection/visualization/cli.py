@@ -136,7 +136,7 @@ def cmd_predict(args):
         if item.record is not None and not args.no_gt:
             gt = draw_ground_truth(rgb, item.record, names, args.scale)
             pred = side_by_side([gt, pred], ["ground truth", f"prediction (score >= {args.threshold:g})"])
-        write_image(path, pred)
+        write_image(path, pred, args.quality)
 
     return _run(items, _unique_names(items, args.format), args, export, "predict")
 
@@ -201,7 +201,7 @@ def cmd_results(args):
         if not args.no_gt:
             gt = draw_ground_truth(rgb, item.record, names, args.scale)
             pred = side_by_side([gt, pred], ["ground truth", f"results (score >= {args.threshold:g})"])
-        write_image(path, pred)
+        write_image(path, pred, args.quality)
 
     return _run(items, _unique_names(items, args.format), args, export, "results")
 
@@ -227,7 +227,7 @@ def cmd_attention(args):
                 json.dump(result.metadata(), f)
             _readable(stem + ".npy")
             _readable(stem + ".json")
-        write_image(path, grid)
+        write_image(path, grid, args.quality)
 
     return _run(items, _unique_names(items, args.format, "_attention"), args, export, "attention")
 
@@ -286,7 +286,7 @@ def cmd_compare(args):
         if item.record is not None and not args.no_gt:
             panels.insert(0, draw_ground_truth(rgb, item.record, names, args.scale))
             captions.insert(0, f"ground truth: {len(item.record.get('annotations', []))} boxes")
-        write_image(path, side_by_side(panels, captions))
+        write_image(path, side_by_side(panels, captions), args.quality)
 
     return _run(items, _unique_names(items, args.format, "_compare"), args, export, "compare")
 
@@ -308,6 +308,7 @@ def argument_parser():
         p.add_argument("--output", required=True, help="output folder")
         p.add_argument("--format", choices=("jpg", "png"), default="jpg")
         p.add_argument("--scale", type=float, default=1.0, help="drawing scale of the image")
+        p.add_argument("--quality", type=int, default=92, help="JPEG quality (1-100)")
         p.add_argument("--no-gt", action="store_true", help="do not draw the ground truth of --dataset")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         p.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
