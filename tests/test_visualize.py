@@ -209,7 +209,8 @@ def test_attention_command_exports_grid_and_maps(setup, tmp_path):
                  "--input", str(src), "--top-k", "3", "--threshold", "0", "--output", str(tmp_path / "auto"),
                  "--opts", *setup["opts"]]) == 0
     auto = np.load(tmp_path / "auto" / f"{src.stem}_attention.npy")
-    assert auto.shape[0] == 3
+    cells = json.loads((tmp_path / "auto" / f"{src.stem}_attention.json").read_text())["cells_row_col"]
+    assert 1 <= auto.shape[0] <= 3 and len({tuple(c) for c in cells}) == len(cells)  # one query per cell
     np.testing.assert_allclose(auto.sum(axis=(2, 3)), 1.0, atol=1e-5)
 
 

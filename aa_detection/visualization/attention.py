@@ -95,11 +95,18 @@ def cell_box(cell, image_size, resized_size, stride):
     return col * sx * fx, row * sy * fy, (col + 1) * sx * fx, (row + 1) * sy * fy
 
 
-def _auto_queries(instances, top_k, threshold, names):
+def _auto_queries(instances, top_k, threshold, names, to_cell):
+    """Box centres of the best detections, at most one per grid cell (a cell's queries share one map)."""
     boxes, scores, classes = instances_to_arrays(instances, threshold)
-    queries, labels = [], []
-    for box, score, c in list(zip(boxes, scores, classes))[:top_k]:
-        queries.append(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2))
+    queries, labels, cells = [], [], set()
+    for box, score, c in zip(boxes, scores, classes):
+        if len(queries) == top_k:
+            break
+        centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+        if to_cell(*centre) in cells:
+            continue
+        cells.add(to_cell(*centre))
+        queries.append(centre)
         name = names[int(c)] if names and 0 <= int(c) < len(names) else f"class {int(c)}"
         labels.append(f"{name} {100 * score:.0f}%")
     return queries, labels
@@ -110,8 +117,9 @@ def compute_attention(runner, image, queries=None, layer=None, top_k=3, threshol
     """Run `runner` (a ModelRunner) once on `image` (model input format) with the chosen AA layer
     keeping its softmax weights, and return an AttentionResult.
 
-    `queries`: [(x, y)] in original-image pixels; None picks the centres of the `top_k` highest-scoring
-    detections scoring at least `threshold` (the image centre when there is none).
+    `queries`: [(x, y)] in original-image pixels; None picks the box centres of the `top_k`
+    highest-scoring detections scoring at least `threshold`, skipping a detection whose centre falls in
+    the grid cell of a better one (the image centre when there is none).
     """
     model = runner.model
     name, module = find_aa_layer(model, layer)
@@ -138,15 +146,18 @@ def compute_attention(runner, image, queries=None, layer=None, top_k=3, threshol
     stride = (padded[0] / grid[0], padded[1] / grid[1])
     image_size = tuple(image.shape[:2])
 
+    def to_cell(x, y):
+        return query_cell(x, y, image_size, resized_size, stride, grid)
+
     if queries:
         queries = [(float(x), float(y)) for x, y in queries]
         labels = [f"query ({x:.0f}, {y:.0f})" for x, y in queries]
     else:
-        queries, labels = _auto_queries(instances, top_k, threshold, runner.class_names)
+        queries, labels = _auto_queries(instances, top_k, threshold, runner.class_names, to_cell)
         if not queries:
             queries = [(image_size[1] / 2, image_size[0] / 2)]
             labels = ["image centre (no detection)"]
-    cells = [query_cell(x, y, image_size, resized_size, stride, grid) for x, y in queries]
+    cells = [to_cell(x, y) for x, y in queries]
     maps = torch.stack([attention[:, r, c] for r, c in cells]).numpy().astype(np.float32)
     return AttentionResult(name, maps, queries, cells, labels, image_size, tuple(resized_size), padded,
                            grid, stride, instances)

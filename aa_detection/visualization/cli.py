@@ -256,6 +256,10 @@ def matched_ground_truth(instances, record, threshold, iou=0.5):
     return int(taken.sum())
 
 
+def _boxes(n):
+    return f"{n} box" if n == 1 else f"{n} boxes"
+
+
 def cmd_compare(args):
     if len(args.config_file) != 2 or len(args.weights) != 2:
         raise SystemExit("compare: give two --config-file and two --weights (baseline first, then AA)")
@@ -280,12 +284,12 @@ def cmd_compare(args):
             panels.append(draw_predictions(rgb, inst, names, args.threshold, args.scale))
             if item.record is not None:
                 found = matched_ground_truth(inst, item.record, args.threshold)
-                captions.append(f"{title}: {n} boxes, {found}/{len(item.record.get('annotations', []))} found")
+                captions.append(f"{title}: {_boxes(n)}, {found}/{len(item.record.get('annotations', []))} found")
             else:
-                captions.append(f"{title}: {n} boxes")
+                captions.append(f"{title}: {_boxes(n)}")
         if item.record is not None and not args.no_gt:
             panels.insert(0, draw_ground_truth(rgb, item.record, names, args.scale))
-            captions.insert(0, f"ground truth: {len(item.record.get('annotations', []))} boxes")
+            captions.insert(0, f"ground truth: {_boxes(len(item.record.get('annotations', [])))}")
         write_image(path, side_by_side(panels, captions), args.quality)
 
     return _run(items, _unique_names(items, args.format, "_compare"), args, export, "compare")
