@@ -1,0 +1,201 @@
+"""Drawing detections and ground truth with detectron2's Visualizer, and running a model on one image.
+
+Colours are fixed per class (detectron2's colour map indexed by the class id), so the same class has
+the same colour in a prediction, in the ground truth beside it and in another model's picture.
+"""
+import os
+
+import cv2
+import numpy as np
+import torch
+from detectron2.data import MetadataCatalog
+from detectron2.data import detection_utils
+from detectron2.data import transforms as T
+from detectron2.modeling import build_model
+from detectron2.structures import BoxMode
+from detectron2.utils.colormap import colormap
+from detectron2.utils.visualizer import Visualizer
+
+from ..checkpoint import AACheckpointer
+from ..safe_io import atomic_write
+
+__all__ = [
+    "IMAGE_EXTENSIONS", "InputError", "ModelRunner", "class_names", "draw_boxes", "draw_ground_truth",
+    "draw_predictions", "instances_to_arrays", "label_image", "read_image", "side_by_side", "write_image",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+_PALETTE = colormap(rgb=True, maximum=1)
+
+
+class InputError(Exception):
+    """An input image that cannot be read (missing, not an image, truncated); the message names it."""
+
+
+def read_image(path, fmt="BGR"):
+    """The image at `path` as an HxWx3 uint8 array in `fmt` ("BGR" or "RGB"); InputError naming the file
+    when it is missing or cannot be decoded."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    try:
+        image = detection_utils.read_image(path, format=fmt)
+    except Exception as e:  # PIL raises several types for corrupt or truncated files
+        raise InputError(f"{path}: cannot be decoded as an image ({type(e).__name__}: {e})") from e
+    if image.ndim != 3 or image.shape[0] == 0 or image.shape[1] == 0:
+        raise InputError(f"{path}: decoded to an empty image of shape {image.shape}")
+    return np.ascontiguousarray(image)
+
+
+def to_rgb(image, fmt):
+    """An image in the model's input format (cfg.INPUT.FORMAT, "BGR" or "RGB") as RGB."""
+    return image[:, :, ::-1] if fmt == "BGR" else image
+
+
+def write_image(path, rgb, quality=92):
+    """Encode an RGB uint8 image by the extension of `path` (.jpg/.jpeg/.png) and write it atomically."""
+    ext = os.path.splitext(path)[1].lower()
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality] if ext in (".jpg", ".jpeg") else []
+    ok, data = cv2.imencode(ext, np.ascontiguousarray(rgb[:, :, ::-1]), params)
+    if not ok:
+        raise ValueError(f"{path}: OpenCV cannot encode images as '{ext}'")
+    with atomic_write(path) as f:
+        f.write(data.tobytes())
+    _readable(path)
+    return path
+
+
+def _readable(path):
+    """Give a file written through a temporary file the permissions of a normally created one."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def class_names(metadata, num_classes=None):
+    """Class names from dataset metadata (`thing_classes`), else "class 0", "class 1", ..."""
+    names = metadata.get("thing_classes", None) if metadata is not None else None
+    if names:
+        return list(names)
+    return [f"class {i}" for i in range(num_classes or 0)]
+
+
+def _class_color(c):
+    return tuple(_PALETTE[int(c) % len(_PALETTE)])
+
+
+def _fit(image, height, width):
+    """matplotlib may round the canvas by a pixel: make the drawing exactly height x width."""
+    if image.shape[:2] != (height, width):
+        image = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+    return image
+
+
+def draw_boxes(image_rgb, boxes, classes, names, scores=None, scale=1.0):
+    """Boxes (N, 4) XYXY in the image's pixels, labelled "<class> <score>%", drawn by detectron2's
+    Visualizer. Returns an RGB uint8 image of round(scale * H) x round(scale * W)."""
+    h, w = image_rgb.shape[:2]
+    vis = Visualizer(image_rgb, metadata=None, scale=scale)
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if len(boxes):
+        labels = []
+        for i, c in enumerate(classes):
+            name = names[int(c)] if 0 <= int(c) < len(names) else f"class {int(c)}"
+            labels.append(name if scores is None else f"{name} {100 * float(scores[i]):.0f}%")
+        out = vis.overlay_instances(boxes=boxes, labels=labels,
+                                    assigned_colors=[_class_color(c) for c in classes])
+    else:
+        out = vis.output
+    return _fit(out.get_image(), int(round(h * scale)), int(round(w * scale)))
+
+
+def instances_to_arrays(instances, threshold=0.0):
+    """(boxes (N, 4) XYXY, scores (N,), classes (N,)) of detectron2 Instances scoring >= threshold,
+    highest score first."""
+    instances = instances.to("cpu")
+    scores = instances.scores.numpy()
+    keep = np.flatnonzero(scores >= threshold)
+    keep = keep[np.argsort(-scores[keep], kind="stable")]
+    return (instances.pred_boxes.tensor.numpy()[keep], scores[keep], instances.pred_classes.numpy()[keep])
+
+
+def draw_predictions(image_rgb, instances, names, threshold=0.5, scale=1.0):
+    """The detections of `instances` scoring at least `threshold`, with class names and scores."""
+    boxes, scores, classes = instances_to_arrays(instances, threshold)
+    return draw_boxes(image_rgb, boxes, classes, names, scores, scale=scale)
+
+
+def draw_ground_truth(image_rgb, dataset_dict, names, scale=1.0):
+    """The annotations of a detectron2 dataset dict (its `annotations` list), crowd boxes included."""
+    annos = dataset_dict.get("annotations", [])
+    boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos]
+    classes = [a["category_id"] for a in annos]
+    return draw_boxes(image_rgb, boxes, classes, names, None, scale=scale)
+
+
+def label_image(image_rgb, text, bar_height=None):
+    """The image with a white title bar above it holding `text`."""
+    h, w = image_rgb.shape[:2]
+    bar_height = bar_height or max(18, min(32, w // 12))
+    font_scale = bar_height / 40.0
+    bar = np.full((bar_height, w, 3), 255, np.uint8)
+    # shrink the text until it fits the width
+    while font_scale > 0.25 and cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)[0][0] > w - 6:
+        font_scale *= 0.9
+    (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
+    cv2.putText(bar, text, (max(3, (w - tw) // 2), (bar_height + th) // 2), cv2.FONT_HERSHEY_SIMPLEX,
+                font_scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([bar, image_rgb], axis=0)
+
+
+def side_by_side(images, titles=None, gap=6):
+    """RGB images next to each other (top-aligned, white gap and padding), each under its title if given."""
+    if titles is not None:
+        bar = max(18, min(32, min(im.shape[1] for im in images) // 12))
+        images = [label_image(im, t, bar) for im, t in zip(images, titles)]
+    height = max(im.shape[0] for im in images)
+    width = sum(im.shape[1] for im in images) + gap * (len(images) - 1)
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    x = 0
+    for im in images:
+        canvas[: im.shape[0], x: x + im.shape[1]] = im
+        x += im.shape[1] + gap
+    return canvas
+
+
+class ModelRunner:
+    """A model in eval mode with its weights, run on single images preprocessed as detectron2's
+    DefaultPredictor does: the input format of the config, resized by its test transform
+    (ResizeShortestEdge to INPUT.MIN_SIZE_TEST, at most INPUT.MAX_SIZE_TEST).
+
+    `weights` defaults to cfg.MODEL.WEIGHTS; empty means random initial weights.
+    """
+
+    def __init__(self, cfg, weights=None):
+        self.cfg = cfg
+        self.model = build_model(cfg)
+        self.model.eval()
+        weights = cfg.MODEL.WEIGHTS if weights is None else weights
+        if weights:
+            if not os.path.isfile(weights) and "://" not in weights:
+                raise FileNotFoundError(f"weights file not found: {weights}")
+            AACheckpointer(self.model).load(weights)
+        self.weights = weights
+        self.input_format = cfg.INPUT.FORMAT
+        self.resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST],
+                                           cfg.INPUT.MAX_SIZE_TEST)
+        names = [n for n in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)]
+        meta = MetadataCatalog.get(names[0]) if names else None
+        self.class_names = class_names(meta, cfg.MODEL.RETINANET.NUM_CLASSES)
+
+    def preprocess(self, image):
+        """An image in the model's input format (HxWx3) -> (model input dict, resized (h, w))."""
+        height, width = image.shape[:2]
+        resized = self.resize.get_transform(image).apply_image(image)
+        tensor = torch.as_tensor(np.ascontiguousarray(resized.astype("float32").transpose(2, 0, 1)))
+        return {"image": tensor.to(self.cfg.MODEL.DEVICE), "height": height, "width": width}, resized.shape[:2]
+
+    @torch.no_grad()
+    def __call__(self, image):
+        """Instances (in the image's own pixels) for an image in the model's input format."""
+        inputs, _ = self.preprocess(image)
+        return self.model([inputs])[0]["instances"].to("cpu")

@@ -1,0 +1,250 @@
+"""Pictures of detections, results files, attention maps and comparisons (tiny random-weight models)."""
+import json
+import logging
+import os
+
+import pytest
+
+pytest.importorskip("detectron2", reason="detectron2 is not installed; see README.md, Install")
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
+from detectron2.structures import Boxes, Instances  # noqa: E402
+
+from aa_detection.config import setup_cfg  # noqa: E402
+from aa_detection.visualization import (  # noqa: E402
+    ModelRunner, compute_attention, draw_predictions, find_aa_layer, query_cell, read_image,
+)
+from aa_detection.visualization.cli import main  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AA_CFG = os.path.join(ROOT, "configs/synthetic/retinanet_AA_R_18_FPN_synthetic.yaml")
+BASE_CFG = os.path.join(ROOT, "configs/synthetic/retinanet_R_18_FPN_synthetic.yaml")
+GAP = 6  # side_by_side's default gap
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A 4+3 image synthetic dataset, the options that point configs at it, and saved random weights."""
+    from aa_detection.data import ensure_synthetic_dataset
+
+    _forget_synthetic()  # other test modules may have registered the names on other folders
+    tmp = tmp_path_factory.mktemp("vis")
+    root = ensure_synthetic_dataset(str(tmp / "synthetic"), num_train=4, num_val=3, image_size=(64, 96))
+    opts = ["DATASETS.SYNTHETIC.ROOT", root, "DATASETS.SYNTHETIC.NUM_TRAIN", "4", "DATASETS.SYNTHETIC.NUM_VAL", "3",
+            "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "128", "INPUT.MAX_SIZE_TRAIN", "128",
+            "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0", "MODEL.RETINANET.TOPK_CANDIDATES_TEST", "50",
+            "MODEL.RETINANET.PRIOR_PROB", "0.3"]  # random models score about 0.3: boxes to draw
+    weights = {}
+    for name, cfg_file in (("aa", AA_CFG), ("base", BASE_CFG)):
+        torch.manual_seed(0)
+        runner = ModelRunner(setup_cfg(cfg_file, opts), weights="")
+        weights[name] = str(tmp / f"{name}.pth")
+        torch.save({"model": runner.model.state_dict()}, weights[name])
+    images = tmp / "images"
+    images.mkdir()
+    val = DatasetCatalog.get("synthetic_val")
+    for r in val[:2]:
+        cv2.imwrite(str(images / os.path.basename(r["file_name"]).replace(".jpg", ".png")), cv2.imread(r["file_name"]))
+    yield {"tmp": tmp, "opts": opts, "weights": weights, "images": images, "val": val}
+    _forget_synthetic()
+
+
+def _forget_synthetic():
+    for name in ("synthetic_train", "synthetic_val"):
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+
+
+@pytest.fixture(scope="module")
+def aa_runner(setup):
+    return ModelRunner(setup_cfg(AA_CFG, setup["opts"]), setup["weights"]["aa"])
+
+
+def _read(path):
+    image = cv2.imread(str(path))
+    assert image is not None, f"{path} does not decode as an image"
+    return image
+
+
+def test_predict_files_and_threshold(setup, tmp_path):
+    inputs = sorted(setup["images"].iterdir())
+    common = ["--config-file", AA_CFG, "--weights", setup["weights"]["aa"], "--format", "png", "--quiet",
+              "--input", str(setup["images"])]
+    assert main(["predict", *common, "--threshold", "0", "--output", str(tmp_path / "all"),
+                 "--opts", *setup["opts"]]) == 0
+    assert main(["predict", *common, "--threshold", "1.01", "--output", str(tmp_path / "none"),
+                 "--opts", *setup["opts"]]) == 0
+    for src in inputs:
+        original = _read(src).astype(np.int16)
+        drawn = _read(tmp_path / "all" / src.name).astype(np.int16)
+        empty = _read(tmp_path / "none" / src.name).astype(np.int16)
+        assert drawn.shape == empty.shape == original.shape
+        assert np.abs(drawn - original).mean() > 2  # boxes and labels drawn
+        assert np.abs(empty - original).max() <= 2  # a threshold above every score draws nothing
+
+
+def test_draw_predictions_marks_box_only_when_scored(setup):
+    image = np.full((80, 120, 3), 127, np.uint8)
+    inst = Instances((80, 120), pred_boxes=Boxes(torch.tensor([[20.0, 10.0, 90.0, 60.0]])),
+                     scores=torch.tensor([0.7]), pred_classes=torch.tensor([1]))
+    drawn = draw_predictions(image, inst, ["a", "b"], threshold=0.5, scale=2.0)
+    assert drawn.shape == (160, 240, 3)
+    assert (drawn[20:121, 40] != 127).any()  # the box's left edge (scaled by 2)
+    assert (drawn[150:, :] == 127).all()  # far from the box: untouched
+    assert (draw_predictions(image, inst, ["a", "b"], threshold=0.8) == image).all()
+
+
+def test_predict_dataset_shows_ground_truth_beside(setup, tmp_path):
+    assert main(["predict", "--config-file", BASE_CFG, "--weights", setup["weights"]["base"], "--quiet",
+                 "--dataset", "synthetic_val", "--max-images", "2", "--threshold", "0.2",
+                 "--output", str(tmp_path), "--opts", *setup["opts"]]) == 0
+    for r in setup["val"][:2]:
+        out = _read(tmp_path / (os.path.splitext(os.path.basename(r["file_name"]))[0] + ".jpg"))
+        assert out.shape[1] == 2 * r["width"] + GAP and out.shape[0] > r["height"]
+
+
+def test_results_json_without_model(setup, tmp_path):
+    val = setup["val"]
+    with open(val[0]["file_name"].rsplit("/", 2)[0] + "/val.json") as f:
+        cats = {c["name"]: c["id"] for c in json.load(f)["categories"]}
+    dataset_ids = list(cats.values())
+    results = [{"image_id": r["image_id"], "category_id": dataset_ids[a["category_id"]], "bbox": a["bbox"],
+                "score": 0.9} for r in val for a in r["annotations"]]
+    path = tmp_path / "coco_instances_results.json"
+    path.write_text(json.dumps(results))
+    out = tmp_path / "out"
+    args = ["results", "--results", str(path), "--dataset", "synthetic_val", "--config-file", AA_CFG, "--quiet",
+            "--format", "png", "--opts", *setup["opts"]]
+    assert main([*args[:-len(setup["opts"]) - 1], "--output", str(out), "--opts", *setup["opts"]]) == 0
+    assert main([*args[:-len(setup["opts"]) - 1], "--output", str(out / "none"), "--threshold", "0.95",
+                 "--opts", *setup["opts"]]) == 0
+    for r in val:
+        name = os.path.splitext(os.path.basename(r["file_name"]))[0] + ".png"
+        both, none = _read(out / name), _read(out / "none" / name)
+        w = r["width"]
+        assert both.shape[1] == 2 * w + GAP
+        # results identical to the ground truth: both panels show the same boxes
+        gt, pred = both[:, :w].astype(np.int16), both[:, w + GAP:].astype(np.int16)
+        empty = none[:, w + GAP:].astype(np.int16)
+        assert np.abs(pred - empty).mean() > 2
+        assert np.abs(gt - none[:, :w].astype(np.int16)).max() <= 2
+
+
+def test_missing_and_corrupt_inputs_are_named_and_others_exported(setup, tmp_path, caplog):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good = sorted(setup["images"].iterdir())[0]
+    (folder / good.name).write_bytes(good.read_bytes())
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    missing = str(tmp_path / "missing.png")
+    with caplog.at_level(logging.ERROR, logger="aa_detection.visualize"):
+        status = main(["predict", "--config-file", AA_CFG, "--weights", setup["weights"]["aa"], "--quiet",
+                       "--input", str(folder), missing, "--output", str(tmp_path / "out"), "--opts", *setup["opts"]])
+    assert status == 1
+    assert "corrupt.jpg" in caplog.text and "missing.png" in caplog.text and "2 input(s)" in caplog.text
+    assert sorted(os.listdir(tmp_path / "out")) == [good.stem + ".jpg"]
+
+
+def test_query_cell_mapping():
+    # 100x200 image resized x2 to 200x400, stride 32: x=100 -> 200 in the input -> column 6
+    assert query_cell(100, 40, (100, 200), (200, 400), (32, 32), (7, 13)) == (2, 6)
+    assert query_cell(-5, 1e6, (100, 200), (200, 400), (32, 32), (7, 13)) == (6, 0)  # clamped
+
+
+def test_attention_maps_are_the_layer_softmax(setup, aa_runner, tmp_path):
+    image = read_image(str(sorted(setup["images"].iterdir())[0]), "BGR")
+    name, module = find_aa_layer(aa_runner.model)
+    assert name.startswith("backbone.bottom_up.res5.") and name.endswith("conv2")
+    with pytest.raises(KeyError, match="backbone.bottom_up.res3.0.conv"):
+        find_aa_layer(aa_runner.model, "backbone.bottom_up.res5.9.conv2")
+
+    # the same weights the layer keeps in its real forward
+    kept = {}
+
+    def keep(mod, _inputs, _output):
+        kept["a"] = mod.last_attention
+
+    hook = module.register_forward_hook(keep)
+    try:
+        res = compute_attention(aa_runner, image, queries=[(5, 5), (90, 60)], layer=name)
+    finally:
+        hook.remove()
+    full = kept["a"][0]
+    (r0, c0), (r1, c1) = res.cells
+    assert (r0, c0) != (r1, c1)
+    assert torch.equal(torch.from_numpy(res.maps[0]), full[:, r0, c0].float())
+    assert torch.equal(torch.from_numpy(res.maps[1]), full[:, r1, c1].float())
+    assert not module.keep_attention and module.last_attention is None  # switched back off
+
+    # a stride-2 layer of another stage: grid = its output size
+    res3 = compute_attention(aa_runner, image, queries=[(30, 30)], layer="backbone.bottom_up.res3.0.conv1")
+    assert res3.stride == (8.0, 8.0) and res3.maps.shape[1:] == (8, *res3.grid)
+
+
+def test_attention_command_exports_grid_and_maps(setup, tmp_path):
+    src = sorted(setup["images"].iterdir())[0]
+    h, w = _read(src).shape[:2]
+    out = tmp_path / "att"
+    assert main(["attention", "--config-file", AA_CFG, "--weights", setup["weights"]["aa"], "--quiet",
+                 "--input", str(src), "--query", "10", "10", "--query", "80", "55", "--tile-size", "96",
+                 "--output", str(out), "--opts", *setup["opts"]]) == 0
+    grid = _read(out / f"{src.stem}_attention.jpg")
+    maps = np.load(out / f"{src.stem}_attention.npy")
+    meta = json.loads((out / f"{src.stem}_attention.json").read_text())
+    q, heads, gh, gw = maps.shape
+    assert q == 2 and heads == 8 and [gh, gw] == meta["grid_hw"]
+    np.testing.assert_allclose(maps.sum(axis=(2, 3)), 1.0, atol=1e-5)  # softmax rows, before colouring
+    assert (maps >= 0).all()
+    assert not np.allclose(maps[0], maps[1])  # another query, another map
+    tile_w = round(w * 96 / max(h, w))
+    assert grid.shape[1] == (heads + 1) * tile_w + heads * 3  # image column + one column per head
+    assert grid.shape[0] > 2 * round(h * 96 / max(h, w))
+
+    # automatic queries: the top-k detections
+    assert main(["attention", "--config-file", AA_CFG, "--weights", setup["weights"]["aa"], "--quiet",
+                 "--input", str(src), "--top-k", "3", "--threshold", "0", "--output", str(tmp_path / "auto"),
+                 "--opts", *setup["opts"]]) == 0
+    auto = np.load(tmp_path / "auto" / f"{src.stem}_attention.npy")
+    cells = json.loads((tmp_path / "auto" / f"{src.stem}_attention.json").read_text())["cells_row_col"]
+    assert 1 <= auto.shape[0] <= 3 and len({tuple(c) for c in cells}) == len(cells)  # one query per cell
+    np.testing.assert_allclose(auto.sum(axis=(2, 3)), 1.0, atol=1e-5)
+
+
+def test_attention_bad_layer_lists_names(setup, tmp_path):
+    with pytest.raises(KeyError, match="available: backbone.bottom_up"):
+        main(["attention", "--config-file", AA_CFG, "--weights", setup["weights"]["aa"], "--quiet",
+              "--input", str(setup["images"]), "--layer", "nope", "--output", str(tmp_path),
+              "--opts", *setup["opts"]])
+
+
+def test_compare_side_by_side(setup, tmp_path):
+    args = ["compare", "--config-file", BASE_CFG, AA_CFG, "--weights", setup["weights"]["base"],
+            setup["weights"]["aa"], "--threshold", "0.2", "--quiet"]
+    assert main([*args, "--input", str(setup["images"]), "--output", str(tmp_path / "a"),
+                 "--opts", *setup["opts"]]) == 0
+    for src in sorted(setup["images"].iterdir()):
+        h, w = _read(src).shape[:2]
+        out = _read(tmp_path / "a" / f"{src.stem}_compare.jpg")
+        assert out.shape[1] == 2 * w + GAP and out.shape[0] > h
+    assert main([*args, "--dataset", "synthetic_val", "--max-images", "1", "--output", str(tmp_path / "b"),
+                 "--opts", *setup["opts"]]) == 0
+    r = setup["val"][0]
+    out = _read(tmp_path / "b" / (os.path.splitext(os.path.basename(r["file_name"]))[0] + "_compare.jpg"))
+    assert out.shape[1] == 3 * r["width"] + 2 * GAP
+
+
+def test_matched_ground_truth_counts_class_and_iou():
+    from detectron2.structures import BoxMode
+
+    from aa_detection.visualization.cli import matched_ground_truth
+
+    record = {"annotations": [{"bbox": [0, 0, 10, 10], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0},
+                              {"bbox": [20, 20, 10, 10], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 1}]}
+    inst = Instances((40, 40), pred_boxes=Boxes(torch.tensor([[0.0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]])),
+                     scores=torch.tensor([0.9, 0.8, 0.7]), pred_classes=torch.tensor([0, 0, 0]))
+    assert matched_ground_truth(inst, record, 0.5) == 1  # the third has the wrong class, the second a duplicate
+    assert matched_ground_truth(inst, record, 0.95) == 0

@@ -1,0 +1,21 @@
+#!/usr/bin/env python
+"""Detections, attention maps and baseline-vs-AA comparisons as images.
+
+    python tools/visualize.py predict --config-file CFG --weights W --input img.jpg folder/ --output OUT
+    python tools/visualize.py predict --config-file CFG --weights W --dataset synthetic_val --output OUT
+    python tools/visualize.py results --results OUT/inference/coco_instances_results.json \
+        --dataset synthetic_val --config-file CFG --output OUT
+    python tools/visualize.py attention --config-file CFG --weights W --input img.jpg --query 80 60 --output OUT
+    python tools/visualize.py compare --config-file BASE_CFG AA_CFG --weights BASE_W AA_W --input img.jpg --output OUT
+
+Config overrides go last, after --opts. See `python tools/visualize.py COMMAND -h`.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from aa_detection.visualization.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
