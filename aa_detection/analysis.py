@@ -53,9 +53,11 @@ def flop_count(model, inputs):
     finally:
         for hook in hooks:
             hook.remove()
-    for name in attention:
+    # detectron2's analysis wraps the model, so its module names may carry a prefix.
+    traced = [ops for scope, ops in by_module.items() if any(scope == n or scope.endswith("." + n) for n in attention)]
+    for ops in traced:
         for op in _ATTENTION_OPS:
-            by_operator[op] -= by_module.get(name, {}).get(op, 0)
-    by_operator = Counter({op: n for op, n in by_operator.items() if n > 0})
+            by_operator[op] -= ops.get(op, 0)
+    by_operator = Counter({op: int(round(float(n))) for op, n in by_operator.items() if n > 0})
     by_operator["attention"] = sum(attention.values())
     return sum(by_operator.values()), by_operator

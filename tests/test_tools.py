@@ -96,3 +96,21 @@ def test_aa_r50_retinanet_has_fewer_parameters_than_r50():
         counts[name] = count_parameters(build_model(cfg))["total"]
     ratio = counts["retinanet_AA_R_50_FPN_1x"] / counts["retinanet_R_50_FPN_1x"]
     assert ratio <= 1.0 and abs(ratio - 33.1 / 33.4) < 0.01  # the paper's 33.1M vs 33.4M
+
+
+def test_flop_count_of_a_detector_is_the_same_for_every_attention_path():
+    from detectron2.modeling import build_model
+
+    cfg = setup_cfg(os.path.join(ROOT, "configs", "retinanet_AA_R_50_FPN_1x.yaml"),
+                    ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64"])
+    model = build_model(cfg).eval()
+    inputs = ([{"image": torch.rand(3, 96, 128) * 255, "height": 96, "width": 128}],)
+    counts = {}
+    for impl in ("naive", "fused"):
+        for module in model.modules():
+            if isinstance(module, AAConv2d):
+                module.impl = impl
+        counts[impl] = flop_count(model, inputs)
+    (naive_total, naive_ops), (fused_total, fused_ops) = counts["naive"], counts["fused"]
+    assert naive_total == fused_total and naive_ops == fused_ops
+    assert naive_ops["attention"] > 0 and not {"einsum", "matmul", "bmm"} & set(naive_ops)

@@ -113,7 +113,7 @@ class AAConv2d(nn.Module):
     def attention_flops(self, output):
         """Multiply-adds of the attention core for an output (B, Cout, H', W'): q.k and p.v over all
         (H'W')^2 pairs and, with relative positions, the logits q.r^H and q.r^W."""
-        B, _, H, W = output.shape
+        B, _, H, W = (int(d) for d in output.shape)  # plain ints, also under tracing
         hw = H * W
         dkh, dvh = self.key_depth // self.num_heads, self.value_depth // self.num_heads
         relative = hw * (H + W) * dkh if self.relative else 0
