@@ -47,9 +47,12 @@ def _opts(data_root, out, *extra):
 def _start(data_root, out, resume):
     cmd = [sys.executable, os.path.join(ROOT, "tools/train_net.py"), "--config-file", CFG]
     cmd += ["--resume"] if resume else []
-    log = open(os.path.join(out, f"stdout_{time.monotonic_ns()}.txt"), "w")
-    return subprocess.Popen(cmd + _opts(data_root, out), stdout=log, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore"))
+    log = os.path.join(out, f"stdout_{time.monotonic_ns()}.txt")
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd + _opts(data_root, out), stdout=f, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore"))
+    proc.args_log = log
+    return proc
 
 
 def _kill_when(proc, condition, timeout=300):
@@ -83,7 +86,7 @@ def _assert_consistent(out):
         name = open(tag).read()
         assert name in _checkpoints(out), name
         data = torch.load(os.path.join(out, name), weights_only=True)
-        assert {"model", "optimizer", "iteration"} <= set(data)
+        assert {"model", "trainer", "iteration"} <= set(data)  # trainer: optimizer, scheduler, hooks
         iteration = data["iteration"]
     for name in _checkpoints(out):
         torch.load(os.path.join(out, name), weights_only=True)
@@ -121,10 +124,16 @@ def test_sigkill_at_random_points_then_resume_finishes_like_an_uninterrupted_run
     seen.append(_assert_consistent(out))
     assert set(_checkpoints(out)) >= before
 
-    # 3. resumed, killed at a random moment (setup, training or a save)
+    # 3. resumed, killed at a random moment of its training (an iteration or a save)
     proc = _start(tiny_data, out, resume=True)
-    start, delay = time.monotonic(), rng.uniform(2.0, 8.0)
-    if _kill_when(proc, lambda: time.monotonic() - start >= delay):
+    started, delay = [], rng.uniform(0.0, 1.5)
+
+    def training_for_a_while():
+        if not started and "Starting training from iteration" in open(proc.args_log).read():
+            started.append(time.monotonic())
+        return bool(started) and time.monotonic() - started[0] >= delay
+
+    if _kill_when(proc, training_for_a_while):
         seen.append(_assert_consistent(out))
 
     # the state a kill during a metrics write leaves: a torn last line (and records of iterations
