@@ -224,3 +224,20 @@ def test_non_contiguous_category_ids_map_to_contiguous_classes(tmp_path):
     meta = MetadataCatalog.get(name)
     assert meta.thing_classes == ["x", "y", "z"]
     assert meta.thing_dataset_id_to_contiguous_id == {3: 0, 7: 1, 42: 2}
+
+
+def test_train_net_stops_before_training_on_a_bad_image(tmp_path, messy_images):
+    import subprocess
+    import sys
+
+    json_file, img = messy_images
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools/train_net.py"), "--config-file", SYN_CFG,
+         "--dataset", "messy_cli", json_file, str(img), "DATASETS.TRAIN", "('messy_cli',)", "DATASETS.TEST", "()",
+         "SOLVER.MAX_ITER", "1", "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(out)],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "ERROR (DatasetError): dataset 'messy_cli'" in proc.stderr and "image id 2 (" in proc.stderr
+    assert "missing.png): file not found" in proc.stderr and "Traceback" not in proc.stderr
+    assert not any(f.startswith("model_") for f in os.listdir(out))
