@@ -10,13 +10,12 @@ import yaml
 
 import aa_detection.modeling  # noqa: F401  (registers the AA backbones)
 
+from .data.validation import BAD_IMAGE_POLICIES, IMAGE_CHECKS
 from .errors import ConfigError
 
 __all__ = ["ConfigError", "add_aa_config", "setup_cfg", "validate_aa_config", "aa_stage_widths",
            "BAD_IMAGE_POLICIES", "AA_BACKBONES"]
 
-BAD_IMAGE_POLICIES = ("error", "skip")
-IMAGE_CHECKS = ("decode", "header")
 # Backbones built from MODEL.AA; their settings are checked against the layer before training.
 AA_BACKBONES = ("build_aa_resnet_backbone", "build_retinanet_aa_resnet_fpn_backbone")
 

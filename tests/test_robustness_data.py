@@ -155,6 +155,8 @@ def test_header_check_misses_truncation_but_catches_size(messy_images):
     assert check_image(str(img / "truncated.jpg"), 40, 30, "header") is None
     assert "truncated" in check_image(str(img / "truncated.jpg"), 40, 30, "decode")
     assert "50x30" in check_image(str(img / "other_size.png"), 40, 30, "header")
+    (img / "a_folder.png").mkdir()
+    assert check_image(str(img / "a_folder.png"), 40, 30) == "not a file"
 
 
 @pytest.mark.parametrize("fmt", ["BGR", "RGB"])

@@ -22,6 +22,7 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
 from detectron2.utils.events import JSONWriter
+from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import AACheckpointer
 from ..config import setup_cfg
@@ -201,6 +202,8 @@ def argument_parser():
 def setup(args):
     cfg = setup_cfg(args.config_file, args.opts, datasets=args.dataset)
     default_setup(cfg, args)
+    # the project's own messages (dataset checks, metrics repair) to the console and OUTPUT_DIR/log.txt
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="aa_detection", abbrev_name="aa")
     return cfg
 
 
