@@ -108,3 +108,17 @@ def test_compare_table_and_plot(tmp_path):
     assert runs[0]["ap"] == [(59, 25.0)] and len(runs[0]["loss"]) == 3
     plot = plot_runs(runs, str(tmp_path / "p.png"))
     assert os.path.getsize(plot) > 1000
+
+
+def test_aa_config_only_changes_the_backbone(tmp_path):
+    opts = ["DATASETS.SYNTHETIC.ROOT", str(tmp_path / "syn"), "DATASETS.SYNTHETIC.NUM_TRAIN", "2",
+            "DATASETS.SYNTHETIC.NUM_VAL", "1"]
+    base = setup_cfg(SYN_CFG, opts)
+    aa = setup_cfg(SYN_CFG.replace("retinanet_R_18", "retinanet_AA_R_18"), opts)
+    assert aa.MODEL.BACKBONE.NAME == "build_retinanet_aa_resnet_fpn_backbone"
+    assert base.MODEL.BACKBONE.NAME == "build_retinanet_resnet_fpn_backbone"
+    a, b = base.clone(), aa.clone()
+    for c in (a, b):
+        c.defrost()
+        c.MODEL.BACKBONE.NAME = c.OUTPUT_DIR = ""
+    assert a.dump() == b.dump()

@@ -31,7 +31,8 @@ def _coco_classes(json_file):
 
 
 def register_coco_dataset(name, json_file, image_root, bad_images="error", check_images="decode"):
-    """Register a COCO-format detection dataset under `name` (idempotent for the same files).
+    """Register a COCO-format detection dataset under `name` (idempotent for the same files; a name
+    registered on other files is re-registered on these).
 
     Its ``thing_classes`` metadata is read from the JSON right away, so the class count is known
     before the data is loaded. Returns the list of class names.
@@ -46,8 +47,11 @@ def register_coco_dataset(name, json_file, image_root, bad_images="error", check
         if meta.get("json_file") == json_file and meta.get("image_root") == image_root:
             register_checked_coco(name, json_file, image_root, bad_images, check_images)  # updates policies
             return list(meta.thing_classes)
-        raise ValueError(f"dataset '{name}' is already registered with other files "
-                         f"({meta.get('json_file')}, {meta.get('image_root')})")
+        # the latest config wins: re-register the name on the new files
+        logger.warning("dataset '%s' was registered on %s, %s; re-registering it on %s, %s", name,
+                       meta.get("json_file"), meta.get("image_root"), json_file, image_root)
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
     classes = _coco_classes(json_file)
     register_checked_coco(name, json_file, image_root, bad_images, check_images)
     MetadataCatalog.get(name).set(thing_classes=classes)

@@ -114,6 +114,16 @@ class Trainer(DefaultTrainer):
         adamw = maybe_add_gradient_clipping(cfg, torch.optim.AdamW)
         return adamw(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
 
+    eval_seconds = 0.0  # wall time spent in `test`, to report training time without evaluation
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        start = time.perf_counter()
+        try:
+            return super().test(cfg, model, evaluators)
+        finally:
+            cls.eval_seconds += time.perf_counter() - start
+
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         if output_folder is None:
@@ -166,7 +176,7 @@ def _write_json_atomic(path, data):
     os.replace(tmp, path)
 
 
-def save_results(cfg, model, results, iteration, train_seconds=None):
+def save_results(cfg, model, results, iteration, train_seconds=None, wall_seconds=None, config_file=None):
     """Write OUTPUT_DIR/eval_results.json; call on every process, only the main one writes."""
     if not comm.is_main_process():
         return None
@@ -176,7 +186,7 @@ def save_results(cfg, model, results, iteration, train_seconds=None):
         results = {cfg.DATASETS.TEST[0]: results}  # DefaultTrainer.test unwraps a single dataset
     params, gflops = model_complexity(cfg, model)
     data = {
-        "config_file": getattr(cfg, "_config_file", None),
+        "config_file": config_file,
         "backbone": cfg.MODEL.BACKBONE.NAME,
         "datasets": {"train": list(cfg.DATASETS.TRAIN), "test": list(cfg.DATASETS.TEST)},
         "iteration": iteration,
@@ -184,7 +194,8 @@ def save_results(cfg, model, results, iteration, train_seconds=None):
         "params": params,
         "gflops": gflops,
         "seconds_per_image": inference_seconds_per_image(cfg, model),
-        "train_seconds": train_seconds,
+        "train_seconds": train_seconds,  # training wall time without the periodic evaluations
+        "train_wall_seconds": wall_seconds,  # with them
     }
     _write_json_atomic(os.path.join(cfg.OUTPUT_DIR, RESULTS_FILE), data)
     logger.info("wrote %s", os.path.join(cfg.OUTPUT_DIR, RESULTS_FILE))
@@ -215,11 +226,13 @@ def main(args):
         checkpoint = checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
         iteration = checkpoint.get("iteration")
-        save_results(cfg, model, results, None if iteration is None else iteration + 1)
+        save_results(cfg, model, results, None if iteration is None else iteration + 1,
+                     config_file=args.config_file)
         return results
 
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
+    Trainer.eval_seconds = 0.0
     start = time.perf_counter()
     try:
         results = trainer.train()
@@ -228,12 +241,12 @@ def main(args):
         raise FloatingPointError(
             f"{e}\nTraining stopped. The last good checkpoint is {last or '(none saved yet)'}; lower "
             "SOLVER.BASE_LR or enable SOLVER.CLIP_GRADIENTS before resuming (--resume).") from e
-    train_seconds = time.perf_counter() - start
-    if results is None or not len(results):
-        results = getattr(trainer, "_last_eval_results", None)
-    if cfg.DATASETS.TEST and (results is None or not len(results)):
-        results = Trainer.test(cfg, trainer.model)
-    save_results(cfg, trainer.model, results, trainer.iter, train_seconds)
+    wall_seconds = time.perf_counter() - start
+    # DefaultTrainer's EvalHook has evaluated the final model (on the main process the results are
+    # complete; the others hold empty dicts, and save_results writes on the main process only).
+    results = getattr(trainer, "_last_eval_results", results)
+    save_results(cfg, trainer.model, results, trainer.iter, wall_seconds - Trainer.eval_seconds,
+                 wall_seconds, config_file=args.config_file)
     return results
 
 

@@ -14,13 +14,27 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention_weights", "relative_attention_2d", "relative_table", "IMPLS", "NAIVE_MAX_PIXELS"]
+__all__ = ["attention_weights", "kernel_available", "relative_attention_2d", "relative_table", "IMPLS",
+           "NAIVE_MAX_PIXELS"]
 
-IMPLS = ("auto", "naive", "fused")
+IMPLS = ("auto", "naive", "fused", "kernel")
 
-# "auto" keeps the dense path up to this many pixels per map, where it is as fast and its
-# (B, Nh, HW, HW) logits are small; tools/benchmark_attention.py measures the crossing.
-NAIVE_MAX_PIXELS = 1024
+try:  # the optional C++/OpenMP CPU kernel, built by setup.py
+    from aa_detection import _C
+except ImportError:  # pure-Python install: the PyTorch paths are used
+    _C = None
+
+
+def kernel_available() -> bool:
+    """True when the compiled CPU kernel `aa_detection._C` is importable."""
+    return _C is not None
+
+
+# "auto" without the compiled kernel (GPU, or a pure-Python install) keeps the dense path up to this
+# many pixels per map and uses the fused path above. On the 2-core CPU, `tools/benchmark_attention.py
+# --sweep` (res5 head widths, batch 2, 8 heads) had the dense path faster up to 8x8 maps, mixed at 12x16
+# (fused faster forward, slower forward+backward) and the fused path faster from 16x24 (384 pixels) up.
+NAIVE_MAX_PIXELS = 256
 
 
 @lru_cache(maxsize=256)
@@ -53,20 +67,22 @@ def _relative_logits(q, rel_h, rel_w):
     return logits_h, logits_w
 
 
-def attention_weights(q, k, rel_h=None, rel_w=None):
+def attention_weights(q, k, rel_h=None, rel_w=None, scale=None):
     """The softmax weights, dense: q, k (B, Nh, H, W, dkh) -> (B, Nh, HW, HW), row i for query pixel
-    i = y * W + x, summing to one over the keys. The naive path is these weights times v."""
+    i = y * W + x, summing to one over the keys; scale defaults to 1/sqrt(dkh). The naive path is
+    these weights times v."""
     B, Nh, H, W, dk = q.shape
+    scale = 1.0 / math.sqrt(dk) if scale is None else scale
     logits = torch.einsum("bnyxd,bnuvd->bnyxuv", q, k)
     if rel_h is not None:
         logits_h, logits_w = _relative_logits(q, rel_h, rel_w)
         logits = logits + logits_h[..., :, None] + logits_w[..., None, :]
-    return torch.softmax(logits.reshape(B, Nh, H * W, H * W) / math.sqrt(dk), dim=-1)
+    return torch.softmax(logits.reshape(B, Nh, H * W, H * W) * scale, dim=-1)
 
 
 def _naive(q, k, v, rel_h, rel_w, scale):
     B, Nh, H, W, _ = q.shape
-    return attention_weights(q, k, rel_h, rel_w) @ v.reshape(B, Nh, H * W, -1)
+    return attention_weights(q, k, rel_h, rel_w, scale) @ v.reshape(B, Nh, H * W, -1)
 
 
 @lru_cache(maxsize=64)
@@ -101,6 +117,68 @@ def _fused(q, k, v, rel_h, rel_w, scale):
     return out[..., :dv]
 
 
+class _KernelAttention(torch.autograd.Function):
+    """The compiled CPU kernel: per query, key rows are visited with an online softmax, so the
+    (HW, HW) logits are never stored; backward recomputes them from the saved log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, logits_h, logits_w, scale):
+        B, Nh, H, W, dk = q.shape
+        tensors = (
+            q.reshape(B, Nh, H * W, dk).contiguous(),
+            k.reshape(B, Nh, H * W, dk).transpose(-1, -2).contiguous(),
+            v.reshape(B, Nh, H * W, -1).transpose(-1, -2).contiguous(),
+            logits_h.reshape(B, Nh, H * W, H).contiguous(),
+            logits_w.reshape(B, Nh, H * W, W).contiguous(),
+        )
+        out, lse = _C.attention_forward(*tensors, H, W, scale)
+        ctx.save_for_backward(*tensors, out, lse)
+        ctx.shape, ctx.scale = (B, Nh, H, W, dk, v.shape[-1]), scale
+        return out.reshape(B, Nh, H, W, -1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        B, Nh, H, W, dk, dv = ctx.shape
+        q, kT, vT, rh, rw, out, lse = ctx.saved_tensors
+        grad_out = grad_out.reshape(B, Nh, H * W, dv).contiguous()
+        dq, dkT, dvT, drh, drw = _C.attention_backward(grad_out, q, kT, vT, rh, rw, out, lse, H, W, ctx.scale)
+        grads = (
+            dq.reshape(B, Nh, H, W, dk),
+            dkT.transpose(-1, -2).reshape(B, Nh, H, W, dk),
+            dvT.transpose(-1, -2).reshape(B, Nh, H, W, dv),
+            drh.reshape(B, Nh, H, W, H),
+            drw.reshape(B, Nh, H, W, W),
+        )
+        return (*grads, None)
+
+
+def _kernel(q, k, v, rel_h, rel_w, scale):
+    """The compiled CPU kernel in fp32; the cheap per-query relative logits q.r^H (B, Nh, H, W, H) and
+    q.r^W (B, Nh, H, W, W) come from PyTorch, so their gradient reaches the tables through autograd."""
+    if q.device.type != "cpu" or _C is None:
+        raise RuntimeError("impl='kernel' needs the compiled CPU kernel aa_detection._C and CPU tensors")
+    dtype = q.dtype
+    q, k, v = q.float(), k.float(), v.float()
+    B, Nh, H, W, _ = q.shape
+    if rel_h is not None:
+        logits_h, logits_w = _relative_logits(q, rel_h.float(), rel_w.float())
+    else:
+        logits_h, logits_w = q.new_zeros(B, Nh, H, W, H), q.new_zeros(B, Nh, H, W, W)
+    return _KernelAttention.apply(q, k, v, logits_h, logits_w, scale).to(dtype)
+
+
+def _choose_impl(q):
+    """The "auto" rule: the compiled kernel for CPU tensors when it is built (the fastest path at every
+    map size measured, 8x8 to 100x167); otherwise dense logits up to NAIVE_MAX_PIXELS pixels, fused above."""
+    if q.device.type == "cpu" and _C is not None:
+        return "kernel"
+    H, W = q.shape[2:4]
+    return "naive" if H * W <= NAIVE_MAX_PIXELS else "fused"
+
+
+_IMPLEMENTATIONS = {"naive": _naive, "fused": _fused, "kernel": _kernel}
+
+
 def relative_attention_2d(q, k, v, rel_h=None, rel_w=None, impl="auto"):
     """Self-attention with 2D relative position logits.
 
@@ -111,8 +189,10 @@ def relative_attention_2d(q, k, v, rel_h=None, rel_w=None, impl="auto"):
             usually L_h = H. Offsets beyond +-(L_h-1) use the last row on their side. None, with
             rel_w None, gives content-only attention.
         rel_w: (2L_w-1, dkh), likewise for x offsets.
-        impl: "naive" (dense logits, the reference), "fused" (exact, never builds (HW, HW) relative
-            logits) or "auto" (naive up to NAIVE_MAX_PIXELS pixels, fused above).
+        impl: "naive" (dense logits, the reference), "fused" (exact low-rank form through
+            scaled_dot_product_attention, never builds (HW, HW) relative logits), "kernel" (the compiled
+            CPU kernel, never stores (HW, HW) logits at all; needs aa_detection._C) or "auto" (the kernel
+            for CPU tensors when it is built; otherwise naive up to NAIVE_MAX_PIXELS pixels, fused above).
 
     Returns:
         (B, Nh, H, W, dvh)
@@ -132,7 +212,6 @@ def relative_attention_2d(q, k, v, rel_h=None, rel_w=None, impl="auto"):
         )
     B, Nh, H, W, dk = q.shape
     if impl == "auto":
-        impl = "naive" if H * W <= NAIVE_MAX_PIXELS else "fused"
-    attend = _naive if impl == "naive" else _fused
-    out = attend(q, k, v, rel_h, rel_w, 1.0 / math.sqrt(dk))
+        impl = _choose_impl(q)
+    out = _IMPLEMENTATIONS[impl](q, k, v, rel_h, rel_w, 1.0 / math.sqrt(dk))
     return out.reshape(B, Nh, H, W, v.shape[-1])

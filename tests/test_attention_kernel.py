@@ -1,0 +1,111 @@
+"""The compiled CPU kernel (impl="kernel") against the brute-force formula and the naive path."""
+import pytest
+import torch
+
+from aa_detection.layers import relative_attention_2d
+from aa_detection.layers.relative_attention import kernel_available
+
+from test_relative_attention import brute_force, random_inputs
+
+pytestmark = pytest.mark.skipif(
+    not kernel_available(),
+    reason="aa_detection._C is not built (run `python setup.py build_ext --inplace` or `pip install -e .`)",
+)
+
+# (B, Nh, H, W, dkh, dvh): 1x1, 1xN, Nx1, odd non-square, B and Nh > 1, the R-50 head widths, and a
+# dkh above the specialised widths.
+SHAPES = [
+    (1, 1, 1, 1, 3, 1),
+    (1, 2, 1, 7, 2, 3),
+    (2, 1, 6, 1, 5, 4),
+    (2, 3, 3, 5, 4, 2),
+    (2, 2, 5, 9, 3, 2),
+    (1, 2, 7, 4, 6, 3),
+    (2, 2, 4, 6, 13, 6),
+    (1, 1, 3, 5, 20, 7),
+]
+
+
+def _rel_error(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_matches_brute_force(shape):
+    inputs = random_inputs(*shape)
+    out = relative_attention_2d(*inputs, impl="kernel")
+    assert out.shape == (*shape[:4], shape[5]) and out.dtype == torch.float32
+    assert _rel_error(out, brute_force(*inputs)) < 1e-5
+
+
+def test_kernel_content_only_matches_brute_force():
+    inputs = random_inputs(2, 2, 3, 4, 3, 2, relative=False)
+    assert _rel_error(relative_attention_2d(*inputs, impl="kernel"), brute_force(*inputs)) < 1e-5
+
+
+def test_kernel_large_logits_stay_finite():
+    q, k, v, rel_h, rel_w = random_inputs(1, 2, 6, 7, 4, 3)
+    inputs = (q * 30, k * 30, v, rel_h * 30, rel_w * 30)
+    out = relative_attention_2d(*inputs, impl="kernel")
+    ref = relative_attention_2d(*(t.double() for t in inputs), impl="naive")
+    assert torch.isfinite(out).all() and _rel_error(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_gradients_match_naive(shape):
+    inputs = [t.requires_grad_() for t in random_inputs(*shape)]
+    grad_out = torch.randn(*shape[:4], shape[5])
+    grads = {}
+    for impl in ("naive", "kernel"):
+        out = relative_attention_2d(*inputs, impl=impl)
+        grads[impl] = torch.autograd.grad(out, inputs, grad_out)
+    for name, g_naive, g_kernel in zip("q k v rel_h rel_w".split(), grads["naive"], grads["kernel"]):
+        # A table with a single offset (H or W = 1) adds one constant per query: its gradient is zero
+        # up to rounding, so compare absolutely there.
+        assert torch.allclose(g_kernel, g_naive, rtol=1e-4, atol=1e-5), name
+
+
+def test_kernel_bfloat16():
+    inputs = random_inputs(2, 2, 5, 7, 8, 4)
+    ref = relative_attention_2d(*inputs, impl="naive")
+    bf16 = [t.bfloat16().requires_grad_() for t in inputs]
+    out = relative_attention_2d(*bf16, impl="kernel")
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 0.1
+    out.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in bf16)
+
+
+def test_kernel_threads_agree():
+    """Splitting queries across threads (and key gradients across query groups) changes nothing."""
+    inputs = [t.requires_grad_() for t in random_inputs(1, 1, 9, 11, 3, 2)]
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 4):
+            torch.set_num_threads(n)
+            out = relative_attention_2d(*inputs, impl="kernel")
+            results.append((out, torch.autograd.grad(out.square().sum(), inputs)))
+    finally:
+        torch.set_num_threads(threads)
+    (out1, g1), (out4, g4) = results
+    assert torch.allclose(out1, out4, atol=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(g1, g4))
+
+
+def test_auto_uses_the_kernel_on_the_cpu(monkeypatch):
+    from aa_detection.layers import relative_attention as ra
+
+    calls = []
+    monkeypatch.setitem(ra._IMPLEMENTATIONS, "kernel", lambda *a: calls.append(a) or ra._fused(*a))
+    relative_attention_2d(*random_inputs(1, 1, 2, 3, 2, 2))
+    relative_attention_2d(*random_inputs(1, 1, 9, 9, 2, 2))
+    assert len(calls) == 2
+
+
+def test_auto_without_the_kernel_uses_the_pixel_threshold(monkeypatch):
+    from aa_detection.layers import relative_attention as ra
+
+    monkeypatch.setattr(ra, "_C", None)
+    small, large = random_inputs(1, 1, 2, 3, 2, 2)[0], random_inputs(1, 1, 17, 17, 2, 2)[0]
+    assert ra._choose_impl(small) == "naive" and ra._choose_impl(large) == "fused"
