@@ -203,7 +203,8 @@ def validate_aa_config(cfg, origin=lambda key: "config"):
     try:
         aa_detection.modeling.backbone.check_aa_stages(cfg)
     except ValueError as e:
-        raise ConfigError(f"{origin('MODEL.AA.STAGES')}: {e}") from e
+        key = "MODEL.RESNETS.DEPTH" if "MODEL.RESNETS.DEPTH" in str(e) else "MODEL.AA.STAGES"
+        raise ConfigError(f"{origin(key)}: {e}") from e
     if cfg.MODEL.BACKBONE.NAME not in AA_BACKBONES:
         return
     from .layers import AAConv2d

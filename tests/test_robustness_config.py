@@ -65,6 +65,8 @@ def test_wrong_type_in_file_and_on_the_command_line(tmp_path):
     (["MODEL.AA.IMPL", "fast"], ["MODEL.AA.IMPL='fast'", "'auto', 'naive', 'fused'"]),
     (["MODEL.AA.STAGES", "['res3', 'res6']"], ["MODEL.AA.STAGES", "res6", "'res2', 'res3', 'res4', 'res5'"]),
     (["DATASETS.BAD_IMAGES", "ignore"], ["DATASETS.BAD_IMAGES='ignore'", "'error', 'skip'"]),
+    (["DATASETS.CHECK_IMAGES", "all"], ["DATASETS.CHECK_IMAGES='all'", "'decode', 'header'"]),
+    (["MODEL.RESNETS.DEPTH", "42"], ["command-line override", "MODEL.RESNETS.DEPTH=42", "18, 34, 50, 101, 152"]),
 ])
 def test_invalid_values_name_the_key_and_the_allowed_values(opts, expected):
     msg = _error(AA_CFG, opts)
