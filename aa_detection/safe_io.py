@@ -70,6 +70,12 @@ def load_torch_weights(path, map_location="cpu"):
         raise UnsafePickleError(f"{path}: not a weights-only torch file ({e})") from e
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode="wb"):
     """Open a temporary file beside `path` and move it onto `path` only once the block succeeds,
@@ -82,6 +88,7 @@ def atomic_write(path, mode="wb"):
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # the permissions a plain open() would give, not mkstemp's 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

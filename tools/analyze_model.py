@@ -75,5 +75,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from aa_detection.errors import exit_on_user_error
+
+    with exit_on_user_error():  # a bad config: its message and exit status 2, no traceback
+        main()
     sys.exit(0)

@@ -14,8 +14,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from aa_detection.engine.trainer import argument_parser, launch_main  # noqa: E402
+from aa_detection.errors import exit_on_user_error  # noqa: E402
 
 if __name__ == "__main__":
     args = argument_parser().parse_args()
     print("Command Line Args:", args)
-    launch_main(args)
+    with exit_on_user_error():  # a bad config, dataset or file, or a diverged loss: its message, exit 2
+        launch_main(args)

@@ -1,7 +1,8 @@
 """Dataset registration driven by the config: any COCO-format dataset, and the synthetic shapes.
 
-- ``DATASETS.REGISTER``: a list of ``[name, json_file, image_root]``; each is registered with
-  detectron2's ``register_coco_instances``, its class names read from the JSON's categories.
+- ``DATASETS.REGISTER``: a list of ``[name, json_file, image_root]``; each is registered as a COCO-format
+  dataset whose JSON, images and boxes are checked when it is loaded (``validation.py``;
+  ``DATASETS.BAD_IMAGES`` and ``DATASETS.CHECK_IMAGES``), its class names read from the JSON's categories.
 - ``DATASETS.SYNTHETIC``: the names ``synthetic_train`` and ``synthetic_val`` are registered on the
   generated shapes dataset under ``DATASETS.SYNTHETIC.ROOT`` (default ``$DETECTRON2_DATASETS/synthetic``,
   that is ``datasets/synthetic``), which is generated first when it is missing.
@@ -9,14 +10,13 @@
 After registration ``MODEL.RETINANET.NUM_CLASSES`` is set to the class count of the training
 datasets; training and test datasets whose classes disagree raise a ``ValueError``.
 """
-import json
 import logging
 import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
 
 from .synthetic import ensure_synthetic_dataset, split_paths
+from .validation import read_coco_json, register_checked_coco
 
 __all__ = ["register_coco_dataset", "register_datasets_from_cfg", "synthetic_root", "dataset_classes"]
 
@@ -26,14 +26,11 @@ SYNTHETIC_SPLITS = {"synthetic_train": "train", "synthetic_val": "val"}
 
 
 def _coco_classes(json_file):
-    with open(json_file) as f:
-        cats = json.load(f).get("categories", [])
-    if not cats:
-        raise ValueError(f"{json_file} has no 'categories'")
+    cats = read_coco_json(json_file)["categories"]  # DatasetError naming the file if malformed
     return [c["name"] for c in sorted(cats, key=lambda c: c["id"])]
 
 
-def register_coco_dataset(name, json_file, image_root):
+def register_coco_dataset(name, json_file, image_root, bad_images="error", check_images="decode"):
     """Register a COCO-format detection dataset under `name` (idempotent for the same files; a name
     registered on other files is re-registered on these).
 
@@ -48,6 +45,7 @@ def register_coco_dataset(name, json_file, image_root):
     if name in DatasetCatalog.list():
         meta = MetadataCatalog.get(name)
         if meta.get("json_file") == json_file and meta.get("image_root") == image_root:
+            register_checked_coco(name, json_file, image_root, bad_images, check_images)  # updates policies
             return list(meta.thing_classes)
         # the latest config wins: re-register the name on the new files
         logger.warning("dataset '%s' was registered on %s, %s; re-registering it on %s, %s", name,
@@ -55,7 +53,7 @@ def register_coco_dataset(name, json_file, image_root):
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
     classes = _coco_classes(json_file)
-    register_coco_instances(name, {}, json_file, image_root)
+    register_checked_coco(name, json_file, image_root, bad_images, check_images)
     MetadataCatalog.get(name).set(thing_classes=classes)
     return classes
 
@@ -78,17 +76,18 @@ def dataset_classes(name):
 
 def register_datasets_from_cfg(cfg):
     """Register what `cfg` asks for and set its class count; `cfg` must be mutable."""
+    policies = (cfg.DATASETS.BAD_IMAGES, cfg.DATASETS.CHECK_IMAGES)
     for entry in cfg.DATASETS.REGISTER:
         if len(entry) != 3:
             raise ValueError(f"DATASETS.REGISTER entries are [name, json_file, image_root], got {entry}")
-        register_coco_dataset(*entry)
+        register_coco_dataset(*entry, *policies)
 
     wanted = set(cfg.DATASETS.TRAIN) | set(cfg.DATASETS.TEST)
     syn = cfg.DATASETS.SYNTHETIC
     if wanted & set(SYNTHETIC_SPLITS):
         root = ensure_synthetic_dataset(synthetic_root(cfg), syn.NUM_TRAIN, syn.NUM_VAL, syn.SEED)
         for name, split in SYNTHETIC_SPLITS.items():
-            register_coco_dataset(name, *split_paths(root, split))
+            register_coco_dataset(name, *split_paths(root, split), *policies)
 
     train_classes = None
     for name in cfg.DATASETS.TRAIN:

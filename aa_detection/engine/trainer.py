@@ -15,15 +15,18 @@ import time
 import weakref
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_test_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import COCOEvaluator
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
+from detectron2.utils.events import JSONWriter
+from detectron2.utils.logger import setup_logger
 
+from ..checkpoint import AACheckpointer
 from ..config import setup_cfg
+from .resilience import MetricsWriter
 
 __all__ = ["Trainer", "argument_parser", "setup", "main", "launch_main", "RESULTS_FILE",
            "model_complexity", "inference_seconds_per_image"]
@@ -58,22 +61,46 @@ def _cpu_ddp():
 class Trainer(DefaultTrainer):
     """DefaultTrainer with the COCO evaluator, CPU multi-process support and a swappable checkpointer."""
 
-    # The one place that decides how checkpoints and pretrained weights are loaded.
-    checkpointer_class = DetectionCheckpointer
+    # The one place that decides how checkpoints and pretrained weights are loaded: safe loading of
+    # untrusted files, atomic saves, AA-ResNet weights from ResNet checkpoints.
+    checkpointer_class = AACheckpointer
 
     def __init__(self, cfg):
         with _cpu_ddp():
             super().__init__(cfg)
 
     @classmethod
-    def build_checkpointer(cls, model, save_dir, **kwargs):
+    def build_checkpointer(cls, model, save_dir, cfg=None, **kwargs):
+        if cfg is not None:
+            kwargs.setdefault("allow_unsafe_pickle", cfg.MODEL.WEIGHTS_ALLOW_UNSAFE_PICKLE)
         return cls.checkpointer_class(model, save_dir, **kwargs)
 
     def build_hooks(self):
         # DefaultTrainer.__init__ sets self.checkpointer just before calling build_hooks.
         self.checkpointer = self.build_checkpointer(
-            self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+            self._trainer.model, self.cfg.OUTPUT_DIR, self.cfg, trainer=weakref.proxy(self))
         return super().build_hooks()
+
+    def build_writers(self):
+        # metrics.json through a writer that can drop a torn last line and superseded records on resume
+        writers = super().build_writers()
+        for i, w in enumerate(writers):
+            if type(w) is JSONWriter:
+                w.close()
+                writers[i] = MetricsWriter(w._file_handle.name, w._window_size)
+        return writers
+
+    def resume_or_load(self, resume=True):
+        """detectron2's resume_or_load, after removing partial files of a killed checkpoint save, and
+        followed by the repair of metrics.json (records from `start_iter` on are dropped on resume)."""
+        if comm.is_main_process() and hasattr(self.checkpointer, "remove_partial_files"):
+            self.checkpointer.remove_partial_files()
+        super().resume_or_load(resume=resume)
+        if comm.is_main_process():
+            for hook in self._hooks:
+                for writer in getattr(hook, "_writers", ()):
+                    if isinstance(writer, MetricsWriter):
+                        writer.repair(keep_before=self.start_iter if resume else None)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -186,6 +213,8 @@ def argument_parser():
 def setup(args):
     cfg = setup_cfg(args.config_file, args.opts, datasets=args.dataset)
     default_setup(cfg, args)
+    # the project's own messages (dataset checks, metrics repair) to the console and OUTPUT_DIR/log.txt
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="aa_detection", abbrev_name="aa")
     return cfg
 
 
@@ -193,7 +222,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        checkpointer = Trainer.build_checkpointer(model, cfg.OUTPUT_DIR)
+        checkpointer = Trainer.build_checkpointer(model, cfg.OUTPUT_DIR, cfg)
         checkpoint = checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
         iteration = checkpoint.get("iteration")
@@ -205,7 +234,13 @@ def main(args):
     trainer.resume_or_load(resume=args.resume)
     Trainer.eval_seconds = 0.0
     start = time.perf_counter()
-    results = trainer.train()
+    try:
+        results = trainer.train()
+    except FloatingPointError as e:
+        last = trainer.checkpointer.get_checkpoint_file() if trainer.checkpointer.has_checkpoint() else None
+        raise FloatingPointError(
+            f"{e}\nTraining stopped. The last good checkpoint is {last or '(none saved yet)'}; lower "
+            "SOLVER.BASE_LR or enable SOLVER.CLIP_GRADIENTS before resuming (--resume).") from e
     wall_seconds = time.perf_counter() - start
     # DefaultTrainer's EvalHook has evaluated the final model (on the main process the results are
     # complete; the others hold empty dicts, and save_results writes on the main process only).
