@@ -25,6 +25,7 @@ from detectron2.utils.events import JSONWriter
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import AACheckpointer
+from ..analysis import count_parameters, flop_count
 from ..config import setup_cfg
 from .resilience import MetricsWriter
 
@@ -134,20 +135,15 @@ class Trainer(DefaultTrainer):
 def model_complexity(cfg, model):
     """(parameters, GFLOPs) of `model` on the first image of the first test dataset.
 
-    GFLOPs count one fused multiply-add as one FLOP (fvcore's convention, the papers' one).
+    GFLOPs count one fused multiply-add as one FLOP (fvcore's convention, the papers' one), attention
+    cores included (`aa_detection.analysis.flop_count`).
     """
-    from detectron2.utils.analysis import FlopCountAnalysis
-
-    params = sum(p.numel() for p in model.parameters())
     inputs = next(iter(build_detection_test_loader(cfg, cfg.DATASETS.TEST[0])))
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        flops = FlopCountAnalysis(model, inputs)
-        flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        gflops = flops.total() / 1e9
+    flops, _ = flop_count(model, (inputs,))
     model.train(was_training)
-    return params, gflops
+    return count_parameters(model)["total"], flops / 1e9
 
 
 def inference_seconds_per_image(cfg, model, num_images=30, warmup=3):
