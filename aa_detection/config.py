@@ -30,7 +30,7 @@ def add_aa_config(cfg):
     cfg.MODEL.AA.KAPPA = 0.2  # dk / Fout
     cfg.MODEL.AA.UPSILON = 0.1  # dv / Fout
     cfg.MODEL.AA.RELATIVE = True  # 2D relative position logits
-    cfg.MODEL.AA.IMPL = "auto"  # attention implementation: "auto", "naive" or "fused"
+    cfg.MODEL.AA.IMPL = "auto"  # attention implementation: "auto", "naive", "fused" or "kernel"
     # Each augmented stage sizes its relative tables from INPUT.MAX_SIZE_TRAIN: ceil(MAX_SIZE_TRAIN / stride)
     # rows per side (res3 stride 8, res4 16, res5 32); offsets beyond the largest training map clip to
     # the last row.
