@@ -17,6 +17,8 @@ def extension_modules():
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
+        print("aa_detection: torch is not importable at build time, so the CPU attention kernel is not built "
+              "(install with `pip install --no-build-isolation -e .`); the PyTorch attention paths are used.")
         return [], {}
     csrc = os.path.join("aa_detection", "layers", "csrc")
     flags = ["-O3", "-fopenmp", "-fno-math-errno"]
