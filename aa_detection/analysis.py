@@ -4,14 +4,16 @@ fvcore already counts convolutions, linear layers, matmul/bmm and einsum (the na
 q . r relative logits). `flop_count` adds `aten::scaled_dot_product_attention` (the fused attention path),
 counted as its two matmuls q.k and p.v by their REAL widths: the fused path concatenates one-hot position
 columns to q/k (the relative logits, already counted by their einsum) and zero-pads to a common width;
-the handle walks back through those reshapes, pads and concatenations to the true dkh and dvh.
+the handle walks back through those reshapes, pads and concatenations to the true dkh and dvh. The
+compiled CPU kernel (an autograd Function, `prim::PythonOp._KernelAttention` in the trace) is counted
+likewise: q.k and p.v at the real widths plus its relative logits.
 """
 from collections import Counter
 
 from fvcore.nn.jit_handles import get_shape
 import torch
 
-__all__ = ["count_parameters", "flop_count", "sdpa_flop_jit"]
+__all__ = ["count_parameters", "flop_count", "kernel_attention_flop_jit", "sdpa_flop_jit", "KERNEL_OP_NAME"]
 
 _PASS_THROUGH = {"aten::reshape", "aten::view", "aten::contiguous", "aten::constant_pad_nd", "aten::pad",
                  "aten::expand", "aten::to"}
@@ -56,6 +58,20 @@ def sdpa_flop_jit(inputs, outputs):
     return batch * L * S * (_real_width(inputs[0]) + _real_width(inputs[2]))
 
 
+def kernel_attention_flop_jit(inputs, outputs):
+    """FLOPs of the compiled kernel's attention (qkv (B, 2 dk + dv, H, W) -> (B, dv, H, W)): its matmuls
+    q.k and p.v, B*HW*HW*(dk + dv), and the relative logits q.r^H, q.r^W, B*HW*(H + W)*dk."""
+    B, C, H, W = get_shape(inputs[0])
+    dv = get_shape(outputs[0])[1]
+    dk = (C - dv) // 2
+    HW = H * W
+    return B * HW * HW * (dk + dv) + B * HW * (H + W) * dk
+
+
+KERNEL_OP = "prim::PythonOp._KernelAttention"
+KERNEL_OP_NAME = KERNEL_OP.split("::", 1)[1]  # its key in flop_count's per-operator counts
+
+
 def flop_count(model, inputs):
     """fvcore FlopCountAnalysis of a detectron2 model (or any module) with attention matmuls counted.
 
@@ -68,6 +84,7 @@ def flop_count(model, inputs):
         from fvcore.nn import FlopCountAnalysis
     analysis = FlopCountAnalysis(model, inputs)
     analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
+    analysis.set_op_handle(KERNEL_OP, kernel_attention_flop_jit)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     with torch.no_grad():
         by_operator = Counter(analysis.by_operator())

@@ -92,3 +92,16 @@ def test_aa_r50_retinanet_has_fewer_parameters_than_r50():
         counts[name] = count_parameters(build_model(cfg))["total"]
     ratio = counts["retinanet_AA_R_50_FPN_1x"] / counts["retinanet_R_50_FPN_1x"]
     assert ratio <= 1.0 and abs(ratio - 33.1 / 33.4) < 0.01  # the paper's 33.1M vs 33.4M
+
+
+def test_flop_count_counts_the_kernel_attention():
+    from aa_detection.layers.relative_attention import kernel_available
+
+    if not kernel_available():
+        pytest.skip("aa_detection._C is not built")
+    B, C, F, H, W, heads, dk, dv = 1, 16, 32, 12, 10, 2, 8, 6
+    layer = AAConv2d(C, F, num_heads=heads, key_depth=dk, value_depth=dv, impl="kernel").eval()
+    total, by_op = flop_count(layer, (torch.randn(B, C, H, W),))
+    hw = H * W
+    convs = hw * (F - dv) * C * 9 + hw * C * (2 * dk + dv) + hw * dv * dv
+    assert total == convs + B * hw * hw * (dk + dv) + B * hw * (H + W) * dk

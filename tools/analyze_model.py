@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from aa_detection.analysis import count_parameters, flop_count
+from aa_detection.analysis import KERNEL_OP_NAME, count_parameters, flop_count
 from aa_detection.config import setup_cfg
 
 __all__ = ["analyze", "main"]
@@ -36,7 +36,8 @@ def analyze(config_file, opts=(), size=(800, 1333), flops=True):
         image = torch.rand(3, *size) * 255
         total, by_op = flop_count(model, ([{"image": image, "height": size[0], "width": size[1]}],))
         row["gflops"] = total / 1e9
-        row["attention_gflops"] = (by_op.get("scaled_dot_product_attention", 0) + by_op.get("einsum", 0)
+        row["attention_gflops"] = (by_op.get("scaled_dot_product_attention", 0) + by_op.get(KERNEL_OP_NAME, 0)
+                                   + by_op.get("einsum", 0)
                                    + by_op.get("matmul", 0) + by_op.get("bmm", 0)) / 1e9
     return row
 

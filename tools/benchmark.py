@@ -143,7 +143,7 @@ def run(args):
     for name, model in models.items():
         model.eval()
         flops, by_op = flop_count(model, infer_inputs)
-        attention = sum(v for k, v in by_op.items() if "attention" in k or "einsum" in k or "bmm" in k)
+        attention = sum(v for k, v in by_op.items() if "attention" in k.lower() or "einsum" in k or "bmm" in k)
         results[name] = {
             "params_M": count_parameters(model)["total"] / 1e6,
             "gflops": flops / 1e9,
