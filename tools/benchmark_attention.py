@@ -370,7 +370,7 @@ def main(argv=None):
     rows = []
     for name in sorted(sizes, key=lambda s: SIZES[s][0] * SIZES[s][1]):
         row = bench_size(name, args, rates, factors)
-        if "naive" not in row["skipped"]:
+        if "naive" in row["paths"]:
             for m in modes:
                 factors[m] = row["paths"]["naive"][m]["peak_bytes"] / row["naive_logits_bytes"]
         rows.append(row)

@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "attention_kernel.h"
@@ -47,6 +48,19 @@ const Isa& isa() {
 
 // Queries per parallel task.
 constexpr int64_t kQueriesPerTask = 64;
+
+// Runs fn(task, work) for task in [0, tasks) on the intra-op threads, each thread taking the next
+// task when it is done with one (not a fixed share: on a CPU shared with other processes a thread
+// that loses its core for a while then delays nobody), with its own scratch of `scratch` floats.
+template <typename Fn>
+void parallel_tasks(int64_t tasks, int64_t scratch, const Fn& fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    std::vector<float> work(scratch);
+    for (int64_t task = next.fetch_add(1); task < tasks; task = next.fetch_add(1)) fn(task, work.data());
+  });
+}
 
 void check_input(const torch::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
@@ -134,14 +148,11 @@ std::vector<torch::Tensor> attention_forward(const torch::Tensor& qkv, const tor
   auto lse = torch::empty({s.B, s.Nh, s.HW}, qkv.options());
   const int64_t blocks = (s.HW + kQueriesPerTask - 1) / kQueriesPerTask;
   const ForwardRows forward = isa().forward;
-  at::parallel_for(0, s.B * s.Nh * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> work(kScratchRows * (s.Wp + s.H));
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / blocks, i0 = (task % blocks) * kQueriesPerTask;
-      const int64_t i1 = std::min(i0 + kQueriesPerTask, s.HW);
-      forward(slice(s, bh, qkv, kv, rel_h, rel_w, scale), i0, i1, out.data_ptr<float>() + bh * s.dvh * s.HW,
-              lse.data_ptr<float>() + bh * s.HW, work.data());
-    }
+  parallel_tasks(s.B * s.Nh * blocks, kScratchRows * (s.Wp + s.H), [&](int64_t task, float* work) {
+    const int64_t bh = task / blocks, i0 = (task % blocks) * kQueriesPerTask;
+    const int64_t i1 = std::min(i0 + kQueriesPerTask, s.HW);
+    forward(slice(s, bh, qkv, kv, rel_h, rel_w, scale), i0, i1, out.data_ptr<float>() + bh * s.dvh * s.HW,
+            lse.data_ptr<float>() + bh * s.HW, work);
   });
   return {out, lse};
 }
@@ -161,10 +172,12 @@ std::vector<torch::Tensor> attention_backward(const torch::Tensor& dout, const t
   TORCH_CHECK(lse.sizes() == torch::IntArrayRef({s.B, s.Nh, s.HW}), "lse must be (B, Nh, HW)");
   const auto kv = padded_keys_values(qkv, s);
   // Keys are shared by all queries: each group of query rows accumulates its own dk, dv copy, summed
-  // afterwards. One group per (batch, head) when there are enough of them to keep the threads busy.
+  // afterwards. Enough groups for about kTasksPerThread tasks per thread, so that the threads share
+  // the work evenly even when one of them is slowed down.
+  constexpr int64_t kTasksPerThread = 16;
   const int64_t BH = s.B * s.Nh;
   const int64_t threads = at::get_num_threads();
-  const int64_t groups = std::min<int64_t>(std::max<int64_t>(1, (2 * threads + BH - 1) / BH),
+  const int64_t groups = std::min<int64_t>(std::max<int64_t>(1, (kTasksPerThread * threads + BH - 1) / BH),
                                            (s.HW + kQueriesPerTask - 1) / kQueriesPerTask);
   const int64_t rows_per_group = (s.HW + groups - 1) / groups;
   const int64_t plane = static_cast<int64_t>(s.H) * s.Wp;
@@ -175,13 +188,11 @@ std::vector<torch::Tensor> attention_backward(const torch::Tensor& dout, const t
   auto drel_h = s.relative ? torch::zeros({tasks, rel_h.size(0), s.dkh}, qkv.options()) : torch::Tensor();
   auto drel_w = s.relative ? torch::zeros({tasks, rel_w.size(0), s.dkh}, qkv.options()) : torch::Tensor();
   const BackwardRows backward = isa().backward;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> work(kScratchRows * (s.Wp + s.H));
-    for (int64_t task = begin; task < end; ++task) {
+  parallel_tasks(tasks, kScratchRows * (s.Wp + s.H), [&](int64_t task, float* work) {
       const int64_t bh = task / groups, group = task % groups;
       const int64_t b = bh / s.Nh, n = bh % s.Nh;
       const int64_t i0 = group * rows_per_group, i1 = std::min(i0 + rows_per_group, s.HW);
-      if (i0 >= i1) continue;
+      if (i0 >= i1) return;
       float* dkv_b = dkv.data_ptr<float>() + (group * s.B + b) * (s.dk + s.dv) * plane;
       const AttentionGrads g{dout.data_ptr<float>() + bh * s.dvh * s.HW,
                              out.data_ptr<float>() + bh * s.dvh * s.HW,
@@ -191,8 +202,7 @@ std::vector<torch::Tensor> attention_backward(const torch::Tensor& dout, const t
                              dkv_b + (s.dk + n * s.dvh) * plane,
                              s.relative ? drel_h.data_ptr<float>() + task * drel_h.size(1) * s.dkh : nullptr,
                              s.relative ? drel_w.data_ptr<float>() + task * drel_w.size(1) * s.dkh : nullptr};
-      backward(slice(s, bh, qkv, kv, rel_h, rel_w, scale), g, i0, i1, work.data());
-    }
+      backward(slice(s, bh, qkv, kv, rel_h, rel_w, scale), g, i0, i1, work);
   });
   const auto dkv_sum = groups == 1 ? dkv[0] : dkv.sum(0);
   dqkv.narrow(1, s.dk, s.dk + s.dv).copy_(dkv_sum.narrow(-1, 0, s.W));
