@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <vector>
 
 #include "attention_kernel.h"
@@ -111,19 +112,38 @@ Shapes check_inputs(const torch::Tensor& qkv, const torch::Tensor& rel_h, const 
   return s;
 }
 
-// Keys and values of qkv with their rows zero-padded to Wp: (B, dk + dv, H, Wp).
-torch::Tensor padded_keys_values(const torch::Tensor& qkv, const Shapes& s) {
-  return torch::constant_pad_nd(qkv.narrow(1, s.dk, s.dk + s.dv), {0, s.Wp - s.W}).contiguous();
+// Copies the keys and values of slice bh of qkv into dst, (dkh + dvh, H, Wp), their rows zero-padded to Wp.
+// Each task copies the slice it works on (a small share of its work: the task's queries each visit
+// all of these keys), so the call needs no separate padding pass over the whole tensor.
+void copy_padded_slice(const Shapes& s, const torch::Tensor& qkv, int64_t bh, float* dst) {
+  const int64_t b = bh / s.Nh, n = bh % s.Nh;
+  const float* base = qkv.data_ptr<float>() + b * s.C * s.HW;
+  const int64_t rows = (s.dkh + s.dvh) * s.H;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t channel = r / s.H, y = r % s.H;
+    const int64_t source = channel < s.dkh ? s.dk + n * s.dkh + channel : 2 * s.dk + n * s.dvh + (channel - s.dkh);
+    std::memcpy(dst + r * s.Wp, base + source * s.HW + y * s.W, s.W * sizeof(float));
+    std::memset(dst + r * s.Wp + s.W, 0, (s.Wp - s.W) * sizeof(float));
+  }
 }
 
-AttentionSlice slice(const Shapes& s, int64_t bh, const torch::Tensor& qkv, const torch::Tensor& kv,
+// Splits of each (batch, head) slice's queries into tasks: about kTasksPerThread tasks per thread, so
+// that the threads share the work evenly even when one of them is slowed down.
+constexpr int64_t kTasksPerThread = 16;
+int64_t query_splits(const Shapes& s) {
+  const int64_t BH = s.B * s.Nh, threads = at::get_num_threads();
+  return std::min<int64_t>(std::max<int64_t>(1, (kTasksPerThread * threads + BH - 1) / BH),
+                           (s.HW + kQueriesPerTask - 1) / kQueriesPerTask);
+}
+
+// kv: the slice's keys and values as copy_padded_slice writes them.
+AttentionSlice slice(const Shapes& s, int64_t bh, const torch::Tensor& qkv, const float* kv,
                      const torch::Tensor& rel_h, const torch::Tensor& rel_w, double scale) {
   const int64_t b = bh / s.Nh, n = bh % s.Nh;
   const int64_t plane = static_cast<int64_t>(s.H) * s.Wp;
-  const float* kv_b = kv.data_ptr<float>() + b * (s.dk + s.dv) * plane;
   return {qkv.data_ptr<float>() + (b * s.C + n * s.dkh) * s.HW,
-          kv_b + n * s.dkh * plane,
-          kv_b + (s.dk + n * s.dvh) * plane,
+          kv,
+          kv + s.dkh * plane,
           s.relative ? rel_h.data_ptr<float>() : nullptr,
           s.relative ? rel_w.data_ptr<float>() : nullptr,
           s.HW,
@@ -143,16 +163,18 @@ std::vector<torch::Tensor> attention_forward(const torch::Tensor& qkv, const tor
                                              const torch::Tensor& rel_w, int64_t num_heads, int64_t dk,
                                              int64_t dv, double scale) {
   const Shapes s = check_inputs(qkv, rel_h, rel_w, num_heads, dk, dv);
-  const auto kv = padded_keys_values(qkv, s);
   auto out = torch::empty({s.B, s.dv, s.H, s.W}, qkv.options());
   auto lse = torch::empty({s.B, s.Nh, s.HW}, qkv.options());
-  const int64_t blocks = (s.HW + kQueriesPerTask - 1) / kQueriesPerTask;
+  const int64_t splits = query_splits(s), rows_per_split = (s.HW + splits - 1) / splits;
+  const int64_t kv_floats = (s.dkh + s.dvh) * s.H * s.Wp;
   const ForwardRows forward = isa().forward;
-  parallel_tasks(s.B * s.Nh * blocks, kScratchRows * (s.Wp + s.H), [&](int64_t task, float* work) {
-    const int64_t bh = task / blocks, i0 = (task % blocks) * kQueriesPerTask;
-    const int64_t i1 = std::min(i0 + kQueriesPerTask, s.HW);
-    forward(slice(s, bh, qkv, kv, rel_h, rel_w, scale), i0, i1, out.data_ptr<float>() + bh * s.dvh * s.HW,
-            lse.data_ptr<float>() + bh * s.HW, work);
+  parallel_tasks(s.B * s.Nh * splits, kv_floats + kScratchRows * (s.Wp + s.H), [&](int64_t task, float* work) {
+    const int64_t bh = task / splits, i0 = (task % splits) * rows_per_split;
+    const int64_t i1 = std::min(i0 + rows_per_split, s.HW);
+    if (i0 >= i1) return;
+    copy_padded_slice(s, qkv, bh, work);
+    forward(slice(s, bh, qkv, work, rel_h, rel_w, scale), i0, i1, out.data_ptr<float>() + bh * s.dvh * s.HW,
+            lse.data_ptr<float>() + bh * s.HW, work + kv_floats);
   });
   return {out, lse};
 }
@@ -170,15 +192,11 @@ std::vector<torch::Tensor> attention_backward(const torch::Tensor& dout, const t
   TORCH_CHECK(dout.sizes() == out.sizes() && out.sizes() == torch::IntArrayRef({s.B, s.dv, s.H, s.W}),
               "dout and out must be (B, dv, H, W)");
   TORCH_CHECK(lse.sizes() == torch::IntArrayRef({s.B, s.Nh, s.HW}), "lse must be (B, Nh, HW)");
-  const auto kv = padded_keys_values(qkv, s);
   // Keys are shared by all queries: each group of query rows accumulates its own dk, dv copy, summed
-  // afterwards. Enough groups for about kTasksPerThread tasks per thread, so that the threads share
-  // the work evenly even when one of them is slowed down.
-  constexpr int64_t kTasksPerThread = 16;
+  // afterwards.
   const int64_t BH = s.B * s.Nh;
-  const int64_t threads = at::get_num_threads();
-  const int64_t groups = std::min<int64_t>(std::max<int64_t>(1, (kTasksPerThread * threads + BH - 1) / BH),
-                                           (s.HW + kQueriesPerTask - 1) / kQueriesPerTask);
+  const int64_t groups = query_splits(s);
+  const int64_t kv_floats = (s.dkh + s.dvh) * s.H * s.Wp;
   const int64_t rows_per_group = (s.HW + groups - 1) / groups;
   const int64_t plane = static_cast<int64_t>(s.H) * s.Wp;
   auto dqkv = torch::empty_like(qkv);
@@ -188,7 +206,7 @@ std::vector<torch::Tensor> attention_backward(const torch::Tensor& dout, const t
   auto drel_h = s.relative ? torch::zeros({tasks, rel_h.size(0), s.dkh}, qkv.options()) : torch::Tensor();
   auto drel_w = s.relative ? torch::zeros({tasks, rel_w.size(0), s.dkh}, qkv.options()) : torch::Tensor();
   const BackwardRows backward = isa().backward;
-  parallel_tasks(tasks, kScratchRows * (s.Wp + s.H), [&](int64_t task, float* work) {
+  parallel_tasks(tasks, kv_floats + kScratchRows * (s.Wp + s.H), [&](int64_t task, float* work) {
       const int64_t bh = task / groups, group = task % groups;
       const int64_t b = bh / s.Nh, n = bh % s.Nh;
       const int64_t i0 = group * rows_per_group, i1 = std::min(i0 + rows_per_group, s.HW);
@@ -202,7 +220,8 @@ std::vector<torch::Tensor> attention_backward(const torch::Tensor& dout, const t
                              dkv_b + (s.dk + n * s.dvh) * plane,
                              s.relative ? drel_h.data_ptr<float>() + task * drel_h.size(1) * s.dkh : nullptr,
                              s.relative ? drel_w.data_ptr<float>() + task * drel_w.size(1) * s.dkh : nullptr};
-      backward(slice(s, bh, qkv, kv, rel_h, rel_w, scale), g, i0, i1, work);
+      copy_padded_slice(s, qkv, bh, work);
+      backward(slice(s, bh, qkv, work, rel_h, rel_w, scale), g, i0, i1, work + kv_floats);
   });
   const auto dkv_sum = groups == 1 ? dkv[0] : dkv.sum(0);
   dqkv.narrow(1, s.dk, s.dk + s.dv).copy_(dkv_sum.narrow(-1, 0, s.W));
