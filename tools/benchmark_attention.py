@@ -119,7 +119,7 @@ def run_once(inputs, grad_out, impl, train):
 
     def call():
         leaves = [t.detach().requires_grad_(train) for t in tensors]
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         if train:
             out = attend(leaves)
             grads = torch.autograd.grad(out, leaves, grad)
@@ -128,6 +128,7 @@ def run_once(inputs, grad_out, impl, train):
                 out = attend(leaves)
             grads = None
         result["seconds"] = time.perf_counter() - t0
+        result["cpu_seconds"] = time.process_time() - c0
         result["out"], result["grads"] = out.detach(), grads
 
     peak = measure_peak_memory(call)
@@ -137,7 +138,7 @@ def run_once(inputs, grad_out, impl, train):
         if grads is not None:
             dq, dk, dv = split_heads(grads[0], Nh, Nh * dkh, Nh * dvh)
             grads = (dq, dk, dv, grads[1], grads[2])
-    return result["seconds"], peak, out, grads
+    return result["seconds"], peak, out, grads, result["cpu_seconds"]
 
 
 def measure_rates(repeats=10):
@@ -259,8 +260,9 @@ def bench_size(name, args, rates, factors):
                 entry = rec[p][mode]
                 if rep > 0 and entry["times"] and entry["times"][0] > args.long_call:
                     continue
-                seconds, peak, out, grads = run_once(inputs, grad_out, p, mode == "train")
+                seconds, peak, out, grads, cpu = run_once(inputs, grad_out, p, mode == "train")
                 entry["times"].append(seconds)
+                entry.setdefault("cpu", []).append(cpu)
                 entry["peak"] = max(entry["peak"], peak)
                 if rep == 0:
                     outputs[(p, mode)] = (out, grads)
@@ -293,6 +295,9 @@ def bench_size(name, args, rates, factors):
                 "peak_bytes": entry["peak"],
                 "max_abs_diff_out": max_diff(out, ref_out),
                 "best_seconds": min(entry["times"]),
+                # CPU seconds per wall second of the calls: about the thread count when the cores were
+                # this process's, lower when other processes held them (the floor assumes all threads).
+                "cores_used": sum(entry["cpu"]) / sum(entry["times"]),
                 "floor_multiple": t / row["floor"][mode]["seconds"],
                 "best_floor_multiple": min(entry["times"]) / row["floor"][mode]["seconds"],
                 "floor_multiple_torch_exp": t / row["floor"][mode]["seconds_torch_exp"],
@@ -321,7 +326,7 @@ def table_rows(rows, mode):
     """(header, rows) of the Markdown table of one mode."""
     header = ("map", "HW", "dkh/dvh", "path", "time (s)", "best (s)", "peak mem", "naive/path time",
               "naive/path mem", "max abs diff out", "max abs diff grad", "floor (s)", "time/floor",
-              "best/floor", "time/floor at torch.exp rate")
+              "best/floor", "time/floor at torch.exp rate", "cores used")
     table = []
     for row in rows:
         naive = row["paths"].get("naive", {}).get(mode)
@@ -331,7 +336,7 @@ def table_rows(rows, mode):
             if p in row["skipped"]:
                 est = row["skipped"][p]["estimated_peak_bytes"][mode]
                 table.append(head + (p, "skipped", "-", f"est. {fmt_bytes(est)}") + ("-",) * 4 + (f"{floor:.3f}",)
-                             + ("-",) * 3)
+                             + ("-",) * 4)
                 continue
             if p not in row["paths"]:
                 continue
@@ -344,8 +349,8 @@ def table_rows(rows, mode):
             table.append(head + (p, f"{r['seconds']:.3f}", f"{r['best_seconds']:.3f}", fmt_bytes(r["peak_bytes"]),
                                  t_ratio, m_ratio, f"{r['max_abs_diff_out']:.1e}", gdiff, f"{floor:.3f}",
                                  f"{r['floor_multiple']:.1f}", f"{r['best_floor_multiple']:.1f}",
-                                 f"{r['floor_multiple_torch_exp']:.1f}"))
-        table.append(head + (f"auto -> {row['auto']}",) + ("",) * 11)
+                                 f"{r['floor_multiple_torch_exp']:.1f}", f"{r.get('cores_used', float('nan')):.2f}"))
+        table.append(head + (f"auto -> {row['auto']}",) + ("",) * 12)
     return header, table
 
 
