@@ -19,7 +19,9 @@ torch.exp and the kernel's own exp, best call at the benchmark's thread count) r
 Backward adds the gradient matmuls: 2 B Nh (HW)^2 (2 dkh + 2 dvh) FLOPs (dq, dk, dp, dv),
 2 B Nh (HW)^2 adds (gradients of the relative logits) and 4 B Nh HW (H+W) dkh FLOPs (their einsums).
 Exps are counted once for forward+backward, so a path that recomputes them (as every path that does
-not store (HW)^2 probabilities must) pays them twice. Adds count at the matmul rate.
+not store (HW)^2 probabilities must) pays them twice. Adds count at the matmul rate. "cores used" is the
+process's CPU seconds per wall second during a path's calls: the thread count on an idle machine, lower
+when other processes held the cores (the floor assumes they did not).
 
     python tools/benchmark_attention.py [--sizes res5,res4,res3] [--repeats 3] [--json out.json]
 """
@@ -268,6 +270,7 @@ def bench_size(name, args, rates, factors):
                     outputs[(p, mode)] = (out, grads)
     ref = next(p for p in PATHS if p in paths)
     row = {"size": name, "H": H, "W": W, "B": B, "Nh": Nh, "dkh": dkh, "dvh": dvh, "reference": ref,
+           "threads": torch.get_num_threads(),
            "naive_logits_bytes": logits_bytes, "paths": {}, "skipped": {}}
     modes_est = {m: factors[m] * logits_bytes for m in modes}
     for p in skipped:
@@ -326,7 +329,7 @@ def table_rows(rows, mode):
     """(header, rows) of the Markdown table of one mode."""
     header = ("map", "HW", "dkh/dvh", "path", "time (s)", "best (s)", "peak mem", "naive/path time",
               "naive/path mem", "max abs diff out", "max abs diff grad", "floor (s)", "time/floor",
-              "best/floor", "time/floor at torch.exp rate", "cores used")
+              "best/floor", "time/floor at torch.exp rate", "cores used", "time/floor at the cores used")
     table = []
     for row in rows:
         naive = row["paths"].get("naive", {}).get(mode)
@@ -336,7 +339,7 @@ def table_rows(rows, mode):
             if p in row["skipped"]:
                 est = row["skipped"][p]["estimated_peak_bytes"][mode]
                 table.append(head + (p, "skipped", "-", f"est. {fmt_bytes(est)}") + ("-",) * 4 + (f"{floor:.3f}",)
-                             + ("-",) * 4)
+                             + ("-",) * 5)
                 continue
             if p not in row["paths"]:
                 continue
@@ -346,11 +349,16 @@ def table_rows(rows, mode):
             if not naive and "naive" in row["skipped"]:
                 m_ratio = f"est. {row['skipped']['naive']['estimated_peak_bytes'][mode] / max(r['peak_bytes'], 1):.0f}"
             gdiff = f"{r['max_abs_diff_grad']:.1e}" if "max_abs_diff_grad" in r else "-"
+            cores = r.get("cores_used")
+            at_cores = "-"
+            if cores is not None and "threads" in row:
+                at_cores = f"{r['floor_multiple'] * cores / row['threads']:.1f}"
             table.append(head + (p, f"{r['seconds']:.3f}", f"{r['best_seconds']:.3f}", fmt_bytes(r["peak_bytes"]),
                                  t_ratio, m_ratio, f"{r['max_abs_diff_out']:.1e}", gdiff, f"{floor:.3f}",
                                  f"{r['floor_multiple']:.1f}", f"{r['best_floor_multiple']:.1f}",
-                                 f"{r['floor_multiple_torch_exp']:.1f}", f"{r.get('cores_used', float('nan')):.2f}"))
-        table.append(head + (f"auto -> {row['auto']}",) + ("",) * 12)
+                                 f"{r['floor_multiple_torch_exp']:.1f}", "-" if cores is None else f"{cores:.2f}",
+                                 at_cores))
+        table.append(head + (f"auto -> {row['auto']}",) + ("",) * 13)
     return header, table
 
 

@@ -65,7 +65,13 @@ def run_tool(args, log, json_path, reuse=False):
     """Runs a tool in a fresh Python process (it writes json_path); returns its stdout, also kept beside
     json_path. With reuse, a result already there is read instead."""
     text_path = json_path[:-len(".json")] + ".txt"
+    seconds_path = json_path[:-len(".json")] + ".seconds"
     if reuse and os.path.exists(json_path) and os.path.exists(text_path):
+        seconds = None
+        if os.path.exists(seconds_path):
+            with open(seconds_path) as f:
+                seconds = float(f.read())
+        log.append((" ".join(args), seconds))
         with open(text_path) as f:
             return f.read()
     cmd = [sys.executable, *args]
@@ -73,12 +79,15 @@ def run_tool(args, log, json_path, reuse=False):
     start = time.perf_counter()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    log.append((" ".join(args), time.perf_counter() - start))
+    seconds = time.perf_counter() - start
+    log.append((" ".join(args), seconds))
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-5000:])
         raise SystemExit(f"{args[0]} failed with exit status {proc.returncode}")
     with open(text_path, "w") as f:
         f.write(proc.stdout)
+    with open(seconds_path, "w") as f:
+        f.write(f"{seconds:.1f}")
     return proc.stdout
 
 
@@ -115,8 +124,11 @@ def attention_targets(data):
             continue
         for mode, r in row["paths"]["kernel"].items():
             ok = r["floor_multiple"] <= ATTENTION_FLOOR_LIMIT
+            measured = f"{r['floor_multiple']:.2f} (best {r['best_floor_multiple']:.2f}"
+            if r.get("cores_used") and row.get("threads"):
+                measured += f"; {r['floor_multiple'] * r['cores_used'] / row['threads']:.2f} at the {r['cores_used']:.2f} cores used"
             rows.append((f"attention {row['size']} {mode} (kernel) time / floor", f"<= {ATTENTION_FLOOR_LIMIT:g}",
-                         f"{r['floor_multiple']:.2f} (best {r['best_floor_multiple']:.2f})", status(ok)))
+                         measured + ")", status(ok)))
     return rows
 
 
@@ -143,12 +155,28 @@ def model_targets(models):
     return rows
 
 
+def profile_summary(result):
+    """One sentence on where the AA model's extra inference time goes, from the profiles."""
+    profile = result.get("profile")
+    if not profile:
+        return ""
+    base, aa = sum(profile["baseline"].values()), sum(profile["aa"].values())
+    kernel = sum(v for k, v in profile["aa"].items() if "attention" in k.lower())
+    extra = aa - base
+    if extra <= 0:
+        return (f"Profile: the AA model's inference took no more self CPU time than the baseline's (AA {aa:.2f} s, "
+                f"baseline {base:.2f} s): the profiled runs were too noisy to tell; the attention took {kernel:.2f} s.")
+    return (f"Profile: the AA model's inference takes {extra:.2f} s more self CPU time than the baseline's "
+            f"(AA {aa:.2f} s, baseline {base:.2f} s); the attention kernel itself accounts for {kernel:.2f} s of it "
+            f"({100 * kernel / extra:.0f}%; the other operators' differences, table above, are within the noise).")
+
+
 def main(argv=None):
     args = parse_args(argv)
     log = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        folder = args.keep_json or tmp
+        folder = os.path.abspath(args.keep_json or tmp)
         os.makedirs(folder, exist_ok=True)
         attention = None
         if not args.skip_attention:
@@ -157,6 +185,8 @@ def main(argv=None):
                       "--json", path], log, path, args.reuse)
             with open(path) as f:
                 attention = json.load(f)
+            for row in attention["rows"]:
+                row.setdefault("threads", attention["meta"].get("threads"))
         models, reports = {}, {}
         if not args.skip_models:
             for variant, stages in VARIANTS.items():
@@ -178,7 +208,8 @@ def main(argv=None):
         f"of {H}x{W}; every ratio is measured within one process, the two models (or attention paths) run in turns.",
         "",
         "Environment: " + ", ".join(f"{k}: {v}" for k, v in env.items())
-        + f"; load average at the end {os.getloadavg()[0]:.1f}, total run time {time.perf_counter() - started:.0f} s.",
+        + f"; load average at the end {os.getloadavg()[0]:.1f} (other processes' load makes the times noisy: "
+        "see \"cores used\"); run times in \"Runs\" below.",
         "",
         "## Targets",
         "",
@@ -187,6 +218,9 @@ def main(argv=None):
     ]
     for variant, text in reports.items():
         lines += ["", f"## AA-R50 / R50 RetinaNet, attention in {variant}", "", "```", text.strip(), "```"]
+        summary = profile_summary(models[variant])
+        if summary:
+            lines += ["", summary]
     if attention:
         lines += ["", attention_section(attention)]
     lines += [
@@ -201,7 +235,11 @@ def main(argv=None):
         "",
         "## Runs",
         "",
-        format_table(("command", "seconds"), [(f"`{cmd}`", f"{sec:.0f}") for cmd, sec in log]),
+        "Results reused with `--reuse` show no run time; FOLDER is the `--keep-json` folder (a temporary one by default).",
+        "",
+        format_table(("command", "seconds"),
+                     [(f"`{cmd.replace(folder, 'FOLDER')}`", "reused (not recorded)" if sec is None else f"{sec:.0f}")
+                      for cmd, sec in log]),
         "",
     ]
     with atomic_write(args.out, "w") as f:
