@@ -112,3 +112,21 @@ def test_kept_attention_is_the_layers_softmax():
     assert weights.shape == (2, 2, 5, 3, 5, 3)
     assert torch.allclose(weights.sum(dim=(-2, -1)), torch.ones(2, 2, 5, 3))
     assert not torch.allclose(weights[0, 0, 0, 0], weights[0, 0, 4, 2])  # queries attend differently
+
+
+@pytest.mark.parametrize("impl", ["auto", "naive"])
+def test_bfloat16_autocast_matches_float32(impl):
+    """Under CPU autocast (bfloat16) the layer's forward and backward stay close to fp32."""
+    torch.manual_seed(0)
+    layer = AAConv2d(16, 32, num_heads=4, key_depth=8, value_depth=8, impl=impl)
+    x = torch.randn(2, 16, 6, 9)
+    grad = torch.randn(2, 32, 6, 9)
+    ref = layer(x)
+    ref_grads = torch.autograd.grad(ref, list(layer.parameters()), grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    grads = torch.autograd.grad(out.float(), list(layer.parameters()), grad)
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
+    for g, r in zip(grads, ref_grads):
+        assert (g.float() - r).norm() < 0.05 * r.norm()

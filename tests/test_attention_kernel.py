@@ -1,4 +1,6 @@
 """The compiled CPU kernel (impl="kernel") against the brute-force formula and the naive path."""
+import math
+
 import pytest
 import torch
 
@@ -109,3 +111,65 @@ def test_auto_without_the_kernel_uses_the_pixel_threshold(monkeypatch):
     monkeypatch.setattr(ra, "_C", None)
     small, large = random_inputs(1, 1, 2, 3, 2, 2)[0], random_inputs(1, 1, 17, 17, 2, 2)[0]
     assert ra._choose_impl(small) == "naive" and ra._choose_impl(large) == "fused"
+
+
+# (B, Nh, H, W, dkh, dvh, table rows per side): tables shorter than the map (offsets clipped to the last
+# row), longer than the map, W above one vector of 16 lanes.
+QKV_SHAPES = [(2, 2, 5, 9, 3, 2, 5), (1, 3, 4, 18, 13, 6, 3), (2, 1, 6, 3, 2, 3, 10), (1, 2, 3, 33, 6, 3, 33)]
+
+
+def _qkv_reference(qkv, Nh, dk, dv, rel_h, rel_w):
+    """The naive path with full-size tables gathered from the clipped ones."""
+    from aa_detection.layers.relative_attention import relative_table, split_heads
+
+    B, _, H, W = qkv.shape
+    q, k, v = split_heads(qkv, Nh, dk, dv)
+    logits_h = torch.einsum("bnyxd,ykd->bnyxk", q, relative_table(rel_h, H))
+    logits_w = torch.einsum("bnyxd,xkd->bnyxk", q, relative_table(rel_w, W))
+    logits = torch.einsum("bnyxd,bnuvd->bnyxuv", q, k) + logits_h[..., :, None] + logits_w[..., None, :]
+    weights = torch.softmax(logits.reshape(B, Nh, H * W, H * W) / math.sqrt(dk // Nh), -1)
+    out = weights @ v.reshape(B, Nh, H * W, -1)
+    return out.reshape(B, Nh, H, W, -1).permute(0, 1, 4, 2, 3).reshape(B, dv, H, W)
+
+
+@pytest.mark.parametrize("shape", QKV_SHAPES)
+def test_kernel_on_qkv_layout_matches_reference(shape):
+    from aa_detection.layers.relative_attention import relative_attention_qkv
+
+    B, Nh, H, W, dkh, dvh, L = shape
+    dk, dv = Nh * dkh, Nh * dvh
+    torch.manual_seed(0)
+    qkv = torch.randn(B, 2 * dk + dv, H, W, requires_grad=True)
+    rel_h = torch.randn(2 * L - 1, dkh, requires_grad=True)
+    rel_w = torch.randn(2 * L - 1, dkh, requires_grad=True)
+    grad_out = torch.randn(B, dv, H, W)
+    results = []
+    for fn in (_qkv_reference, lambda *a: relative_attention_qkv(*a, impl="kernel")):
+        out = fn(qkv, Nh, dk, dv, rel_h, rel_w)
+        results.append((out, torch.autograd.grad(out, (qkv, rel_h, rel_w), grad_out)))
+    (ref, ref_grads), (out, grads) = results
+    assert _rel_error(out, ref) < 1e-5
+    for name, g, r in zip(("qkv", "rel_h", "rel_w"), grads, ref_grads):
+        assert _rel_error(g, r) < 1e-5, name
+
+
+def test_kernel_on_qkv_layout_content_only():
+    from aa_detection.layers.relative_attention import relative_attention_qkv
+
+    qkv = torch.randn(2, 2 * 6 + 4, 4, 5, requires_grad=True)
+    ref = relative_attention_qkv(qkv, 2, 6, 4, impl="naive")
+    out = relative_attention_qkv(qkv, 2, 6, 4, impl="kernel")
+    assert _rel_error(out, ref) < 1e-5
+    g = torch.randn_like(out)
+    assert _rel_error(torch.autograd.grad(out, qkv, g)[0], torch.autograd.grad(ref, qkv, g)[0]) < 1e-5
+
+
+def test_kernel_on_a_strided_qkv_view():
+    """A non-contiguous qkv (e.g. a channel slice) is copied, not misread."""
+    from aa_detection.layers.relative_attention import relative_attention_qkv
+
+    base = torch.randn(1, 40, 3, 7)
+    qkv = base[:, 4:4 + 2 * 8 + 8]
+    rel_h, rel_w = torch.randn(5, 4), torch.randn(13, 4)
+    ref = relative_attention_qkv(qkv, 2, 8, 8, rel_h, rel_w, impl="naive")
+    assert _rel_error(relative_attention_qkv(qkv, 2, 8, 8, rel_h, rel_w, impl="kernel"), ref) < 1e-5

@@ -114,3 +114,44 @@ def test_flop_count_of_a_detector_is_the_same_for_every_attention_path():
     (naive_total, naive_ops), (fused_total, fused_ops) = counts["naive"], counts["fused"]
     assert naive_total == fused_total and naive_ops == fused_ops
     assert naive_ops["attention"] > 0 and not {"einsum", "matmul", "bmm"} & set(naive_ops)
+
+
+def test_flop_count_counts_the_kernel_attention():
+    from aa_detection.layers.relative_attention import kernel_available
+
+    if not kernel_available():
+        pytest.skip("aa_detection._C is not built")
+    B, C, F, H, W, heads, dk, dv = 1, 16, 32, 12, 10, 2, 8, 6
+    layer = AAConv2d(C, F, num_heads=heads, key_depth=dk, value_depth=dv, impl="kernel").eval()
+    total, by_op = flop_count(layer, (torch.randn(B, C, H, W),))
+    hw = H * W
+    convs = hw * (F - dv) * C * 9 + hw * C * (2 * dk + dv) + hw * dv * dv
+    assert total == convs + B * hw * hw * (dk + dv) + B * hw * (H + W) * dk
+
+
+def test_benchmark_compares_two_models(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    _tool("benchmark").main(["--size", "64", "96", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+                             "--json", str(out), "--opts", "MODEL.RESNETS.DEPTH", "18",
+                             "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.AA.STAGES", "['res4','res5']"])
+    text = capsys.readouterr().out
+    assert "AA/baseline" in text and "cores used" in text and "res4" in text
+    import json
+
+    results = json.loads(out.read_text())
+    for name in ("baseline", "aa"):
+        assert results[name]["inference_s"]["median"] > 0 and results[name]["train_iter_s"]["median"] > 0
+        assert results[name]["train_peak_GiB"] >= 0 and results[name]["params_M"] > 0
+    assert set(results["stages"]) == {"res4", "res5"}
+
+
+def test_make_benchmarks_checks_the_targets():
+    tool = _tool("make_benchmarks")
+    models = {"res4-res5": {"baseline": {"inference_s": {"median": 2.0}, "train_iter_s": {"median": 10.0},
+                                         "train_peak_GiB": 3.0, "params_M": 37.9},
+                            "aa": {"inference_s": {"median": 2.2}, "train_iter_s": {"median": 14.0},
+                                   "train_peak_GiB": 3.0, "params_M": 37.5}}}
+    rows = {r[0]: r for r in tool.model_targets(models)}
+    assert rows["res4-res5: AA / baseline inference s/img"][2:] == ("1.100", "met")
+    assert rows["res4-res5: AA / baseline train s/iter"][2:] == ("1.400", "NOT met")
+    assert rows["res4-res5: params AA <= baseline"][3] == "met"

@@ -95,24 +95,31 @@ def training_step(model, inputs):
     model.zero_grad(set_to_none=True)
 
 
-def time_alternating(steps, device, warmup, repeats):
-    """{name: [seconds per run]} for each name -> callable, running the callables in turns."""
+def time_alternating(steps, device, warmup, repeats, cores=None):
+    """{name: [seconds per run]} for each name -> callable, running the callables in turns. With a dict
+    `cores`, also stores there {name: CPU seconds per wall second of its runs}: about the thread count
+    when the cores were this process's alone, lower when other processes took them."""
     for step in steps.values():
         for _ in range(warmup):
             step()
     times = {name: [] for name in steps}
+    cpu = {name: 0.0 for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
             synchronize(device)
-            start = time.perf_counter()
+            cpu_start, start = time.process_time(), time.perf_counter()
             step()
             synchronize(device)
             times[name].append(time.perf_counter() - start)
+            cpu[name] += time.process_time() - cpu_start
+    if cores is not None:
+        cores.update({name: cpu[name] / max(sum(times[name]), 1e-9) for name in steps})
     return times
 
 
-def summary(times):
-    return {"median": statistics.median(times), "min": min(times), "max": max(times), "runs": times}
+def summary(times, cores_used=None):
+    return {"median": statistics.median(times), "min": min(times), "max": max(times), "runs": times,
+            "cores_used": cores_used}
 
 
 def profile_inference(model, inputs):
@@ -149,11 +156,13 @@ def run(args):
             "attention_gflops": by_op["attention"] / 1e9,
         }
 
+    cores = {}
     inference = time_alternating(
-        {n: (lambda m=m: inference_step(m, infer_inputs)) for n, m in models.items()}, device, args.warmup, args.repeats
+        {n: (lambda m=m: inference_step(m, infer_inputs)) for n, m in models.items()}, device, args.warmup, args.repeats,
+        cores,
     )
     for name in names:
-        results[name]["inference_s"] = summary(inference[name])
+        results[name]["inference_s"] = summary(inference[name], cores[name])
         results[name]["inference_peak_GiB"] = measure_peak_memory(
             lambda: inference_step(models[name], infer_inputs), device
         ) / 2**30
@@ -161,10 +170,10 @@ def run(args):
     if not args.no_train:
         training = time_alternating(
             {n: (lambda m=m: training_step(m, train_inputs)) for n, m in models.items()},
-            device, args.warmup, args.repeats,
+            device, args.warmup, args.repeats, cores,
         )
         for name in names:
-            results[name]["train_iter_s"] = summary(training[name])
+            results[name]["train_iter_s"] = summary(training[name], cores[name])
             results[name]["train_peak_GiB"] = measure_peak_memory(
                 lambda: training_step(models[name], train_inputs), device
             ) / 2**30
@@ -219,6 +228,11 @@ def report(results):
         environment_line(results["environment"]),
         format_table(("", "baseline", "AA", "AA/baseline", "min-max (baseline | AA)"), table),
     ]
+    used = [(label, base[key].get("cores_used"), aa[key].get("cores_used")) for label, key in
+            (("inference", "inference_s"), ("training", "train_iter_s")) if isinstance(base.get(key), dict)]
+    if used and all(b is not None and a is not None for _, b, a in used):
+        lines.append("cores used (CPU s per wall s; the thread count on an idle machine): " + ", ".join(
+            f"{label} {b:.2f} | {a:.2f}" for label, b, a in used))
     if "stages" in results:
         stage_rows = [(s, f"{v['inference_ratio']:.3f}", f"{v['gflops_ratio']:.3f}") for s, v in results["stages"].items()]
         lines += ["", "Each augmented stage alone (ratio to the baseline):",

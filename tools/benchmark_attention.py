@@ -19,7 +19,9 @@ torch.exp and the kernel's own exp, best call at the benchmark's thread count) r
 Backward adds the gradient matmuls: 2 B Nh (HW)^2 (2 dkh + 2 dvh) FLOPs (dq, dk, dp, dv),
 2 B Nh (HW)^2 adds (gradients of the relative logits) and 4 B Nh HW (H+W) dkh FLOPs (their einsums).
 Exps are counted once for forward+backward, so a path that recomputes them (as every path that does
-not store (HW)^2 probabilities must) pays them twice. Adds count at the matmul rate.
+not store (HW)^2 probabilities must) pays them twice. Adds count at the matmul rate. "cores used" is the
+process's CPU seconds per wall second during a path's calls: the thread count on an idle machine, lower
+when other processes held the cores (the floor assumes they did not).
 
     python tools/benchmark_attention.py [--sizes res5,res4,res3] [--repeats 3] [--json out.json]
 """
@@ -27,11 +29,9 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 
 import torch
 
@@ -39,6 +39,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from aa_detection.layers import attention_depths, relative_attention_2d  # noqa: E402
 from aa_detection.layers import relative_attention  # noqa: E402
+from aa_detection.layers.relative_attention import relative_attention_qkv, split_heads  # noqa: E402
+from aa_detection.utils.bench import environment, format_table  # noqa: E402
 from aa_detection.utils.memory import measure_peak_memory  # noqa: E402
 
 # name: (H, W, Fout) of the 800x1333 input's stage outputs where AA-ResNet-50 places attention.
@@ -89,25 +91,56 @@ def make_inputs(B, Nh, H, W, dkh, dvh, seed=0):
     return (q, k, v, rel_h, rel_w), grad_out
 
 
+def to_qkv(q, k, v):
+    """(B, Nh, H, W, d) q, k, v -> the qkv convolution's layout (B, 2 dk + dv, H, W)."""
+    B, Nh, H, W, _ = q.shape
+    return torch.cat([t.permute(0, 1, 4, 2, 3).reshape(B, -1, H, W) for t in (q, k, v)], 1)
+
+
 def run_once(inputs, grad_out, impl, train):
-    """One call; returns (seconds, peak bytes, output, gradients or None)."""
+    """One call; returns (seconds, peak bytes, output, gradients or None).
+
+    The kernel path is timed as the layer calls it: on the qkv convolution's output (B, 2 dk + dv, H, W),
+    through `relative_attention_qkv`; its output and gradients are mapped back to the (B, Nh, H, W, d)
+    layout of the other paths for the comparisons (outside the timing)."""
     result = {}
+    q, k, v, rel_h, rel_w = inputs
+    B, Nh, H, W, dkh = q.shape
+    dvh = v.shape[-1]
+    qkv_layout = impl == "kernel"
+    if qkv_layout:
+        tensors = [to_qkv(q, k, v), rel_h, rel_w]
+        grad = grad_out.permute(0, 1, 4, 2, 3).reshape(B, Nh * dvh, H, W).contiguous()
+    else:
+        tensors, grad = list(inputs), grad_out
+
+    def attend(leaves):
+        if qkv_layout:
+            return relative_attention_qkv(leaves[0], Nh, Nh * dkh, Nh * dvh, leaves[1], leaves[2], impl=impl)
+        return relative_attention_2d(*leaves, impl=impl)
 
     def call():
-        leaves = [t.detach().requires_grad_(train) for t in inputs]
-        t0 = time.perf_counter()
+        leaves = [t.detach().requires_grad_(train) for t in tensors]
+        c0, t0 = time.process_time(), time.perf_counter()
         if train:
-            out = relative_attention_2d(*leaves, impl=impl)
-            grads = torch.autograd.grad(out, leaves, grad_out)
+            out = attend(leaves)
+            grads = torch.autograd.grad(out, leaves, grad)
         else:
-            with torch.no_grad():
-                out = relative_attention_2d(*leaves, impl=impl)
+            with torch.inference_mode():
+                out = attend(leaves)
             grads = None
         result["seconds"] = time.perf_counter() - t0
+        result["cpu_seconds"] = time.process_time() - c0
         result["out"], result["grads"] = out.detach(), grads
 
     peak = measure_peak_memory(call)
-    return result["seconds"], peak, result["out"], result["grads"]
+    out, grads = result["out"], result["grads"]
+    if qkv_layout:
+        out = out.reshape(B, Nh, dvh, H, W).permute(0, 1, 3, 4, 2)
+        if grads is not None:
+            dq, dk, dv = split_heads(grads[0], Nh, Nh * dkh, Nh * dvh)
+            grads = (dq, dk, dv, grads[1], grads[2])
+    return result["seconds"], peak, out, grads, result["cpu_seconds"]
 
 
 def measure_rates(repeats=10):
@@ -229,13 +262,15 @@ def bench_size(name, args, rates, factors):
                 entry = rec[p][mode]
                 if rep > 0 and entry["times"] and entry["times"][0] > args.long_call:
                     continue
-                seconds, peak, out, grads = run_once(inputs, grad_out, p, mode == "train")
+                seconds, peak, out, grads, cpu = run_once(inputs, grad_out, p, mode == "train")
                 entry["times"].append(seconds)
+                entry.setdefault("cpu", []).append(cpu)
                 entry["peak"] = max(entry["peak"], peak)
                 if rep == 0:
                     outputs[(p, mode)] = (out, grads)
     ref = next(p for p in PATHS if p in paths)
     row = {"size": name, "H": H, "W": W, "B": B, "Nh": Nh, "dkh": dkh, "dvh": dvh, "reference": ref,
+           "threads": torch.get_num_threads(),
            "naive_logits_bytes": logits_bytes, "paths": {}, "skipped": {}}
     modes_est = {m: factors[m] * logits_bytes for m in modes}
     for p in skipped:
@@ -262,7 +297,12 @@ def bench_size(name, args, rates, factors):
                 "calls": len(entry["times"]),
                 "peak_bytes": entry["peak"],
                 "max_abs_diff_out": max_diff(out, ref_out),
+                "best_seconds": min(entry["times"]),
+                # CPU seconds per wall second of the calls: about the thread count when the cores were
+                # this process's, lower when other processes held them (the floor assumes all threads).
+                "cores_used": sum(entry["cpu"]) / sum(entry["times"]),
                 "floor_multiple": t / row["floor"][mode]["seconds"],
+                "best_floor_multiple": min(entry["times"]) / row["floor"][mode]["seconds"],
                 "floor_multiple_torch_exp": t / row["floor"][mode]["seconds_torch_exp"],
             }
             if grads is not None:
@@ -282,30 +322,44 @@ def print_tables(rows, rates, modes):
           f"(best of: {exps} Gexp/s); {rates['threads']} threads")
     for mode in modes:
         print(f"\n### {mode} ({'no autograd' if mode == 'forward' else 'forward + backward'})\n")
-        print("| map | HW | dkh/dvh | path | time (s) | peak mem | naive/path time | naive/path mem | "
-              "max abs diff out | max abs diff grad | floor (s) | time/floor | time/floor at torch.exp rate |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for row in rows:
-            naive = row["paths"].get("naive", {}).get(mode)
-            floor = row["floor"][mode]["seconds"]
-            head = f"| {row['size']} {row['H']}x{row['W']} | {row['H'] * row['W']} | {row['dkh']}/{row['dvh']} "
-            for p in PATHS:
-                if p in row["skipped"]:
-                    est = row["skipped"][p]["estimated_peak_bytes"][mode]
-                    print(head + f"| {p} | skipped | est. {fmt_bytes(est)} | - | - | - | - | {floor:.3f} | - | - |")
-                    continue
-                if p not in row["paths"]:
-                    continue
-                r = row["paths"][p][mode]
-                t_ratio = f"{naive['seconds'] / r['seconds']:.2f}" if naive else "-"
-                m_ratio = f"{naive['peak_bytes'] / max(r['peak_bytes'], 1):.1f}" if naive else "-"
-                if not naive and p in row["paths"] and "naive" in row["skipped"]:
-                    m_ratio = f"est. {row['skipped']['naive']['estimated_peak_bytes'][mode] / max(r['peak_bytes'], 1):.0f}"
-                gdiff = f"{r['max_abs_diff_grad']:.1e}" if "max_abs_diff_grad" in r else "-"
-                print(head + f"| {p} | {r['seconds']:.3f} | {fmt_bytes(r['peak_bytes'])} | {t_ratio} | {m_ratio} | "
-                      f"{r['max_abs_diff_out']:.1e} | {gdiff} | {floor:.3f} | {r['floor_multiple']:.1f} | "
-                      f"{r['floor_multiple_torch_exp']:.1f} |")
-            print(head + f"| auto -> {row['auto']} | | | | | | | | | |")
+        print(format_table(*table_rows(rows, mode)))
+
+
+def table_rows(rows, mode):
+    """(header, rows) of the Markdown table of one mode."""
+    header = ("map", "HW", "dkh/dvh", "path", "time (s)", "best (s)", "peak mem", "naive/path time",
+              "naive/path mem", "max abs diff out", "max abs diff grad", "floor (s)", "time/floor",
+              "best/floor", "time/floor at torch.exp rate", "cores used", "time/floor at the cores used")
+    table = []
+    for row in rows:
+        naive = row["paths"].get("naive", {}).get(mode)
+        floor = row["floor"][mode]["seconds"]
+        head = (f"{row['size']} {row['H']}x{row['W']}", row["H"] * row["W"], f"{row['dkh']}/{row['dvh']}")
+        for p in PATHS:
+            if p in row["skipped"]:
+                est = row["skipped"][p]["estimated_peak_bytes"][mode]
+                table.append(head + (p, "skipped", "-", f"est. {fmt_bytes(est)}") + ("-",) * 4 + (f"{floor:.3f}",)
+                             + ("-",) * 5)
+                continue
+            if p not in row["paths"]:
+                continue
+            r = row["paths"][p][mode]
+            t_ratio = f"{naive['seconds'] / r['seconds']:.2f}" if naive else "-"
+            m_ratio = f"{naive['peak_bytes'] / max(r['peak_bytes'], 1):.1f}" if naive else "-"
+            if not naive and "naive" in row["skipped"]:
+                m_ratio = f"est. {row['skipped']['naive']['estimated_peak_bytes'][mode] / max(r['peak_bytes'], 1):.0f}"
+            gdiff = f"{r['max_abs_diff_grad']:.1e}" if "max_abs_diff_grad" in r else "-"
+            cores = r.get("cores_used")
+            at_cores = "-"
+            if cores is not None and "threads" in row:
+                at_cores = f"{r['floor_multiple'] * cores / row['threads']:.1f}"
+            table.append(head + (p, f"{r['seconds']:.3f}", f"{r['best_seconds']:.3f}", fmt_bytes(r["peak_bytes"]),
+                                 t_ratio, m_ratio, f"{r['max_abs_diff_out']:.1e}", gdiff, f"{floor:.3f}",
+                                 f"{r['floor_multiple']:.1f}", f"{r['best_floor_multiple']:.1f}",
+                                 f"{r['floor_multiple_torch_exp']:.1f}", "-" if cores is None else f"{cores:.2f}",
+                                 at_cores))
+        table.append(head + (f"auto -> {row['auto']}",) + ("",) * 13)
+    return header, table
 
 
 def main(argv=None):
@@ -329,7 +383,7 @@ def main(argv=None):
     rows = []
     for name in sorted(sizes, key=lambda s: SIZES[s][0] * SIZES[s][1]):
         row = bench_size(name, args, rates, factors)
-        if "naive" not in row["skipped"]:
+        if "naive" in row["paths"]:
             for m in modes:
                 factors[m] = row["paths"]["naive"][m]["peak_bytes"] / row["naive_logits_bytes"]
         rows.append(row)
@@ -337,16 +391,13 @@ def main(argv=None):
     print_tables(rows, rates, modes)
     print("\nauto rule: the kernel for CPU tensors when it is built; otherwise naive up to "
           f"NAIVE_MAX_PIXELS={relative_attention.NAIVE_MAX_PIXELS} pixels, fused above")
-    meta = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
-        "kernel_isa": relative_attention._C.kernel_isa() if relative_attention.kernel_available() else None,
-        "naive_max_pixels": relative_attention.NAIVE_MAX_PIXELS,
-        "rates": rates,
-        "args": vars(args),
-    }
+    meta = dict(
+        environment(),
+        kernel_isa=relative_attention._C.kernel_isa() if relative_attention.kernel_available() else None,
+        naive_max_pixels=relative_attention.NAIVE_MAX_PIXELS,
+        rates=rates,
+        args=vars(args),
+    )
     print(f"torch {meta['torch']}, {meta['threads']} threads, kernel isa {meta['kernel_isa']}, {meta['date']}")
     if args.json:
         with open(args.json, "w") as f:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .relative_attention import IMPLS, attention_weights, relative_attention_2d
+from .relative_attention import IMPLS, attention_weights, relative_attention_qkv, split_heads
 
 __all__ = ["AAConv2d", "attention_depths"]
 
@@ -121,9 +121,7 @@ class AAConv2d(nn.Module):
 
     def split_heads(self, x):
         """x (B, Cin, H, W) at the output resolution -> q, k (B, Nh, H, W, dkh), v (B, Nh, H, W, dvh)."""
-        B, _, H, W = x.shape
-        qkv = self.qkv(x).split([self.key_depth, self.key_depth, self.value_depth], dim=1)
-        return tuple(t.reshape(B, self.num_heads, -1, H, W).permute(0, 1, 3, 4, 2) for t in qkv)
+        return split_heads(self.qkv(x), self.num_heads, self.key_depth, self.value_depth)
 
     def attention_input(self, x):
         """x (B, Cin, H, W) -> the input of the attention branch, at the convolution's output size."""
@@ -133,16 +131,20 @@ class AAConv2d(nn.Module):
 
     def forward(self, x):
         conv = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
-        q, k, v = self.split_heads(self.attention_input(x))
-        B, Nh, H, W, dvh = v.shape
+        a = self.attention_input(x)
         if self.keep_attention:
+            q, k, v = self.split_heads(a)
+            B, Nh, H, W, dvh = v.shape
             weights = attention_weights(q, k, self.rel_h, self.rel_w)
             self.last_attention = weights.detach().reshape(B, Nh, H, W, H, W)
             attn = (weights @ v.reshape(B, Nh, H * W, dvh)).reshape(B, Nh, H, W, dvh)
+            attn = attn.permute(0, 1, 4, 2, 3).reshape(B, Nh * dvh, H, W)
         else:
-            attn = relative_attention_2d(q, k, v, self.rel_h, self.rel_w, impl=self.impl)
-        attn = self.attn_out(attn.permute(0, 1, 4, 2, 3).reshape(B, Nh * dvh, H, W))
-        out = torch.cat([conv, attn], dim=1)
+            # (B, dv, H, W) straight from the qkv convolution's output: the kernel path reads that layout
+            # as it is and writes its output in the layout the projection reads.
+            attn = relative_attention_qkv(self.qkv(a), self.num_heads, self.key_depth, self.value_depth,
+                                          self.rel_h, self.rel_w, impl=self.impl)
+        out = torch.cat([conv, self.attn_out(attn)], dim=1)
         if self.norm is not None:
             out = self.norm(out)
         if self.activation is not None:

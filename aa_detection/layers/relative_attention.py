@@ -14,8 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention_weights", "kernel_available", "relative_attention_2d", "relative_table", "IMPLS",
-           "NAIVE_MAX_PIXELS"]
+__all__ = ["attention_weights", "kernel_available", "relative_attention_2d", "relative_attention_qkv",
+           "relative_table", "split_heads", "IMPLS", "NAIVE_MAX_PIXELS"]
 
 IMPLS = ("auto", "naive", "fused", "kernel")
 
@@ -118,53 +118,86 @@ def _fused(q, k, v, rel_h, rel_w, scale):
 
 
 class _KernelAttention(torch.autograd.Function):
-    """The compiled CPU kernel: per query, key rows are visited with an online softmax, so the
-    (HW, HW) logits are never stored; backward recomputes them from the saved log-sum-exp."""
+    """The compiled CPU kernel on the qkv convolution's output (B, 2 dk + dv, H, W), fp32: per query, the
+    H + W relative logits are computed from the tables, then key rows are visited with an online
+    softmax, so the (HW, HW) logits are never stored; backward recomputes them from the saved
+    log-sum-exp and returns the gradients of qkv and of both tables directly."""
 
     @staticmethod
-    def forward(ctx, q, k, v, logits_h, logits_w, scale):
-        B, Nh, H, W, dk = q.shape
-        tensors = (
-            q.reshape(B, Nh, H * W, dk).contiguous(),
-            k.reshape(B, Nh, H * W, dk).transpose(-1, -2).contiguous(),
-            v.reshape(B, Nh, H * W, -1).transpose(-1, -2).contiguous(),
-            logits_h.reshape(B, Nh, H * W, H).contiguous(),
-            logits_w.reshape(B, Nh, H * W, W).contiguous(),
-        )
-        out, lse = _C.attention_forward(*tensors, H, W, scale)
-        ctx.save_for_backward(*tensors, out, lse)
-        ctx.shape, ctx.scale = (B, Nh, H, W, dk, v.shape[-1]), scale
-        return out.reshape(B, Nh, H, W, -1)
+    def forward(ctx, qkv, rel_h, rel_w, num_heads, dk, dv, scale):
+        out, lse = _C.attention_forward(qkv, rel_h, rel_w, num_heads, dk, dv, scale)
+        ctx.save_for_backward(qkv, rel_h, rel_w, out, lse)
+        ctx.args = (num_heads, dk, dv, scale)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        B, Nh, H, W, dk, dv = ctx.shape
-        q, kT, vT, rh, rw, out, lse = ctx.saved_tensors
-        grad_out = grad_out.reshape(B, Nh, H * W, dv).contiguous()
-        dq, dkT, dvT, drh, drw = _C.attention_backward(grad_out, q, kT, vT, rh, rw, out, lse, H, W, ctx.scale)
-        grads = (
-            dq.reshape(B, Nh, H, W, dk),
-            dkT.transpose(-1, -2).reshape(B, Nh, H, W, dk),
-            dvT.transpose(-1, -2).reshape(B, Nh, H, W, dv),
-            drh.reshape(B, Nh, H, W, H),
-            drw.reshape(B, Nh, H, W, W),
-        )
-        return (*grads, None)
+        qkv, rel_h, rel_w, out, lse = ctx.saved_tensors
+        dqkv, drel_h, drel_w = _C.attention_backward(grad_out.contiguous(), qkv, rel_h, rel_w, out, lse, *ctx.args)
+        if rel_h.numel() == 0:
+            drel_h = drel_w = None
+        return dqkv, drel_h, drel_w, None, None, None, None
+
+
+_EMPTY = {}
+
+
+def _empty(device):
+    if device not in _EMPTY:
+        with torch.inference_mode(False):
+            _EMPTY[device] = torch.empty(0, device=device)
+    return _EMPTY[device]
+
+
+def _kernel_qkv(qkv, num_heads, dk, dv, rel_h, rel_w):
+    """qkv (B, 2 dk + dv, H, W) -> (B, dv, H, W) through the compiled kernel, in fp32 (inputs of other
+    dtypes, e.g. bfloat16 under autocast, are converted and the output converted back)."""
+    if qkv.device.type != "cpu" or _C is None:
+        raise RuntimeError("impl='kernel' needs the compiled CPU kernel aa_detection._C and CPU tensors")
+    dtype = qkv.dtype
+    scale = 1.0 / math.sqrt(dk // num_heads)
+    if rel_h is None:
+        rel_h = rel_w = _empty(qkv.device)
+    qkv, rel_h, rel_w = (t.float().contiguous() for t in (qkv, rel_h, rel_w))
+    return _KernelAttention.apply(qkv, rel_h, rel_w, num_heads, dk, dv, scale).to(dtype)
 
 
 def _kernel(q, k, v, rel_h, rel_w, scale):
-    """The compiled CPU kernel in fp32; the cheap per-query relative logits q.r^H (B, Nh, H, W, H) and
-    q.r^W (B, Nh, H, W, W) come from PyTorch, so their gradient reaches the tables through autograd."""
-    if q.device.type != "cpu" or _C is None:
-        raise RuntimeError("impl='kernel' needs the compiled CPU kernel aa_detection._C and CPU tensors")
-    dtype = q.dtype
-    q, k, v = q.float(), k.float(), v.float()
-    B, Nh, H, W, _ = q.shape
-    if rel_h is not None:
-        logits_h, logits_w = _relative_logits(q, rel_h.float(), rel_w.float())
-    else:
-        logits_h, logits_w = q.new_zeros(B, Nh, H, W, H), q.new_zeros(B, Nh, H, W, W)
-    return _KernelAttention.apply(q, k, v, logits_h, logits_w, scale).to(dtype)
+    """The kernel from (B, Nh, H, W, d) q, k, v: packed into the qkv layout (one copy)."""
+    B, Nh, H, W, dkh = q.shape
+    dvh = v.shape[-1]
+    if not math.isclose(scale, 1.0 / math.sqrt(dkh)):
+        raise ValueError("the kernel path uses the scale 1/sqrt(dkh)")
+    qkv = torch.cat([t.permute(0, 1, 4, 2, 3).reshape(B, -1, H, W) for t in (q.float(), k.float(), v.float())], 1)
+    out = _kernel_qkv(qkv, Nh, Nh * dkh, Nh * dvh, rel_h, rel_w)
+    return out.reshape(B, Nh, dvh, H, W).permute(0, 1, 3, 4, 2).to(q.dtype)
+
+
+def split_heads(qkv, num_heads, dk, dv):
+    """qkv (B, 2 dk + dv, H, W) -> q, k (B, Nh, H, W, dkh), v (B, Nh, H, W, dvh) (views)."""
+    B, _, H, W = qkv.shape
+    return tuple(t.reshape(B, num_heads, -1, H, W).permute(0, 1, 3, 4, 2) for t in qkv.split([dk, dk, dv], dim=1))
+
+
+def relative_attention_qkv(qkv, num_heads, dk, dv, rel_h=None, rel_w=None, impl="auto"):
+    """relative_attention_2d on the output of a qkv 1x1 convolution, (B, 2 dk + dv, H, W) -> (B, dv, H, W).
+
+    Channels of qkv: the dk queries, the dk keys, then the dv values, head n holding channels
+    [n * dkh, (n + 1) * dkh) of each (dkh = dk / num_heads); output channel n * dvh + c is value
+    dimension c of head n. The kernel path reads this layout as it is, with no permuted copies, and
+    computes the relative logits from the tables itself."""
+    B, C, H, W = qkv.shape
+    if C != 2 * dk + dv or dk % num_heads or dv % num_heads:
+        raise ValueError(f"qkv with {C} channels does not match dk={dk}, dv={dv}, num_heads={num_heads}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = _choose_impl(qkv.new_empty(B, num_heads, H, W, 0))
+    if impl == "kernel":
+        return _kernel_qkv(qkv, num_heads, dk, dv, rel_h, rel_w)
+    q, k, v = split_heads(qkv, num_heads, dk, dv)
+    out = relative_attention_2d(q, k, v, rel_h, rel_w, impl=impl)
+    return out.permute(0, 1, 4, 2, 3).reshape(B, dv, H, W)
 
 
 def _choose_impl(q):

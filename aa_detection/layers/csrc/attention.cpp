@@ -6,6 +6,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstring>
 #include <vector>
 
 #include "attention_kernel.h"
@@ -48,6 +50,19 @@ const Isa& isa() {
 // Queries per parallel task.
 constexpr int64_t kQueriesPerTask = 64;
 
+// Runs fn(task, work) for task in [0, tasks) on the intra-op threads, each thread taking the next
+// task when it is done with one (not a fixed share: on a CPU shared with other processes a thread
+// that loses its core for a while then delays nobody), with its own scratch of `scratch` floats.
+template <typename Fn>
+void parallel_tasks(int64_t tasks, int64_t scratch, const Fn& fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    std::vector<float> work(scratch);
+    for (int64_t task = next.fetch_add(1); task < tasks; task = next.fetch_add(1)) fn(task, work.data());
+  });
+}
+
 void check_input(const torch::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
   TORCH_CHECK(t.scalar_type() == torch::kFloat32, name, " must be float32, got ", t.scalar_type());
@@ -55,127 +70,163 @@ void check_input(const torch::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got ", t.dim());
 }
 
+// Shapes of one call. qkv is (B, 2 dk + dv, H, W), as the qkv 1x1 convolution writes it: channel
+// n * dkh + d of the first dk channels is query dimension d of head n, then the keys, then the values.
 struct Shapes {
-  int64_t B, Nh, HW, dk, dv;
-  int H, W, Wp;
+  int64_t B, Nh, C, HW, dk, dv, dkh, dvh;
+  int H, W, Wp, Lh, Lw;
+  bool relative;
 };
 
-// (B, Nh, C, HW) -> (B, Nh, C, H, Wp): key rows padded with zeros to a multiple of kLanes.
-torch::Tensor pad_rows(const torch::Tensor& t, const Shapes& s) {
-  return torch::constant_pad_nd(t.view({s.B, s.Nh, t.size(2), s.H, s.W}), {0, s.Wp - s.W}).contiguous();
-}
-
-// Inverse of pad_rows for (..., C, H, Wp) gradients.
-torch::Tensor unpad_rows(const torch::Tensor& t, const Shapes& s) {
-  return t.narrow(-1, 0, s.W).reshape({s.B, s.Nh, t.size(-3), s.HW});
-}
-
-Shapes check_inputs(const torch::Tensor& q, const torch::Tensor& kT, const torch::Tensor& vT,
-                    const torch::Tensor& rh, const torch::Tensor& rw, int64_t H, int64_t W) {
-  check_input(q, "q", 4);
-  check_input(kT, "kT", 4);
-  check_input(vT, "vT", 4);
-  check_input(rh, "rh", 4);
-  check_input(rw, "rw", 4);
-  const int Wp = static_cast<int>((W + kLanes - 1) / kLanes * kLanes);
-  Shapes s{q.size(0), q.size(1), q.size(2), q.size(3), vT.size(2), static_cast<int>(H), static_cast<int>(W), Wp};
-  TORCH_CHECK(H * W == s.HW, "q has ", s.HW, " queries, expected H * W = ", H * W);
-  TORCH_CHECK(s.dk >= 1 && s.dk <= kMaxWidth && s.dv >= 1 && s.dv <= kMaxWidth,
-              "head widths must lie in [1, ", kMaxWidth, "], got dkh=", s.dk, " dvh=", s.dv);
-  TORCH_CHECK(kT.sizes() == torch::IntArrayRef({s.B, s.Nh, s.dk, s.HW}), "kT must be (B, Nh, dkh, HW)");
-  TORCH_CHECK(vT.size(0) == s.B && vT.size(1) == s.Nh && vT.size(3) == s.HW, "vT must be (B, Nh, dvh, HW)");
-  TORCH_CHECK(rh.sizes() == torch::IntArrayRef({s.B, s.Nh, s.HW, H}), "rh must be (B, Nh, HW, H)");
-  TORCH_CHECK(rw.sizes() == torch::IntArrayRef({s.B, s.Nh, s.HW, W}), "rw must be (B, Nh, HW, W)");
+Shapes check_inputs(const torch::Tensor& qkv, const torch::Tensor& rel_h, const torch::Tensor& rel_w,
+                    int64_t num_heads, int64_t dk, int64_t dv) {
+  check_input(qkv, "qkv", 4);
+  TORCH_CHECK(num_heads >= 1 && dk % num_heads == 0 && dv % num_heads == 0 && dk > 0 && dv > 0,
+              "dk=", dk, " and dv=", dv, " must be positive multiples of num_heads=", num_heads);
+  TORCH_CHECK(qkv.size(1) == 2 * dk + dv, "qkv has ", qkv.size(1), " channels, expected 2 dk + dv = ", 2 * dk + dv);
+  Shapes s;
+  s.B = qkv.size(0);
+  s.Nh = num_heads;
+  s.C = qkv.size(1);
+  s.H = static_cast<int>(qkv.size(2));
+  s.W = static_cast<int>(qkv.size(3));
+  s.HW = static_cast<int64_t>(s.H) * s.W;
+  s.dk = dk;
+  s.dv = dv;
+  s.dkh = dk / num_heads;
+  s.dvh = dv / num_heads;
+  s.Wp = static_cast<int>((s.W + kLanes - 1) / kLanes * kLanes);
+  TORCH_CHECK(s.dkh <= kMaxWidth && s.dvh <= kMaxWidth, "head widths must lie in [1, ", kMaxWidth,
+              "], got dkh=", s.dkh, " dvh=", s.dvh);
+  s.relative = rel_h.numel() > 0;
+  TORCH_CHECK(s.relative == (rel_w.numel() > 0), "rel_h and rel_w must be given together");
+  s.Lh = s.Lw = 1;
+  if (s.relative) {
+    check_input(rel_h, "rel_h", 2);
+    check_input(rel_w, "rel_w", 2);
+    TORCH_CHECK(rel_h.size(1) == s.dkh && rel_w.size(1) == s.dkh, "rel_h and rel_w must have width dkh=", s.dkh);
+    TORCH_CHECK(rel_h.size(0) % 2 == 1 && rel_w.size(0) % 2 == 1, "relative tables must have 2L-1 rows");
+    s.Lh = static_cast<int>((rel_h.size(0) + 1) / 2);
+    s.Lw = static_cast<int>((rel_w.size(0) + 1) / 2);
+  }
   return s;
 }
 
-// kT, vT: padded by pad_rows.
-AttentionSlice slice(const Shapes& s, int64_t bh, const torch::Tensor& q, const torch::Tensor& kT,
-                     const torch::Tensor& vT, const torch::Tensor& rh, const torch::Tensor& rw, double scale) {
-  const int64_t padded = static_cast<int64_t>(s.H) * s.Wp;
-  return {q.data_ptr<float>() + bh * s.HW * s.dk,
-          kT.data_ptr<float>() + bh * padded * s.dk,
-          vT.data_ptr<float>() + bh * padded * s.dv,
-          rh.data_ptr<float>() + bh * s.HW * s.H,
-          rw.data_ptr<float>() + bh * s.HW * s.W,
+// Copies the keys and values of slice bh of qkv into dst, (dkh + dvh, H, Wp), their rows zero-padded to Wp.
+// Each task copies the slice it works on (a small share of its work: the task's queries each visit
+// all of these keys), so the call needs no separate padding pass over the whole tensor.
+void copy_padded_slice(const Shapes& s, const torch::Tensor& qkv, int64_t bh, float* dst) {
+  const int64_t b = bh / s.Nh, n = bh % s.Nh;
+  const float* base = qkv.data_ptr<float>() + b * s.C * s.HW;
+  const int64_t rows = (s.dkh + s.dvh) * s.H;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t channel = r / s.H, y = r % s.H;
+    const int64_t source = channel < s.dkh ? s.dk + n * s.dkh + channel : 2 * s.dk + n * s.dvh + (channel - s.dkh);
+    std::memcpy(dst + r * s.Wp, base + source * s.HW + y * s.W, s.W * sizeof(float));
+    std::memset(dst + r * s.Wp + s.W, 0, (s.Wp - s.W) * sizeof(float));
+  }
+}
+
+// Splits of each (batch, head) slice's queries into tasks: about kTasksPerThread tasks per thread, so
+// that the threads share the work evenly even when one of them is slowed down.
+constexpr int64_t kTasksPerThread = 16;
+int64_t query_splits(const Shapes& s) {
+  const int64_t BH = s.B * s.Nh, threads = at::get_num_threads();
+  return std::min<int64_t>(std::max<int64_t>(1, (kTasksPerThread * threads + BH - 1) / BH),
+                           (s.HW + kQueriesPerTask - 1) / kQueriesPerTask);
+}
+
+// kv: the slice's keys and values as copy_padded_slice writes them.
+AttentionSlice slice(const Shapes& s, int64_t bh, const torch::Tensor& qkv, const float* kv,
+                     const torch::Tensor& rel_h, const torch::Tensor& rel_w, double scale) {
+  const int64_t b = bh / s.Nh, n = bh % s.Nh;
+  const int64_t plane = static_cast<int64_t>(s.H) * s.Wp;
+  return {qkv.data_ptr<float>() + (b * s.C + n * s.dkh) * s.HW,
+          kv,
+          kv + s.dkh * plane,
+          s.relative ? rel_h.data_ptr<float>() : nullptr,
+          s.relative ? rel_w.data_ptr<float>() : nullptr,
+          s.HW,
           s.H,
           s.W,
           s.Wp,
-          static_cast<int>(s.dk),
-          static_cast<int>(s.dv),
+          static_cast<int>(s.dkh),
+          static_cast<int>(s.dvh),
+          s.Lh,
+          s.Lw,
           static_cast<float>(scale)};
 }
 
-// Returns out (B, Nh, HW, dvh) and the log-sum-exp of each query's logits (B, Nh, HW).
-std::vector<torch::Tensor> attention_forward(const torch::Tensor& q, const torch::Tensor& kT,
-                                             const torch::Tensor& vT, const torch::Tensor& rh,
-                                             const torch::Tensor& rw, int64_t H, int64_t W, double scale) {
-  const Shapes s = check_inputs(q, kT, vT, rh, rw, H, W);
-  const auto kTp = pad_rows(kT, s), vTp = pad_rows(vT, s);
-  auto out = torch::empty({s.B, s.Nh, s.HW, s.dv}, q.options());
-  auto lse = torch::empty({s.B, s.Nh, s.HW}, q.options());
-  const int64_t blocks = (s.HW + kQueriesPerTask - 1) / kQueriesPerTask;
+// out (B, dv, H, W), channel n * dvh + c for value dimension c of head n (the layout of the attention
+// branch's output projection input), and the log-sum-exp of each query's logits (B, Nh, HW).
+std::vector<torch::Tensor> attention_forward(const torch::Tensor& qkv, const torch::Tensor& rel_h,
+                                             const torch::Tensor& rel_w, int64_t num_heads, int64_t dk,
+                                             int64_t dv, double scale) {
+  const Shapes s = check_inputs(qkv, rel_h, rel_w, num_heads, dk, dv);
+  auto out = torch::empty({s.B, s.dv, s.H, s.W}, qkv.options());
+  auto lse = torch::empty({s.B, s.Nh, s.HW}, qkv.options());
+  const int64_t splits = query_splits(s), rows_per_split = (s.HW + splits - 1) / splits;
+  const int64_t kv_floats = (s.dkh + s.dvh) * s.H * s.Wp;
   const ForwardRows forward = isa().forward;
-  at::parallel_for(0, s.B * s.Nh * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> work(kScratchRows * s.Wp);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / blocks, i0 = (task % blocks) * kQueriesPerTask;
-      const int64_t i1 = std::min(i0 + kQueriesPerTask, s.HW);
-      forward(slice(s, bh, q, kTp, vTp, rh, rw, scale), i0, i1, out.data_ptr<float>() + bh * s.HW * s.dv,
-              lse.data_ptr<float>() + bh * s.HW, work.data());
-    }
+  parallel_tasks(s.B * s.Nh * splits, kv_floats + kScratchRows * (s.Wp + s.H), [&](int64_t task, float* work) {
+    const int64_t bh = task / splits, i0 = (task % splits) * rows_per_split;
+    const int64_t i1 = std::min(i0 + rows_per_split, s.HW);
+    if (i0 >= i1) return;
+    copy_padded_slice(s, qkv, bh, work);
+    forward(slice(s, bh, qkv, work, rel_h, rel_w, scale), i0, i1, out.data_ptr<float>() + bh * s.dvh * s.HW,
+            lse.data_ptr<float>() + bh * s.HW, work + kv_floats);
   });
   return {out, lse};
 }
 
 // Flash-attention style backward: recomputes the probabilities from the saved log-sum-exp.
-// Returns dq (B, Nh, HW, dkh), dkT (B, Nh, dkh, HW), dvT (B, Nh, dvh, HW), drh, drw.
-std::vector<torch::Tensor> attention_backward(const torch::Tensor& dout, const torch::Tensor& q,
-                                              const torch::Tensor& kT, const torch::Tensor& vT,
-                                              const torch::Tensor& rh, const torch::Tensor& rw,
-                                              const torch::Tensor& out, const torch::Tensor& lse, int64_t H,
-                                              int64_t W, double scale) {
-  const Shapes s = check_inputs(q, kT, vT, rh, rw, H, W);
+// Returns dqkv (B, 2 dk + dv, H, W), drel_h, drel_w (empty for content-only attention).
+std::vector<torch::Tensor> attention_backward(const torch::Tensor& dout, const torch::Tensor& qkv,
+                                              const torch::Tensor& rel_h, const torch::Tensor& rel_w,
+                                              const torch::Tensor& out, const torch::Tensor& lse,
+                                              int64_t num_heads, int64_t dk, int64_t dv, double scale) {
+  const Shapes s = check_inputs(qkv, rel_h, rel_w, num_heads, dk, dv);
   check_input(dout, "dout", 4);
   check_input(out, "out", 4);
   check_input(lse, "lse", 3);
-  TORCH_CHECK(dout.sizes() == out.sizes() && out.sizes() == torch::IntArrayRef({s.B, s.Nh, s.HW, s.dv}),
-              "dout and out must be (B, Nh, HW, dvh)");
-  const auto delta = (dout * out).sum(-1).contiguous();
-  const auto kTp = pad_rows(kT, s), vTp = pad_rows(vT, s);
+  TORCH_CHECK(dout.sizes() == out.sizes() && out.sizes() == torch::IntArrayRef({s.B, s.dv, s.H, s.W}),
+              "dout and out must be (B, dv, H, W)");
+  TORCH_CHECK(lse.sizes() == torch::IntArrayRef({s.B, s.Nh, s.HW}), "lse must be (B, Nh, HW)");
   // Keys are shared by all queries: each group of query rows accumulates its own dk, dv copy, summed
-  // afterwards. One group per (batch, head) when there are enough of them to keep the threads busy.
+  // afterwards.
   const int64_t BH = s.B * s.Nh;
-  const int64_t threads = at::get_num_threads();
-  const int64_t groups = std::min<int64_t>(std::max<int64_t>(1, (2 * threads + BH - 1) / BH),
-                                           (s.HW + kQueriesPerTask - 1) / kQueriesPerTask);
+  const int64_t groups = query_splits(s);
+  const int64_t kv_floats = (s.dkh + s.dvh) * s.H * s.Wp;
   const int64_t rows_per_group = (s.HW + groups - 1) / groups;
-  auto dq = torch::empty_like(q);
-  auto dkT = torch::zeros({groups, s.B, s.Nh, s.dk, s.H, s.Wp}, q.options());
-  auto dvT = torch::zeros({groups, s.B, s.Nh, s.dv, s.H, s.Wp}, q.options());
-  auto drh = torch::empty_like(rh);
-  auto drw = torch::empty_like(rw);
+  const int64_t plane = static_cast<int64_t>(s.H) * s.Wp;
+  auto dqkv = torch::empty_like(qkv);
+  auto dkv = torch::zeros({groups, s.B, s.dk + s.dv, s.H, s.Wp}, qkv.options());
+  // Table gradients: one copy per task, summed afterwards.
+  const int64_t tasks = BH * groups;
+  auto drel_h = s.relative ? torch::zeros({tasks, rel_h.size(0), s.dkh}, qkv.options()) : torch::Tensor();
+  auto drel_w = s.relative ? torch::zeros({tasks, rel_w.size(0), s.dkh}, qkv.options()) : torch::Tensor();
   const BackwardRows backward = isa().backward;
-  at::parallel_for(0, BH * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> work(kScratchRows * s.Wp);
-    for (int64_t task = begin; task < end; ++task) {
+  parallel_tasks(tasks, kv_floats + kScratchRows * (s.Wp + s.H), [&](int64_t task, float* work) {
       const int64_t bh = task / groups, group = task % groups;
+      const int64_t b = bh / s.Nh, n = bh % s.Nh;
       const int64_t i0 = group * rows_per_group, i1 = std::min(i0 + rows_per_group, s.HW);
-      if (i0 >= i1) continue;
-      const int64_t key_offset = (group * BH + bh) * s.H * s.Wp;
-      const AttentionGrads g{dout.data_ptr<float>() + bh * s.HW * s.dv,
+      if (i0 >= i1) return;
+      float* dkv_b = dkv.data_ptr<float>() + (group * s.B + b) * (s.dk + s.dv) * plane;
+      const AttentionGrads g{dout.data_ptr<float>() + bh * s.dvh * s.HW,
+                             out.data_ptr<float>() + bh * s.dvh * s.HW,
                              lse.data_ptr<float>() + bh * s.HW,
-                             delta.data_ptr<float>() + bh * s.HW,
-                             dq.data_ptr<float>() + bh * s.HW * s.dk,
-                             dkT.data_ptr<float>() + key_offset * s.dk,
-                             dvT.data_ptr<float>() + key_offset * s.dv,
-                             drh.data_ptr<float>() + bh * s.HW * s.H,
-                             drw.data_ptr<float>() + bh * s.HW * s.W};
-      backward(slice(s, bh, q, kTp, vTp, rh, rw, scale), g, i0, i1, work.data());
-    }
+                             dqkv.data_ptr<float>() + (b * s.C + n * s.dkh) * s.HW,
+                             dkv_b + n * s.dkh * plane,
+                             dkv_b + (s.dk + n * s.dvh) * plane,
+                             s.relative ? drel_h.data_ptr<float>() + task * drel_h.size(1) * s.dkh : nullptr,
+                             s.relative ? drel_w.data_ptr<float>() + task * drel_w.size(1) * s.dkh : nullptr};
+      copy_padded_slice(s, qkv, bh, work);
+      backward(slice(s, bh, qkv, work, rel_h, rel_w, scale), g, i0, i1, work + kv_floats);
   });
-  return {dq, unpad_rows(groups == 1 ? dkT[0] : dkT.sum(0), s), unpad_rows(groups == 1 ? dvT[0] : dvT.sum(0), s),
-          drh, drw};
+  const auto dkv_sum = groups == 1 ? dkv[0] : dkv.sum(0);
+  dqkv.narrow(1, s.dk, s.dk + s.dv).copy_(dkv_sum.narrow(-1, 0, s.W));
+  if (!s.relative) return {dqkv, torch::Tensor(), torch::Tensor()};
+  return {dqkv, drel_h.sum(0), drel_w.sum(0)};
 }
 
 // The kernel's exp in place (|rel err| < 2e-7 for x <= 88; 0 below -87), over the intra-op threads:
@@ -192,9 +243,10 @@ void fast_exp_(torch::Tensor x) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused CPU kernel of 2D relative multi-head attention (never stores the HW x HW logits)";
-  m.def("attention_forward", &aa_detection::attention_forward, "relative attention forward (out, lse)");
+  m.def("attention_forward", &aa_detection::attention_forward,
+        "relative attention forward from the qkv convolution's output: (out (B, dv, H, W), lse (B, Nh, HW))");
   m.def("attention_backward", &aa_detection::attention_backward,
-        "relative attention backward (dq, dkT, dvT, drh, drw)");
+        "relative attention backward: (dqkv, drel_h, drel_w)");
   m.def("fast_exp_", &aa_detection::fast_exp_, "the kernel's exp, in place (x <= 88)");
   m.def("kernel_isa", [] { return std::string(aa_detection::isa().name); },
         "instruction set of the kernel picked for this CPU");

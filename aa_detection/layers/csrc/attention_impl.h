@@ -4,14 +4,15 @@
 // width AA_VEC_BYTES first); it defines everything inside the namespace AA_ISA and includes no torch
 // headers. The loops use GCC vector extensions, which lower to the instruction set of the file.
 //
-// Layouts of one (batch, head) slice, key j = (y, x), rows of keys padded to Wp (a multiple of
-// kLanes) floats:
-//   q   (HW, DK)       queries, row-major          kT (DK, H, Wp)  keys, transposed
-//   vT  (DV, H, Wp)    values, transposed          rh (HW, H)      q_i . r^H[y - y_i]  (unscaled)
-//   rw  (HW, W)        q_i . r^W[x - x_i] (unscaled)
-// logit_ij = scale * (q_i . k_j + rh[i, y_j] + rw[i, x_j]).
-// Keys are visited one key row (fixed y) at a time: the y term is one scalar per row and the x term
-// a contiguous vector over the row. Padded key columns get a logit of -1e30, hence probability 0.
+// Layouts of one (batch, head) slice, query/key j = (y, x) at column j = y * W + x, rows of keys
+// padded to Wp (a multiple of kLanes) floats:
+//   q   (DK, HW)       queries, channel-major (the qkv convolution's output)
+//   kT  (DK, H, Wp)    keys                        vT (DV, H, Wp)  values
+//   rel_h (2Lh-1, DK), rel_w (2Lw-1, DK): the relative tables, row o + L - 1 for offset o = key - query
+// logit_ij = scale * (q_i . k_j + q_i . rel_h[y_j - y_i] + q_i . rel_w[x_j - x_i]).
+// Each query computes its H + W relative logits first; keys are then visited one key row (fixed y) at a
+// time: the y term is one scalar per row and the x term a contiguous vector over the row. Padded key
+// columns get a logit of -1e30, hence probability 0. Outputs are channel-major too: out (DV, HW).
 
 #include <cstring>
 
@@ -82,11 +83,38 @@ inline vf chunk_logits(const float* qs, const float* k, int64_t plane, int64_t c
   return acc;
 }
 
-// Per-query setup shared by forward and backward: scaled q and scaled, padded x logits.
-inline void scaled_query(const AttentionSlice& a, int64_t i, float* qs, float* rws) {
-  for (int d = 0; d < a.dk; ++d) qs[d] = a.q[i * a.dk + d] * a.scale;
-  const float* rw_i = a.rw + i * a.W;
-  for (int x = 0; x < a.W; ++x) rws[x] = rw_i[x] * a.scale;
+// Row of a (2L-1)-row relative table holding offset key - query, clipped to +-(L-1).
+inline int table_row(int offset, int L) {
+  const int o = offset < -(L - 1) ? -(L - 1) : (offset > L - 1 ? L - 1 : offset);
+  return o + L - 1;
+}
+
+// Per-query setup shared by forward and backward: the query (qu unscaled, qs scaled), its scaled
+// relative logits q_i . r^H[y - y_i] (rhs, H values) and q_i . r^W[x - x_i] (rws, padded to Wp with
+// -1e30 so that padded key columns get probability 0).
+inline void query_setup(const AttentionSlice& a, int64_t i, float* qu, float* qs, float* rhs, float* rws) {
+  for (int d = 0; d < a.dk; ++d) {
+    qu[d] = a.q[d * a.HW + i];
+    qs[d] = qu[d] * a.scale;
+  }
+  if (a.rel_h != nullptr) {
+    const int yi = static_cast<int>(i / a.W), xi = static_cast<int>(i % a.W);
+    for (int y = 0; y < a.H; ++y) {
+      const float* r = a.rel_h + static_cast<int64_t>(table_row(y - yi, a.Lh)) * a.dk;
+      float s = 0.0f;
+      for (int d = 0; d < a.dk; ++d) s += qs[d] * r[d];
+      rhs[y] = s;
+    }
+    for (int x = 0; x < a.W; ++x) {
+      const float* r = a.rel_w + static_cast<int64_t>(table_row(x - xi, a.Lw)) * a.dk;
+      float s = 0.0f;
+      for (int d = 0; d < a.dk; ++d) s += qs[d] * r[d];
+      rws[x] = s;
+    }
+  } else {
+    for (int y = 0; y < a.H; ++y) rhs[y] = 0.0f;
+    for (int x = 0; x < a.W; ++x) rws[x] = 0.0f;
+  }
   for (int x = a.W; x < a.Wp; ++x) rws[x] = -1.0e30f;
 }
 
@@ -95,19 +123,19 @@ void forward_rows(const AttentionSlice& a, int64_t i0, int64_t i1, float* __rest
                   float* __restrict lse, float* __restrict work) {
   const int H = a.H, Wp = a.Wp, dk = a.dk, dv = a.dv;
   const int64_t plane = static_cast<int64_t>(H) * Wp;
-  float* s = work;        // Wp
-  float* rws = work + Wp;  // Wp
-  float qs[kMaxWidth];
+  float* s = work;               // Wp
+  float* rws = work + Wp;        // Wp
+  float* rhs = work + 2 * Wp;    // H
+  float qu[kMaxWidth], qs[kMaxWidth];
   vf acc[kMaxWidth];
   for (int64_t i = i0; i < i1; ++i) {
-    scaled_query(a, i, qs, rws);
-    const float* rh_i = a.rh + i * H;
+    query_setup(a, i, qu, qs, rhs, rws);
     float m = -3.0e38f;
     vf l = vf{};
     for (int c = 0; c < dv; ++c) acc[c] = vf{};
     for (int y = 0; y < H; ++y) {
       const int64_t row = static_cast<int64_t>(y) * Wp;
-      const vf base = splat(rh_i[y] * a.scale);
+      const vf base = splat(rhs[y]);
       vf mx = splat(-3.0e38f);
       for (int c = 0; c < Wp; c += L) {
         const vf sc = chunk_logits<DK>(qs, a.kT + row, plane, c, base + load(rws + c), dk);
@@ -129,38 +157,44 @@ void forward_rows(const AttentionSlice& a, int64_t i0, int64_t i1, float* __rest
       }
     }
     const float total = hsum(l);
-    for (int ch = 0; ch < dv; ++ch) out[i * dv + ch] = hsum(acc[ch]) / total;
+    for (int ch = 0; ch < dv; ++ch) out[ch * a.HW + i] = hsum(acc[ch]) / total;
     lse[i] = m + __builtin_logf(total);
   }
 }
 
 // Backward of QB consecutive queries [i, i + QB): each key chunk (k, v and their gradients) is
-// loaded once for the block, and dk, dv are accumulated in registers over the block.
+// loaded once for the block, and dk, dv are accumulated in registers over the block. The gradients
+// of the relative logits of each query (drh: H values, drw: W values) then reach q and the tables.
 template <int DK, int DV, int QB>
 void backward_block(const AttentionSlice& a, const AttentionGrads& g, int64_t i, float* __restrict work) {
   const int H = a.H, W = a.W, Wp = a.Wp, dk = a.dk, dv = DV > 0 ? DV : a.dv;
   const int d_count = DK > 0 ? DK : dk;
-  const int64_t plane = static_cast<int64_t>(H) * Wp;
-  float* drw_acc = work;        // QB * Wp
-  float* rws = work + QB * Wp;  // QB * Wp
-  float qs[QB][kMaxWidth], go[QB][kMaxWidth];
+  const int64_t plane = static_cast<int64_t>(H) * Wp, HW = a.HW;
+  float* drw_acc = work;                 // QB * Wp
+  float* rws = work + QB * Wp;           // QB * Wp
+  float* rhs = work + 2 * QB * Wp;       // QB * H
+  float* drh = rhs + QB * H;             // QB * H
+  float qu[QB][kMaxWidth], qs[QB][kMaxWidth], go[QB][kMaxWidth];
   vf dq[QB][kMaxWidth];
   vf kc[kMaxWidth], dkc[kMaxWidth], vc[kMaxWidth], dvc[kMaxWidth];
   const vf scale = splat(a.scale);
   vf delta[QB];
   for (int b = 0; b < QB; ++b) {
-    scaled_query(a, i + b, qs[b], rws + b * Wp);
+    query_setup(a, i + b, qu[b], qs[b], rhs + b * H, rws + b * Wp);
     for (int d = 0; d < dk; ++d) dq[b][d] = vf{};
-    for (int ch = 0; ch < dv; ++ch) go[b][ch] = g.dout[(i + b) * dv + ch];
-    delta[b] = splat(g.delta[i + b]);
+    float dl = 0.0f;
+    for (int ch = 0; ch < dv; ++ch) {
+      go[b][ch] = g.dout[ch * HW + i + b];
+      dl += go[b][ch] * g.out[ch * HW + i + b];
+    }
+    delta[b] = splat(dl);
   }
   for (int x = 0; x < QB * Wp; ++x) drw_acc[x] = 0.0f;
-  const float* q = a.q + i * dk;
   for (int y = 0; y < H; ++y) {
     const int64_t row = static_cast<int64_t>(y) * Wp;
     vf base[QB], row_sum[QB];
     for (int b = 0; b < QB; ++b) {
-      base[b] = splat(a.rh[(i + b) * H + y] * a.scale - g.lse[i + b]);
+      base[b] = splat(rhs[b * H + y] - g.lse[i + b]);
       row_sum[b] = vf{};
     }
     for (int c = 0; c < Wp; c += L) {
@@ -186,7 +220,7 @@ void backward_block(const AttentionSlice& a, const AttentionGrads& g, int64_t i,
         store(drw_acc + b * Wp + c, load(drw_acc + b * Wp + c) + ds);
         for (int d = 0; d < d_count; ++d) {
           dq[b][d] += ds * kc[d];
-          dkc[d] += ds * splat(q[b * dk + d]);
+          dkc[d] += ds * splat(qu[b][d]);
         }
       }
       for (int d = 0; d < d_count; ++d) {
@@ -198,11 +232,31 @@ void backward_block(const AttentionSlice& a, const AttentionGrads& g, int64_t i,
         store(at, load(at) + dvc[ch]);
       }
     }
-    for (int b = 0; b < QB; ++b) g.drh[(i + b) * H + y] = hsum(row_sum[b]);
+    for (int b = 0; b < QB; ++b) drh[b * H + y] = hsum(row_sum[b]);
   }
   for (int b = 0; b < QB; ++b) {
-    for (int d = 0; d < dk; ++d) g.dq[(i + b) * dk + d] = hsum(dq[b][d]);
-    std::memcpy(g.drw + (i + b) * W, drw_acc + b * Wp, W * sizeof(float));
+    float dqs[kMaxWidth];
+    for (int d = 0; d < dk; ++d) dqs[d] = hsum(dq[b][d]);
+    if (a.rel_h != nullptr) {
+      const int yi = static_cast<int>((i + b) / W), xi = static_cast<int>((i + b) % W);
+      for (int y = 0; y < H; ++y) {
+        const float gy = drh[b * H + y];
+        const int64_t r = static_cast<int64_t>(table_row(y - yi, a.Lh)) * dk;
+        for (int d = 0; d < dk; ++d) {
+          dqs[d] += gy * a.rel_h[r + d];
+          g.drel_h[r + d] += gy * qu[b][d];
+        }
+      }
+      for (int x = 0; x < W; ++x) {
+        const float gx = drw_acc[b * Wp + x];
+        const int64_t r = static_cast<int64_t>(table_row(x - xi, a.Lw)) * dk;
+        for (int d = 0; d < dk; ++d) {
+          dqs[d] += gx * a.rel_w[r + d];
+          g.drel_w[r + d] += gx * qu[b][d];
+        }
+      }
+    }
+    for (int d = 0; d < dk; ++d) g.dq[d * HW + i + b] = dqs[d];
   }
 }
 

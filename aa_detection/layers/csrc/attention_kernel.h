@@ -11,29 +11,31 @@ constexpr int kLanes = 16;
 
 // One (batch, head) slice; see attention_impl.h for the layouts.
 struct AttentionSlice {
-  const float* q;
-  const float* kT;
-  const float* vT;
-  const float* rh;
-  const float* rw;
+  const float* q;      // (DK, HW) channel-major, as the qkv 1x1 convolution writes it
+  const float* kT;     // (DK, H, Wp) key rows zero-padded to Wp
+  const float* vT;     // (DV, H, Wp)
+  const float* rel_h;  // (2 Lh - 1, DK) or nullptr (content-only attention)
+  const float* rel_w;  // (2 Lw - 1, DK) or nullptr
+  int64_t HW;
   int H, W, Wp, dk, dv;  // Wp: W rounded up to kLanes
+  int Lh, Lw;            // rows per side of the relative tables
   float scale;
 };
 
-// Gradient buffers of one slice. dq, drh, drw rows of the processed queries are written;
-// dkT and dvT are accumulated into (zero them first).
+// Gradient buffers of one slice. dq columns of the processed queries are written; dkT, dvT, drel_h and
+// drel_w are accumulated into (zero them first).
 struct AttentionGrads {
-  const float* dout;   // (HW, DV)
-  const float* lse;    // (HW)
-  const float* delta;  // (HW): dout_i . out_i
-  float* dq;           // (HW, DK)
-  float* dkT;          // (DK, H, Wp)
-  float* dvT;          // (DV, H, Wp)
-  float* drh;          // (HW, H)
-  float* drw;          // (HW, W)
+  const float* dout;  // (DV, HW)
+  const float* out;   // (DV, HW)
+  const float* lse;   // (HW)
+  float* dq;          // (DK, HW)
+  float* dkT;         // (DK, H, Wp)
+  float* dvT;         // (DV, H, Wp)
+  float* drel_h;      // (2 Lh - 1, DK)
+  float* drel_w;      // (2 Lw - 1, DK)
 };
 
-// Scratch floats per thread: kScratchRows * Wp.
+// Scratch floats per thread: kScratchRows * (Wp + H).
 constexpr int kScratchRows = 8;
 #define AA_DECLARE_ISA(ns)                                                                          \
   namespace ns {                                                                                    \
