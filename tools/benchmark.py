@@ -156,27 +156,17 @@ def run(args):
             "attention_gflops": by_op["attention"] / 1e9,
         }
 
-    cores = {}
-    inference = time_alternating(
-        {n: (lambda m=m: inference_step(m, infer_inputs)) for n, m in models.items()}, device, args.warmup, args.repeats,
-        cores,
-    )
-    for name in names:
-        results[name]["inference_s"] = summary(inference[name], cores[name])
-        results[name]["inference_peak_GiB"] = measure_peak_memory(
-            lambda: inference_step(models[name], infer_inputs), device
-        ) / 2**30
-
+    measurements = [("inference_s", "inference_peak_GiB", inference_step, infer_inputs)]
     if not args.no_train:
-        training = time_alternating(
-            {n: (lambda m=m: training_step(m, train_inputs)) for n, m in models.items()},
-            device, args.warmup, args.repeats, cores,
+        measurements.append(("train_iter_s", "train_peak_GiB", training_step, train_inputs))
+    for time_key, memory_key, step, inputs in measurements:
+        cores = {}
+        times = time_alternating(
+            {n: (lambda m=m: step(m, inputs)) for n, m in models.items()}, device, args.warmup, args.repeats, cores
         )
         for name in names:
-            results[name]["train_iter_s"] = summary(training[name], cores[name])
-            results[name]["train_peak_GiB"] = measure_peak_memory(
-                lambda: training_step(models[name], train_inputs), device
-            ) / 2**30
+            results[name][time_key] = summary(times[name], cores[name])
+            results[name][memory_key] = measure_peak_memory(lambda: step(models[name], inputs), device) / 2**30
 
     if not args.no_stages:
         aa_cfg = built["aa"][0]
