@@ -27,7 +27,6 @@ when other processes held the cores (the floor assumes they did not).
 """
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -212,7 +211,7 @@ def sweep(args):
     B, Nh = args.batch, args.heads
     dk, dv = attention_depths(SIZES["res5"][2], Nh, args.kappa, args.upsilon)
     paths = [p for p in PATHS if p != "kernel" or relative_attention.kernel_available()]
-    print(f"\n| HxW | HW | mode | " + " | ".join(f"{p} (ms)" for p in paths) + " | fastest |")
+    print("\n| HxW | HW | mode | " + " | ".join(f"{p} (ms)" for p in paths) + " | fastest |")
     print("|---|---|---|" + "---|" * (len(paths) + 1))
     rows = []
     for H, W in ((4, 4), (8, 8), (12, 16), (16, 24), (20, 32), (24, 40), (28, 44), (32, 48)):
