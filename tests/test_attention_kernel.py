@@ -105,14 +105,6 @@ def test_auto_uses_the_kernel_on_the_cpu(monkeypatch):
     assert len(calls) == 2
 
 
-def test_auto_without_the_kernel_uses_the_pixel_threshold(monkeypatch):
-    from aa_detection.layers import relative_attention as ra
-
-    monkeypatch.setattr(ra, "_C", None)
-    small, large = random_inputs(1, 1, 2, 3, 2, 2)[0], random_inputs(1, 1, 17, 17, 2, 2)[0]
-    assert ra._choose_impl(small) == "naive" and ra._choose_impl(large) == "fused"
-
-
 # (B, Nh, H, W, dkh, dvh, table rows per side): tables shorter than the map (offsets clipped to the last
 # row), longer than the map, W above one vector of 16 lanes.
 QKV_SHAPES = [(2, 2, 5, 9, 3, 2, 5), (1, 3, 4, 18, 13, 6, 3), (2, 1, 6, 3, 2, 3, 10), (1, 2, 3, 33, 6, 3, 33)]

@@ -39,7 +39,7 @@ def random_inputs(B, Nh, H, W, dk, dv, dtype=torch.float32, relative=True):
 SHAPES = [(2, 3, 3, 5, 4, 2), (1, 1, 1, 1, 3, 1), (1, 2, 1, 7, 2, 3), (2, 1, 6, 1, 5, 4), (1, 2, 4, 4, 3, 6)]
 
 
-@pytest.mark.parametrize("impl", ["naive", "fused", "auto"])
+@pytest.mark.parametrize("impl", ["naive", "fused", "flex", "auto"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_matches_brute_force(impl, shape):
     inputs = random_inputs(*shape)
@@ -49,7 +49,7 @@ def test_matches_brute_force(impl, shape):
     assert (out.double() - ref).norm() / ref.norm() < 1e-5
 
 
-@pytest.mark.parametrize("impl", ["naive", "fused"])
+@pytest.mark.parametrize("impl", ["naive", "fused", "flex"])
 def test_content_only_matches_brute_force(impl):
     inputs = random_inputs(2, 2, 3, 4, 3, 2, relative=False)
     ref = brute_force(*inputs)

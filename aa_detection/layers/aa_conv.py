@@ -88,6 +88,7 @@ class AAConv2d(nn.Module):
         self.padding = dilation * (kernel_size // 2)
         self.num_heads, self.key_depth, self.value_depth = num_heads, dk, dv
         self.impl = impl
+        self.layer_name = "AAConv2d"  # how errors name the layer; a backbone sets its module path
         self.keep_attention = False
         self.last_attention = None
 
@@ -137,13 +138,13 @@ class AAConv2d(nn.Module):
             B, Nh, H, W, dvh = v.shape
             weights = attention_weights(q, k, self.rel_h, self.rel_w)
             self.last_attention = weights.detach().reshape(B, Nh, H, W, H, W)
-            attn = (weights @ v.reshape(B, Nh, H * W, dvh)).reshape(B, Nh, H, W, dvh)
+            attn = (weights @ v.reshape(B, Nh, H * W, dvh).to(weights.dtype)).to(v.dtype).reshape(B, Nh, H, W, dvh)
             attn = attn.permute(0, 1, 4, 2, 3).reshape(B, Nh * dvh, H, W)
         else:
             # (B, dv, H, W) straight from the qkv convolution's output: the kernel path reads that layout
             # as it is and writes its output in the layout the projection reads.
             attn = relative_attention_qkv(self.qkv(a), self.num_heads, self.key_depth, self.value_depth,
-                                          self.rel_h, self.rel_w, impl=self.impl)
+                                          self.rel_h, self.rel_w, impl=self.impl, layer=self.layer_name)
         out = torch.cat([conv, self.attn_out(attn)], dim=1)
         if self.norm is not None:
             out = self.norm(out)

@@ -8,21 +8,37 @@ For query pixel i = (y_i, x_i) and key pixel j = (y_j, x_j) of an H x W map:
 The offset is key minus query, the 1/sqrt(dkh) scale covers the relative terms too, and the tables
 rel_h (2H-1, dkh) and rel_w (2W-1, dkh) are shared by all heads.
 """
+import contextlib
 from functools import lru_cache
+import logging
 import math
+import warnings
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 import torch.nn.functional as F
 
-__all__ = ["attention_weights", "kernel_available", "relative_attention_2d", "relative_attention_qkv",
-           "relative_table", "split_heads", "IMPLS", "NAIVE_MAX_PIXELS"]
+try:  # FlexAttention (torch >= 2.5): the CUDA path
+    from torch.nn.attention.flex_attention import flex_attention as _flex_attention
+except ImportError:
+    _flex_attention = None
 
-IMPLS = ("auto", "naive", "fused", "kernel")
+__all__ = ["AttentionBackendError", "attention_weights", "choose_impl", "flex_available", "fused_widths",
+           "kernel_available", "relative_attention_2d", "relative_attention_qkv", "relative_table", "split_heads",
+           "IMPLS", "KERNEL_MAX_HEAD_WIDTH", "NAIVE_MAX_PIXELS", "SDPA_ALIGNMENT"]
+
+IMPLS = ("auto", "naive", "fused", "kernel", "flex")
 
 try:  # the optional C++/OpenMP CPU kernel, built by setup.py
     from aa_detection import _C
 except ImportError:  # pure-Python install: the PyTorch paths are used
     _C = None
+
+logger = logging.getLogger(__name__)
+
+
+class AttentionBackendError(RuntimeError):
+    """An attention path that cannot run these inputs without building the dense (HW, HW) logits."""
 
 
 def kernel_available() -> bool:
@@ -30,11 +46,31 @@ def kernel_available() -> bool:
     return _C is not None
 
 
-# "auto" without the compiled kernel (GPU, or a pure-Python install) keeps the dense path up to this
-# many pixels per map and uses the fused path above. On the 2-core CPU, `tools/benchmark_attention.py
-# --sweep` (res5 head widths, batch 2, 8 heads) had the dense path faster up to 8x8 maps, mixed at 12x16
-# (fused faster forward, slower forward+backward) and the fused path faster from 16x24 (384 pixels) up.
+# "auto" keeps the dense path up to this many pixels per map where the compiled kernel does not serve
+# the layer. On the 2-core CPU, `tools/benchmark_attention.py --sweep` (res5 head widths, batch 2, 8 heads)
+# had the dense path faster up to 8x8 maps, mixed at 12x16 (fused faster forward, slower forward+backward)
+# and the fused path faster from 16x24 (384 pixels) up.
 NAIVE_MAX_PIXELS = 256
+# The widest head (dkh or dvh) the compiled kernel takes (kMaxWidth in csrc/attention_kernel.h).
+KERNEL_MAX_HEAD_WIDTH = 64
+# Widths of the fused path's SDPA call are multiples of this: the memory-efficient kernel needs 8 for
+# fp16/bf16 and 4 for fp32, flash attention 8.
+SDPA_ALIGNMENT = 8
+# The scaled_dot_product_attention backends that never build the dense (L, L) matrix.
+MEMORY_LEAN_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+_FLEX_FAILED = False  # set when compiling FlexAttention failed once: "auto" then uses the fused path
+
+
+def _upcast(t):
+    """fp16/bf16 -> fp32 (logits and softmax statistics stay in fp32 under mixed precision); others as they are."""
+    return t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _autocast_off(t):
+    """A context with autocast disabled on t's device, so fp32 operands stay fp32."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.autocast(t.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 @lru_cache(maxsize=256)
@@ -70,9 +106,10 @@ def _relative_logits(q, rel_h, rel_w):
 def attention_weights(q, k, rel_h=None, rel_w=None, scale=None):
     """The softmax weights, dense: q, k (B, Nh, H, W, dkh) -> (B, Nh, HW, HW), row i for query pixel
     i = y * W + x, summing to one over the keys; scale defaults to 1/sqrt(dkh). The naive path is
-    these weights times v."""
+    these weights times v. fp16/bf16 inputs give fp32 weights."""
     B, Nh, H, W, dk = q.shape
     scale = 1.0 / math.sqrt(dk) if scale is None else scale
+    q, k = _upcast(q), _upcast(k)
     logits = torch.einsum("bnyxd,bnuvd->bnyxuv", q, k)
     if rel_h is not None:
         logits_h, logits_w = _relative_logits(q, rel_h, rel_w)
@@ -82,7 +119,9 @@ def attention_weights(q, k, rel_h=None, rel_w=None, scale=None):
 
 def _naive(q, k, v, rel_h, rel_w, scale):
     B, Nh, H, W, _ = q.shape
-    return attention_weights(q, k, rel_h, rel_w, scale) @ v.reshape(B, Nh, H * W, -1)
+    with _autocast_off(q):
+        out = attention_weights(q, k, rel_h, rel_w, scale) @ _upcast(v).reshape(B, Nh, H * W, -1)
+    return out.to(v.dtype)
 
 
 @lru_cache(maxsize=64)
@@ -94,27 +133,116 @@ def _key_position_onehots(H: int, W: int, dtype: torch.dtype, device: torch.devi
         return torch.cat([rows, cols], dim=-1)
 
 
-def _fused(q, k, v, rel_h, rel_w, scale):
+def fused_widths(key_width: int, value_width: int, device_type: str) -> tuple:
+    """(query/key width, value width) of the fused path's scaled_dot_product_attention call.
+
+    `key_width` is dkh + H + W with relative logits (dkh without). Both widths are rounded up to a multiple
+    of SDPA_ALIGNMENT, which the memory-efficient and flash kernels need (zero columns change nothing). On
+    CUDA the value keeps its own width (the memory-efficient kernel allows it); the CPU flash kernel wants
+    one width for q, k and v, so there the narrower side is padded to the wider.
+    """
+    def align(n):
+        return -(-n // SDPA_ALIGNMENT) * SDPA_ALIGNMENT
+
+    if device_type == "cuda":
+        return align(key_width), align(value_width)
+    width = align(max(key_width, value_width))
+    return width, width
+
+
+def _memory_lean_sdpa(q, k, v, scale, layer):
+    """scaled_dot_product_attention restricted to the backends that never build the (L, L) matrix.
+
+    q, k (B, Nh, L, d), v (B, Nh, L, dv) -> (B, Nh, L, dv). Where none of them accepts the inputs, PyTorch
+    would fall back to its math kernel (dense logits, tens of GB on large maps): that is an
+    AttentionBackendError naming the layer, the sequence length and the widths instead."""
+    try:
+        with sdpa_kernel(MEMORY_LEAN_BACKENDS):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    except RuntimeError as e:
+        if "No available kernel" not in str(e):
+            raise
+        raise AttentionBackendError(
+            f"{layer}: no memory-lean scaled_dot_product_attention kernel accepts {q.shape[2]} pixels with "
+            f"query/key width {q.shape[-1]} and value width {v.shape[-1]} ({q.dtype}, {q.device.type}); "
+            "the dense fallback would build the whole (HW, HW) logits. Use MODEL.AA.IMPL 'flex' (CUDA) or "
+            "'kernel' (CPU), or attend over a smaller map") from e
+
+
+def _fused(q, k, v, rel_h, rel_w, scale, layer="attention"):
     """Exact low-rank form: q' = [q, q.r^H, q.r^W], k' = [k, onehot(y), onehot(x)], so q'.k' is the
-    full logit and one scaled_dot_product_attention call needs no dense (HW, HW) bias."""
+    full logit and one memory-lean scaled_dot_product_attention call needs no dense (HW, HW) bias.
+    Computed in fp32 whatever the input dtype (the relative logits travel inside q')."""
     B, Nh, H, W, _ = q.shape
-    dv = v.shape[-1]
-    if rel_h is not None:
-        logits_h, logits_w = _relative_logits(q, rel_h, rel_w)
-        q = torch.cat([q, logits_h, logits_w], dim=-1)
-        onehots = _key_position_onehots(H, W, k.dtype, k.device).expand(B, Nh, H, W, H + W)
-        k = torch.cat([k, onehots], dim=-1)
-    # CPU flash attention wants one width for q, k and v: pad the narrower side with zeros.
-    width = max(q.shape[-1], dv)
-    q, k = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k))
-    v = F.pad(v, (0, width - dv))
-    out = F.scaled_dot_product_attention(
-        q.reshape(B, Nh, H * W, width),
-        k.reshape(B, Nh, H * W, width),
-        v.reshape(B, Nh, H * W, width),
-        scale=scale,
-    )
-    return out[..., :dv]
+    dtype, dv = v.dtype, v.shape[-1]
+    with _autocast_off(q):
+        q, k, v = _upcast(q), _upcast(k), _upcast(v)
+        if rel_h is not None:
+            logits_h, logits_w = _relative_logits(q, rel_h, rel_w)
+            q = torch.cat([q, logits_h, logits_w], dim=-1)
+            onehots = _key_position_onehots(H, W, k.dtype, k.device).expand(B, Nh, H, W, H + W)
+            k = torch.cat([k, onehots], dim=-1)
+        qk_width, v_width = fused_widths(q.shape[-1], dv, q.device.type)
+        q, k = (F.pad(t, (0, qk_width - t.shape[-1])).reshape(B, Nh, H * W, qk_width) for t in (q, k))
+        v = F.pad(v, (0, v_width - dv)).reshape(B, Nh, H * W, v_width)
+        out = _memory_lean_sdpa(q, k, v, scale, layer)
+    return out[..., :dv].to(dtype)
+
+
+def flex_available(device: torch.device) -> bool:
+    """True when FlexAttention can serve `impl="auto"` on this device: CUDA, a torch that has it, and no
+    compile failure seen in this process."""
+    return device.type == "cuda" and _flex_attention is not None and not _FLEX_FAILED
+
+
+@lru_cache(maxsize=1)
+def _compiled_flex_attention():
+    return torch.compile(_flex_attention, dynamic=None)
+
+
+def _flex_width(n):
+    """FlexAttention's kernels want head widths of at least 16 and a power of two: zero columns added."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def _flex(q, k, v, rel_h, rel_w, scale, layer="attention"):
+    """FlexAttention with a score_mod adding the relative logits of each query, precomputed (fp32, scaled)
+    as (B, Nh, HW, H) and (B, Nh, HW, W): no (HW, HW) tensor, no padded logit width. Compiled on CUDA;
+    on other devices it runs eagerly, which builds dense scores (a reference, capped at NAIVE_MAX_PIXELS)."""
+    if _flex_attention is None:
+        raise AttentionBackendError(f"{layer}: impl='flex' needs torch.nn.attention.flex_attention (torch >= 2.5)")
+    B, Nh, H, W, dkh = q.shape
+    dtype, dv = v.dtype, v.shape[-1]
+    compiled = q.device.type == "cuda"
+    if not compiled and H * W > NAIVE_MAX_PIXELS:
+        raise AttentionBackendError(
+            f"{layer}: impl='flex' off CUDA runs FlexAttention eagerly, which builds the dense scores; "
+            f"a {H}x{W} map is above NAIVE_MAX_PIXELS={NAIVE_MAX_PIXELS}: use 'kernel' or 'fused' there")
+    if not compiled and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rel_h)):
+        raise AttentionBackendError(f"{layer}: impl='flex' trains on CUDA only (FlexAttention has no CPU backward); "
+                                    "use 'kernel' or 'fused' for training on the CPU")
+    score_mod = None
+    with _autocast_off(q):
+        if rel_h is not None:
+            logits_h, logits_w = _relative_logits(_upcast(q), rel_h, rel_w)
+            bias_h = (logits_h * scale).reshape(B, Nh, H * W, H)
+            bias_w = (logits_w * scale).reshape(B, Nh, H * W, W)
+
+            def score_mod(score, b, h, query, key):
+                return score + bias_h[b, h, query, key // W] + bias_w[b, h, query, key % W]
+
+        if not compiled:
+            q, k, v = _upcast(q), _upcast(k), _upcast(v)
+        qk_width, v_width = _flex_width(dkh), _flex_width(dv)
+        q, k = (F.pad(t, (0, qk_width - dkh)).reshape(B, Nh, H * W, qk_width) for t in (q, k))
+        v = F.pad(v, (0, v_width - dv)).reshape(B, Nh, H * W, v_width)
+        if compiled:
+            out = _compiled_flex_attention()(q, k, v, score_mod=score_mod, scale=scale)
+        else:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+                out = _flex_attention(q, k, v, score_mod=score_mod, scale=scale)
+    return out[..., :dv].to(dtype)
 
 
 class _KernelAttention(torch.autograd.Function):
@@ -162,7 +290,7 @@ def _kernel_qkv(qkv, num_heads, dk, dv, rel_h, rel_w):
     return _KernelAttention.apply(qkv, rel_h, rel_w, num_heads, dk, dv, scale).to(dtype)
 
 
-def _kernel(q, k, v, rel_h, rel_w, scale):
+def _kernel(q, k, v, rel_h, rel_w, scale, layer="attention"):
     """The kernel from (B, Nh, H, W, d) q, k, v: packed into the qkv layout (one copy)."""
     B, Nh, H, W, dkh = q.shape
     dvh = v.shape[-1]
@@ -179,40 +307,72 @@ def split_heads(qkv, num_heads, dk, dv):
     return tuple(t.reshape(B, num_heads, -1, H, W).permute(0, 1, 3, 4, 2) for t in qkv.split([dk, dk, dv], dim=1))
 
 
-def relative_attention_qkv(qkv, num_heads, dk, dv, rel_h=None, rel_w=None, impl="auto"):
+def choose_impl(device: torch.device, height: int, width: int, key_width: int, value_width: int,
+                dtype: torch.dtype = torch.float32) -> str:
+    """The path `impl="auto"` takes for one layer's (height x width) map with head widths dkh, dvh:
+
+    1. "kernel": CPU tensors, the compiled kernel built, both head widths <= KERNEL_MAX_HEAD_WIDTH and not
+       float64 (the fastest CPU path at every map size measured, 8x8 to 100x167);
+    2. "naive": maps of at most NAIVE_MAX_PIXELS pixels (dense logits are cheapest there);
+    3. "flex": CUDA with FlexAttention working (compiled; no (HW, HW) tensor, no padded width);
+    4. "fused": otherwise (memory-lean SDPA backends only; exact, fp32).
+    """
+    if (device.type == "cpu" and _C is not None and max(key_width, value_width) <= KERNEL_MAX_HEAD_WIDTH
+            and dtype != torch.float64):
+        return "kernel"
+    if height * width <= NAIVE_MAX_PIXELS:
+        return "naive"
+    if flex_available(device):
+        return "flex"
+    return "fused"
+
+
+def relative_attention_qkv(qkv, num_heads, dk, dv, rel_h=None, rel_w=None, impl="auto", layer="attention"):
     """relative_attention_2d on the output of a qkv 1x1 convolution, (B, 2 dk + dv, H, W) -> (B, dv, H, W).
 
     Channels of qkv: the dk queries, the dk keys, then the dv values, head n holding channels
     [n * dkh, (n + 1) * dkh) of each (dkh = dk / num_heads); output channel n * dvh + c is value
     dimension c of head n. The kernel path reads this layout as it is, with no permuted copies, and
-    computes the relative logits from the tables itself."""
+    computes the relative logits from the tables itself. `layer` names the caller in errors."""
     B, C, H, W = qkv.shape
     if C != 2 * dk + dv or dk % num_heads or dv % num_heads:
         raise ValueError(f"qkv with {C} channels does not match dk={dk}, dv={dv}, num_heads={num_heads}")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        impl = _choose_impl(qkv.new_empty(B, num_heads, H, W, 0))
+    auto = impl == "auto"
+    if auto:
+        impl = choose_impl(qkv.device, H, W, dk // num_heads, dv // num_heads, qkv.dtype)
     if impl == "kernel":
         return _kernel_qkv(qkv, num_heads, dk, dv, rel_h, rel_w)
     q, k, v = split_heads(qkv, num_heads, dk, dv)
-    out = relative_attention_2d(q, k, v, rel_h, rel_w, impl=impl)
+    out = _attend(impl, q, k, v, rel_h, rel_w, layer, auto)
     return out.permute(0, 1, 4, 2, 3).reshape(B, dv, H, W)
 
 
-def _choose_impl(q):
-    """The "auto" rule: the compiled kernel for CPU tensors when it is built (the fastest path at every
-    map size measured, 8x8 to 100x167); otherwise dense logits up to NAIVE_MAX_PIXELS pixels, fused above."""
-    if q.device.type == "cpu" and _C is not None:
-        return "kernel"
-    H, W = q.shape[2:4]
-    return "naive" if H * W <= NAIVE_MAX_PIXELS else "fused"
+_IMPLEMENTATIONS = {"naive": _naive, "fused": _fused, "kernel": _kernel, "flex": _flex}
 
 
-_IMPLEMENTATIONS = {"naive": _naive, "fused": _fused, "kernel": _kernel}
+def _attend(impl, q, k, v, rel_h, rel_w, layer, auto=False):
+    """(B, Nh, H, W, dvh) through path `impl`; chosen by "auto", a FlexAttention compile failure is logged
+    once and the fused path used from then on."""
+    global _FLEX_FAILED
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if impl in ("naive", "kernel"):
+        out = _IMPLEMENTATIONS[impl](q, k, v, rel_h, rel_w, scale)
+    elif impl == "flex" and auto:
+        try:
+            out = _flex(q, k, v, rel_h, rel_w, scale, layer)
+        except Exception as e:  # a torch.compile / Triton failure: the exact fused path instead
+            _FLEX_FAILED = True
+            logger.warning("%s: FlexAttention failed (%s: %s); using the fused path from now on",
+                           layer, type(e).__name__, e)
+            out = _fused(q, k, v, rel_h, rel_w, scale, layer)
+    else:
+        out = _IMPLEMENTATIONS[impl](q, k, v, rel_h, rel_w, scale, layer)
+    return out.reshape(v.shape)
 
 
-def relative_attention_2d(q, k, v, rel_h=None, rel_w=None, impl="auto"):
+def relative_attention_2d(q, k, v, rel_h=None, rel_w=None, impl="auto", layer="attention"):
     """Self-attention with 2D relative position logits.
 
     Args:
@@ -222,10 +382,14 @@ def relative_attention_2d(q, k, v, rel_h=None, rel_w=None, impl="auto"):
             usually L_h = H. Offsets beyond +-(L_h-1) use the last row on their side. None, with
             rel_w None, gives content-only attention.
         rel_w: (2L_w-1, dkh), likewise for x offsets.
-        impl: "naive" (dense logits, the reference), "fused" (exact low-rank form through
-            scaled_dot_product_attention, never builds (HW, HW) relative logits), "kernel" (the compiled
-            CPU kernel, never stores (HW, HW) logits at all; needs aa_detection._C) or "auto" (the kernel
-            for CPU tensors when it is built; otherwise naive up to NAIVE_MAX_PIXELS pixels, fused above).
+        impl: "naive" (dense logits, the reference), "fused" (exact low-rank form through the memory-lean
+            scaled_dot_product_attention backends, never builds (HW, HW) logits), "kernel" (the compiled
+            CPU kernel, never stores (HW, HW) logits at all; needs aa_detection._C), "flex" (FlexAttention
+            with the relative logits in its score_mod; compiled on CUDA) or "auto" (see `choose_impl`).
+        layer: the caller's name, used in error messages.
+
+    Logits, the softmax and its statistics are fp32 on every path, also for fp16/bf16 inputs (autocast);
+    the output has v's dtype.
 
     Returns:
         (B, Nh, H, W, dvh)
@@ -243,8 +407,8 @@ def relative_attention_2d(q, k, v, rel_h=None, rel_w=None, impl="auto"):
         raise ValueError(
             f"rel_h {tuple(rel_h.shape)} and rel_w {tuple(rel_w.shape)} must have width dkh={q.shape[-1]}"
         )
-    B, Nh, H, W, dk = q.shape
-    if impl == "auto":
-        impl = _choose_impl(q)
-    out = _IMPLEMENTATIONS[impl](q, k, v, rel_h, rel_w, 1.0 / math.sqrt(dk))
-    return out.reshape(B, Nh, H, W, v.shape[-1])
+    _, _, H, W, dk = q.shape
+    auto = impl == "auto"
+    if auto:
+        impl = choose_impl(q.device, H, W, dk, v.shape[-1], q.dtype)
+    return _attend(impl, q, k, v, rel_h, rel_w, layer, auto)

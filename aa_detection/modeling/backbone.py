@@ -147,7 +147,11 @@ def build_aa_resnet_backbone(cfg, input_shape):
                 kwargs["block_class"] = BottleneckBlock
         stages.append(ResNet.make_stage(**kwargs))
         in_ch, out_ch, bottleneck = out_ch, out_ch * 2, bottleneck * 2
-    return ResNet(stem, stages, out_features=r.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
+    resnet = ResNet(stem, stages, out_features=r.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
+    for name, module in resnet.named_modules():
+        if isinstance(module, AAConv2d):
+            module.layer_name = name  # e.g. "res3.0.conv2", named in attention errors
+    return resnet
 
 
 @BACKBONE_REGISTRY.register()

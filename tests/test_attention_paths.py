@@ -1,0 +1,134 @@
+"""How `impl="auto"` picks a path, the fused path's memory-lean SDPA call, FlexAttention's fallback and
+mixed precision, on the CPU (the CUDA side of the same rules is in test_cuda.py)."""
+import math
+
+import pytest
+import torch
+
+from aa_detection.layers import AAConv2d, relative_attention_2d
+from aa_detection.layers import relative_attention as ra
+
+from test_relative_attention import brute_force, random_inputs
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # choose_impl reads the device type only
+
+
+@pytest.mark.skipif(not ra.kernel_available(), reason="aa_detection._C is not built")
+def test_auto_on_the_cpu_takes_the_kernel_only_within_its_limits():
+    widest = ra.KERNEL_MAX_HEAD_WIDTH
+    assert ra.choose_impl(CPU, 100, 168, 3, 2) == "kernel"
+    assert ra.choose_impl(CPU, 2, 3, widest, widest) == "kernel"
+    assert ra.choose_impl(CPU, 2, 3, widest + 1, 2) == "naive"
+    assert ra.choose_impl(CPU, 25, 42, 2, widest + 1) == "fused"
+    assert ra.choose_impl(CPU, 25, 42, 3, 2, torch.float64) == "fused"
+
+
+def test_auto_without_the_kernel_uses_the_pixel_threshold(monkeypatch):
+    monkeypatch.setattr(ra, "_C", None)
+    side = math.isqrt(ra.NAIVE_MAX_PIXELS)
+    assert ra.choose_impl(CPU, side, side, 3, 2) == "naive"
+    assert ra.choose_impl(CPU, side, side + 1, 3, 2) == "fused"
+
+
+def test_auto_on_cuda_takes_flex_unless_it_failed(monkeypatch):
+    monkeypatch.setattr(ra, "_FLEX_FAILED", False)
+    assert ra.choose_impl(CUDA, 100, 168, 3, 2) == "flex"
+    assert ra.choose_impl(CUDA, 100, 168, 3, 2, torch.bfloat16) == "flex"
+    assert ra.choose_impl(CUDA, 16, 16, 3, 2) == "naive"
+    monkeypatch.setattr(ra, "_FLEX_FAILED", True)
+    assert ra.choose_impl(CUDA, 100, 168, 3, 2) == "fused"
+    monkeypatch.setattr(ra, "_FLEX_FAILED", False)
+    monkeypatch.setattr(ra, "_flex_attention", None)  # a torch without FlexAttention
+    assert ra.choose_impl(CUDA, 100, 168, 3, 2) == "fused"
+
+
+def test_auto_never_crashes_on_heads_wider_than_the_kernel():
+    """One head on AA-R50's res5 widths (dkh 102, dvh 51): auto equals the naive reference."""
+    torch.manual_seed(0)
+    layer = AAConv2d(64, 512, num_heads=1, kappa=0.2, upsilon=0.1, max_relative_size=17)
+    assert layer.key_depth > ra.KERNEL_MAX_HEAD_WIDTH
+    for size in (5, 17):  # below and above NAIVE_MAX_PIXELS
+        x = torch.randn(1, 64, size, size)
+        out = layer(x)
+        layer.impl = "naive"
+        ref = layer(x)
+        layer.impl = "auto"
+        assert (out - ref).abs().max() < 1e-4 * ref.abs().max()
+
+
+@pytest.mark.parametrize("key_width, value_width", [(3, 2), (3 + 100 + 168, 6), (13, 13), (8, 64), (1, 1)])
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_fused_widths_meet_the_alignment_rule(key_width, value_width, device_type):
+    qk, v = ra.fused_widths(key_width, value_width, device_type)
+    assert qk % ra.SDPA_ALIGNMENT == 0 and v % ra.SDPA_ALIGNMENT == 0
+    assert key_width <= qk < key_width + ra.SDPA_ALIGNMENT or (device_type == "cpu" and qk == v)
+    assert value_width <= v
+    if device_type == "cpu":
+        assert qk == v < max(key_width, value_width) + ra.SDPA_ALIGNMENT
+    else:
+        assert v < value_width + ra.SDPA_ALIGNMENT
+
+
+def test_fused_path_never_falls_back_to_dense_attention():
+    """Inputs no memory-lean backend takes (the CPU flash kernel wants one width for q, k and v) are an
+    error naming the layer, the pixels and the widths, not a silent dense (HW, HW) computation."""
+    q = torch.randn(1, 2, 300, 16)
+    with pytest.raises(ra.AttentionBackendError, match=r"res3\.0\.conv2.*300 pixels.*width 16.*value width 8"):
+        ra._memory_lean_sdpa(q, q, torch.randn(1, 2, 300, 8), 0.25, "res3.0.conv2")
+
+
+def test_flex_off_cuda_refuses_large_maps_and_training_and_auto_falls_back_to_fused(monkeypatch, caplog):
+    inputs = random_inputs(1, 2, 17, 17, 3, 2)
+    with pytest.raises(ra.AttentionBackendError, match="res4.1.conv2.*17x17"):
+        relative_attention_2d(*inputs, impl="flex", layer="res4.1.conv2")
+    small = [t.requires_grad_() for t in random_inputs(1, 2, 3, 4, 3, 2)]
+    with pytest.raises(ra.AttentionBackendError, match="trains on CUDA only"):
+        relative_attention_2d(*small, impl="flex")
+    monkeypatch.setattr(ra, "_FLEX_FAILED", False)
+    out = ra._attend("flex", *inputs, layer="res4.1.conv2", auto=True)  # as auto would on a failing GPU
+    assert ra._FLEX_FAILED and "FlexAttention failed" in caplog.text
+    ref = relative_attention_2d(*inputs, impl="naive")
+    assert (out - ref).abs().max() < 1e-5
+
+
+def _large_logit_inputs(shape, seed=0):
+    """bf16 q, k, v (exact in bf16) whose logits reach about +-40, and fp32 tables: in bf16 those logits
+    would carry errors of about 0.1, which move the softmax weights by 10%."""
+    torch.manual_seed(seed)
+    q, k, v, rel_h, rel_w = random_inputs(*shape)
+    return (4 * q).bfloat16(), (4 * k).bfloat16(), v.bfloat16(), rel_h, rel_w
+
+
+CPU_PATHS = ["naive", "fused", "flex"] + (["kernel"] if ra.kernel_available() else [])
+
+
+@pytest.mark.parametrize("impl", CPU_PATHS)
+def test_autocast_keeps_logits_and_softmax_in_float32(impl):
+    inputs = _large_logit_inputs((2, 2, 5, 7, 16, 4))
+    ref = brute_force(*inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = relative_attention_2d(*inputs, impl=impl)
+    assert out.dtype == torch.bfloat16
+    # only the output's own rounding to bf16 (8 significant bits) is left
+    assert ((out.double() - ref).abs() <= 2**-8 * ref.abs() + 1e-6).all()
+
+
+@pytest.mark.parametrize("impl", CPU_PATHS)
+def test_autocast_layer_matches_float32(impl):
+    """The whole layer under CPU autocast against fp32: forward (and backward where the path trains on the
+    CPU) within bf16's tolerance, output in bf16."""
+    torch.manual_seed(0)
+    layer = AAConv2d(16, 32, num_heads=4, key_depth=8, value_depth=8, impl=impl)
+    layer.requires_grad_(impl != "flex")  # FlexAttention trains on CUDA only
+    x = torch.randn(2, 16, 6, 9)
+    ref = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
+    if impl != "flex":
+        grad = torch.randn_like(ref)
+        ref_grads = torch.autograd.grad(ref, list(layer.parameters()), grad)
+        grads = torch.autograd.grad(out.float(), list(layer.parameters()), grad)
+        for g, r in zip(grads, ref_grads):
+            assert (g.float() - r).norm() < 0.05 * r.norm()
