@@ -30,10 +30,18 @@ def add_aa_config(cfg):
     cfg.MODEL.AA.KAPPA = 0.2  # dk / Fout
     cfg.MODEL.AA.UPSILON = 0.1  # dv / Fout
     cfg.MODEL.AA.RELATIVE = True  # 2D relative position logits
-    cfg.MODEL.AA.IMPL = "auto"  # attention implementation: "auto", "naive", "fused" or "kernel"
-    # Each augmented stage sizes its relative tables from INPUT.MAX_SIZE_TRAIN: ceil(MAX_SIZE_TRAIN / stride)
-    # rows per side (res3 stride 8, res4 16, res5 32); offsets beyond the largest training map clip to
-    # the last row.
+    cfg.MODEL.AA.IMPL = "auto"  # attention implementation: "auto", "naive", "fused", "kernel" or "flex"
+    # Stages whose attention runs on its input average-pooled 2x2 (stride 2), the output upsampled
+    # bilinearly before the concatenation: the paper's way of affording the largest maps.
+    cfg.MODEL.AA.DOWNSAMPLE_STAGES = ["res3"]
+    # The norm after the augmented convolutions ("BN", "SyncBN", "GN", ...); "" keeps the block's own
+    # (MODEL.RESNETS.NORM), e.g. FrozenBN with ImageNet weights, which the paper's trained BN is not.
+    cfg.MODEL.AA.NORM = ""
+    # Start the attention output projections at zero: at step 0 the attention channels are zero.
+    cfg.MODEL.AA.ZERO_INIT = False
+    # Each augmented stage sizes its relative tables from the longest padded image side the config can
+    # produce (max(INPUT.MAX_SIZE_TRAIN, INPUT.MAX_SIZE_TEST) rounded up to the FPN's size divisibility):
+    # that side / stride rows per side (res3 stride 8, res4 16, res5 32; twice that when downsampled).
 
     # COCO-format datasets registered at setup: a list of [name, json_file, image_root].
     cfg.DATASETS.REGISTER = []

@@ -8,10 +8,12 @@ from torch import nn
 from aa_detection.layers import AAConv2d, attention_depths
 
 
+@pytest.mark.parametrize("downsample", [1, 2])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("size", [(7, 7), (5, 9), (1, 6), (8, 3), (1, 1)])
-def test_output_shape_matches_convolution(stride, size):
-    layer = AAConv2d(16, 32, 3, stride=stride, num_heads=4, key_depth=8, value_depth=8)
+def test_output_shape_matches_convolution(stride, size, downsample):
+    layer = AAConv2d(16, 32, 3, stride=stride, num_heads=4, key_depth=8, value_depth=8,
+                     attention_downsample=downsample)
     x = torch.randn(2, 16, *size)
     expected = F.conv2d(x, torch.zeros(32, 16, 3, 3), stride=stride, padding=1).shape
     assert layer(x).shape == expected
@@ -45,6 +47,50 @@ def test_stride_two_attends_over_pooled_input():
     assert pooled.shape[-2:] == (3, 4)
     assert torch.allclose(pooled[0, :, 0, 0], x[0, :, :2, :2].mean(dim=(1, 2)))
     assert torch.allclose(pooled[0, :, 2, 3], x[0, :, 4, 6])  # a corner window holds one pixel
+
+
+@pytest.mark.parametrize("impl", ["naive", "fused", "kernel", "auto"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_downsampled_attention_is_the_plain_layer_on_the_pooled_map_upsampled(stride, impl):
+    """attention_downsample=2: the convolution channels are untouched; the attention channels are those of
+    the same layer without downsampling run on the input pooled 2x2 once more, upsampled bilinearly."""
+    from aa_detection.layers.kernel import kernel_available
+
+    if impl == "kernel" and not kernel_available():
+        pytest.skip("aa_detection._C is not built")
+    torch.manual_seed(0)
+    layer = AAConv2d(8, 16, stride=stride, num_heads=2, key_depth=4, value_depth=6, attention_downsample=2,
+                     max_relative_size=6, impl=impl)
+    plain = AAConv2d(8, 16, stride=stride, num_heads=2, key_depth=4, value_depth=6, max_relative_size=6,
+                     impl="naive")
+    plain.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 8, 11, 14)
+    out = layer(x)
+    conv_size = out.shape[-2:]
+    assert torch.equal(out[:, :10], F.conv2d(x, layer.weight, stride=stride, padding=1))
+    pooled_attention = plain(F.avg_pool2d(x, 2, 2, ceil_mode=True))[:, 10:]
+    assert pooled_attention.shape[-2:] == layer.attention_size(*conv_size)
+    expected = F.interpolate(pooled_attention, size=conv_size, mode="bilinear", align_corners=False)
+    assert torch.allclose(out[:, 10:], expected, atol=1e-5)
+
+
+def test_downsampling_divides_the_attention_flops():
+    plain = AAConv2d(8, 16, num_heads=2, key_depth=4, value_depth=4)
+    pooled = AAConv2d(8, 16, num_heads=2, key_depth=4, value_depth=4, attention_downsample=2)
+    output = torch.empty(1, 16, 16, 24)
+    hw, pooled_hw = 16 * 24, 8 * 12
+    core = lambda pixels, h, w: 2 * (pixels * pixels * (2 + 2) + pixels * (h + w) * 2)  # noqa: E731
+    assert plain.attention_flops(output) == core(hw, 16, 24)
+    assert pooled.attention_flops(output) == core(pooled_hw, 8, 12)
+
+
+def test_zero_init_starts_the_attention_channels_at_zero_and_trains_them():
+    layer = AAConv2d(8, 16, num_heads=2, key_depth=4, value_depth=4, zero_init=True)
+    x = torch.randn(2, 8, 6, 7)
+    out = layer(x)
+    assert torch.count_nonzero(out[:, 12:]) == 0 and torch.count_nonzero(out[:, :12]) > 0
+    (out * torch.randn_like(out)).sum().backward()  # a loss whose gradient on the zero channels is not zero
+    assert layer.attn_out.weight.grad.abs().sum() > 0
 
 
 def test_gradients_reach_every_parameter():

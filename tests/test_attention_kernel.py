@@ -165,3 +165,29 @@ def test_kernel_on_a_strided_qkv_view():
     rel_h, rel_w = torch.randn(5, 4), torch.randn(13, 4)
     ref = relative_attention_qkv(qkv, 2, 8, 8, rel_h, rel_w, impl="naive")
     assert _rel_error(relative_attention_qkv(qkv, 2, 8, 8, rel_h, rel_w, impl="kernel"), ref) < 1e-5
+
+
+def test_layer_compiles_without_graph_breaks():
+    """The kernel is an operator with fake and autograd implementations: torch.compile captures AAConv2d
+    (default impl) as one graph, and the compiled layer's outputs and gradients equal eager ones."""
+    from aa_detection.layers import AAConv2d
+
+    torch.manual_seed(0)
+    layer = AAConv2d(8, 16, num_heads=2, key_depth=4, value_depth=4, max_relative_size=9)
+    x = torch.randn(2, 8, 7, 9, requires_grad=True)
+    assert torch._dynamo.explain(layer)(x).graph_break_count == 0
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    out, ref = compiled(x), layer(x)
+    grads = torch.autograd.grad(out.square().sum(), [x, layer.rel_h, layer.qkv.weight])
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, layer.rel_h, layer.qkv.weight])
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert all(torch.allclose(g, r, atol=1e-5) for g, r in zip(grads, ref_grads))
+
+
+def test_kernel_width_limit_matches_the_compiled_kernel():
+    from aa_detection.layers.kernel import KERNEL_MAX_HEAD_WIDTH
+
+    widest = random_inputs(1, 1, 2, 3, KERNEL_MAX_HEAD_WIDTH, 2)
+    assert relative_attention_2d(*widest, impl="kernel").shape == (1, 1, 2, 3, 2)
+    with pytest.raises(RuntimeError, match="head widths"):
+        relative_attention_2d(*random_inputs(1, 1, 2, 3, KERNEL_MAX_HEAD_WIDTH + 1, 2), impl="kernel")

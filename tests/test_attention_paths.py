@@ -24,7 +24,7 @@ def test_auto_on_the_cpu_takes_the_kernel_only_within_its_limits():
 
 
 def test_auto_without_the_kernel_uses_the_pixel_threshold(monkeypatch):
-    monkeypatch.setattr(ra, "_C", None)
+    monkeypatch.setattr(ra.kernel, "_C", None)
     side = math.isqrt(ra.NAIVE_MAX_PIXELS)
     assert ra.choose_impl(CPU, side, side, 3, 2) == "naive"
     assert ra.choose_impl(CPU, side, side + 1, 3, 2) == "fused"

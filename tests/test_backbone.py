@@ -73,16 +73,33 @@ def test_augmented_convolutions_and_output_shape(depth, stride_in_1x1):
 
 
 def test_freeze_at_and_stage_selection():
-    cfg = setup_cfg(None, ["MODEL.BACKBONE.FREEZE_AT", "3", "MODEL.AA.STAGES", "['res3', 'res5']",
+    cfg = setup_cfg(None, ["MODEL.BACKBONE.FREEZE_AT", "3", "MODEL.AA.STAGES", "['res4']",
                            "MODEL.RESNETS.NORM", "BN"] + ALL_OUT)
     model = build_aa_resnet_backbone(cfg, ShapeSpec(channels=3))
-    assert not any(isinstance(m, AAConv2d) for m in model.res4.modules())
-    assert all(isinstance(b.conv2, AAConv2d) for b in list(model.res3) + list(model.res5))
+    assert not any(isinstance(m, AAConv2d) for m in list(model.res3.modules()) + list(model.res5.modules()))
+    assert all(isinstance(b.conv2, AAConv2d) for b in model.res4)
     for name, p in model.named_parameters():
         assert p.requires_grad == (name.split(".")[0] in ("res4", "res5")), name
-    # frozen stages get FrozenBatchNorm2d, including the norm after an augmented convolution
-    assert isinstance(model.res3[0].conv2.norm, FrozenBatchNorm2d)
-    assert isinstance(model.res5[0].conv2.norm, torch.nn.BatchNorm2d)
+    assert isinstance(model.res4[0].conv2.norm, torch.nn.BatchNorm2d)
+
+
+def test_frozen_attention_is_refused_naming_both_keys():
+    cfg = setup_cfg(None, ["MODEL.BACKBONE.FREEZE_AT", "3", "MODEL.AA.STAGES", "['res3', 'res5']"] + ALL_OUT)
+    with pytest.raises(ValueError, match=r"MODEL\.AA\.STAGES.*res3.*MODEL\.BACKBONE\.FREEZE_AT.*3"):
+        build_aa_resnet_backbone(cfg, ShapeSpec(channels=3))
+
+
+def test_attention_norm_and_zero_init_keys():
+    """MODEL.AA.NORM puts a trainable norm after the augmented convolutions while the network keeps
+    FrozenBN; MODEL.AA.ZERO_INIT starts their attention channels at zero."""
+    cfg = setup_cfg(None, ["MODEL.RESNETS.NORM", "FrozenBN", "MODEL.AA.NORM", "BN", "MODEL.AA.ZERO_INIT", "True"]
+                    + ALL_OUT)
+    model = build_aa_resnet_backbone(cfg, ShapeSpec(channels=3))
+    for block in model.res4:
+        assert isinstance(block.conv2.norm, torch.nn.BatchNorm2d)  # trainable, not frozen
+        assert isinstance(block.conv1.norm, FrozenBatchNorm2d) and isinstance(block.conv3.norm, FrozenBatchNorm2d)
+        assert torch.count_nonzero(block.conv2.attn_out.weight) == 0
+    assert isinstance(model.res2[0].conv2.norm, FrozenBatchNorm2d)
 
 
 def test_grouped_convolutions_are_refused_in_augmented_stages():

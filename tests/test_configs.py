@@ -95,11 +95,20 @@ def test_aa_defaults_and_stage_validation():
         setup_cfg(None, ["MODEL.AA.STAGES", "['res3', 'res6']"])
 
 
-def test_relative_tables_sized_from_max_train_size():
+def test_relative_tables_cover_the_largest_padded_map():
+    """Each table has one row per offset of the longest map the config can feed the layer: the largest
+    image (MAX_SIZE_TRAIN/TEST) padded by the model to the FPN's size divisibility."""
+    from detectron2.structures import ImageList
+
     cfg = setup_cfg(os.path.join(CONFIG_DIR, "retinanet_AA_R_50_FPN_1x.yaml"), ["MODEL.DEVICE", "cpu"])
-    bottom_up = build_model(cfg).backbone.bottom_up
+    model = build_model(cfg)
+    longest = max(cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TEST)
+    padded = ImageList.from_tensors([torch.zeros(3, 8, longest)], model.backbone.size_divisibility).tensor
+    bottom_up = model.backbone.bottom_up
     for name, stride in (("res3", 8), ("res4", 16), ("res5", 32)):
-        rows = 2 * math.ceil(cfg.INPUT.MAX_SIZE_TRAIN / stride) - 1
         for block in getattr(bottom_up, name):
-            assert block.conv2.rel_h.shape[0] == rows and block.conv2.rel_w.shape[0] == rows
+            conv = block.conv2
+            side = conv.attention_size(1, padded.shape[-1] // stride)[1]
+            assert conv.rel_h.shape[0] == conv.rel_w.shape[0] == 2 * side - 1
+    assert bottom_up.res3[0].conv2.attention_downsample == 2  # MODEL.AA.DOWNSAMPLE_STAGES default
     assert torch.is_tensor(bottom_up.res5[0].conv2.rel_h)

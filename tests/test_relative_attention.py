@@ -116,3 +116,17 @@ def test_bad_arguments_raise():
         relative_attention_2d(q, k, v, rel_h, None)
     with pytest.raises(ValueError, match="dkh"):
         relative_attention_2d(q, k, v, rel_h[:, :2], rel_w[:, :2])
+
+
+@pytest.mark.parametrize("old_side, new_side", [(4, 7), (7, 4), (5, 5), (1, 3), (3, 1)])
+def test_resized_table_gives_every_offset_the_same_embedding(old_side, new_side):
+    from aa_detection.layers.relative_attention import resize_relative_table
+
+    rel = torch.randn(2 * old_side - 1, 3)
+    resized = resize_relative_table(rel, 2 * new_side - 1)
+    assert resized.shape == (2 * new_side - 1, 3)
+    # maps up to the new side: the same per (query, key) embeddings, clipping included when growing
+    for size in range(1, new_side + 1):
+        assert torch.equal(relative_table(resized, size), relative_table(rel, size))
+    if new_side >= old_side:  # growing loses nothing: equal on maps of any size
+        assert torch.equal(relative_table(resized, 3 * new_side), relative_table(rel, 3 * new_side))

@@ -30,6 +30,10 @@ class AAConv2d(nn.Module):
     named like a plain convolution's so pretrained 3x3 kernels load by name); the last dv channels are
     multi-head self-attention with 2D relative position logits, projected by a 1x1 convolution.
     With stride 2 the attention runs on x average-pooled 2x2 (ceil mode), the convolution's output size.
+    With `attention_downsample` 2 it runs on a map pooled once more by 2 (the paper's way of keeping the
+    largest maps affordable), and its projected output is upsampled bilinearly to the convolution's size
+    before the concatenation. `zero_init` starts the output projection at zero, so at step 0 the layer's
+    attention channels are zero and random attention does not perturb the (pretrained) convolution.
     `norm` and `activation`, when given, follow the concatenation, as in detectron2's Conv2d.
 
     With `keep_attention = True` the layer computes its attention from dense softmax weights and keeps
@@ -57,6 +61,8 @@ class AAConv2d(nn.Module):
         relative=True,
         max_relative_size=64,
         impl="auto",
+        attention_downsample=1,
+        zero_init=False,
         bias=False,
         norm=None,
         activation=None,
@@ -78,6 +84,8 @@ class AAConv2d(nn.Module):
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
         if stride not in (1, 2):
             raise ValueError(f"stride must be 1 or 2, got {stride}")
+        if attention_downsample not in (1, 2):
+            raise ValueError(f"attention_downsample must be 1 or 2, got {attention_downsample}")
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         if relative and max_relative_size < 1:
@@ -85,6 +93,7 @@ class AAConv2d(nn.Module):
 
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.dilation = kernel_size, stride, dilation
+        self.attention_downsample = attention_downsample
         self.padding = dilation * (kernel_size // 2)
         self.num_heads, self.key_depth, self.value_depth = num_heads, dk, dv
         self.impl = impl
@@ -105,16 +114,32 @@ class AAConv2d(nn.Module):
             self.register_parameter("rel_w", None)
         self.norm = norm
         self.activation = activation
+        self.zero_init = zero_init
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """The convolution branch as nn.Conv2d initialises its weight; the output projection at zero with
+        `zero_init`."""
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.zero_init:
+            nn.init.zeros_(self.attn_out.weight)
+            nn.init.zeros_(self.attn_out.bias)
 
     @property
     def relative(self):
         return self.rel_h is not None
 
+    def attention_size(self, height, width):
+        """(h, w) of the map the attention runs on for a convolution output of (height, width)."""
+        d = self.attention_downsample
+        return -(-height // d), -(-width // d)
+
     def attention_flops(self, output):
         """Multiply-adds of the attention core for an output (B, Cout, H', W'): q.k and p.v over all
-        (H'W')^2 pairs and, with relative positions, the logits q.r^H and q.r^W."""
+        (hw)^2 pairs of the attention map (h, w) = attention_size(H', W') and, with relative positions,
+        the logits q.r^H and q.r^W."""
         B, _, H, W = (int(d) for d in output.shape)  # plain ints, also under tracing
+        H, W = self.attention_size(H, W)
         hw = H * W
         dkh, dvh = self.key_depth // self.num_heads, self.value_depth // self.num_heads
         relative = hw * (H + W) * dkh if self.relative else 0
@@ -125,10 +150,11 @@ class AAConv2d(nn.Module):
         return split_heads(self.qkv(x), self.num_heads, self.key_depth, self.value_depth)
 
     def attention_input(self, x):
-        """x (B, Cin, H, W) -> the input of the attention branch, at the convolution's output size."""
-        if self.stride == 1:
-            return x
-        return F.avg_pool2d(x, self.stride, self.stride, ceil_mode=True)
+        """x (B, Cin, H, W) -> the input of the attention branch, of attention_size(convolution output size)."""
+        for factor in (self.stride, self.attention_downsample):
+            if factor == 2:  # 2x2 average pooling, ceil mode: the sizes of a strided 3x3 convolution
+                x = F.avg_pool2d(x, 2, 2, ceil_mode=True)
+        return x
 
     def forward(self, x):
         conv = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
@@ -145,7 +171,10 @@ class AAConv2d(nn.Module):
             # as it is and writes its output in the layout the projection reads.
             attn = relative_attention_qkv(self.qkv(a), self.num_heads, self.key_depth, self.value_depth,
                                           self.rel_h, self.rel_w, impl=self.impl, layer=self.layer_name)
-        out = torch.cat([conv, self.attn_out(attn)], dim=1)
+        attn = self.attn_out(attn)
+        if self.attention_downsample > 1:
+            attn = F.interpolate(attn, size=conv.shape[-2:], mode="bilinear", align_corners=False)
+        out = torch.cat([conv, attn], dim=1)
         if self.norm is not None:
             out = self.norm(out)
         if self.activation is not None:
@@ -157,4 +186,5 @@ class AAConv2d(nn.Module):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"num_heads={self.num_heads}, dk={self.key_depth}, dv={self.value_depth}, "
             f"relative={self.relative}, impl={self.impl!r}"
+            + (f", attention_downsample={self.attention_downsample}" if self.attention_downsample > 1 else "")
         )

@@ -18,21 +18,20 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 import torch.nn.functional as F
 
+from . import kernel
+from .kernel import KERNEL_MAX_HEAD_WIDTH, kernel_attention, kernel_available
+
 try:  # FlexAttention (torch >= 2.5): the CUDA path
     from torch.nn.attention.flex_attention import flex_attention as _flex_attention
 except ImportError:
     _flex_attention = None
 
 __all__ = ["AttentionBackendError", "attention_weights", "choose_impl", "flex_available", "fused_widths",
-           "kernel_available", "relative_attention_2d", "relative_attention_qkv", "relative_table", "split_heads",
-           "IMPLS", "KERNEL_MAX_HEAD_WIDTH", "NAIVE_MAX_PIXELS", "SDPA_ALIGNMENT"]
+           "kernel_available", "relative_attention_2d", "relative_attention_qkv", "relative_table",
+           "resize_relative_table", "split_heads", "IMPLS", "KERNEL_MAX_HEAD_WIDTH", "NAIVE_MAX_PIXELS",
+           "SDPA_ALIGNMENT"]
 
 IMPLS = ("auto", "naive", "fused", "kernel", "flex")
-
-try:  # the optional C++/OpenMP CPU kernel, built by setup.py
-    from aa_detection import _C
-except ImportError:  # pure-Python install: the PyTorch paths are used
-    _C = None
 
 logger = logging.getLogger(__name__)
 
@@ -41,18 +40,11 @@ class AttentionBackendError(RuntimeError):
     """An attention path that cannot run these inputs without building the dense (HW, HW) logits."""
 
 
-def kernel_available() -> bool:
-    """True when the compiled CPU kernel `aa_detection._C` is importable."""
-    return _C is not None
-
-
 # "auto" keeps the dense path up to this many pixels per map where the compiled kernel does not serve
 # the layer. On the 2-core CPU, `tools/benchmark_attention.py --sweep` (res5 head widths, batch 2, 8 heads)
 # had the dense path faster up to 8x8 maps, mixed at 12x16 (fused faster forward, slower forward+backward)
 # and the fused path faster from 16x24 (384 pixels) up.
 NAIVE_MAX_PIXELS = 256
-# The widest head (dkh or dvh) the compiled kernel takes (kMaxWidth in csrc/attention_kernel.h).
-KERNEL_MAX_HEAD_WIDTH = 64
 # Widths of the fused path's SDPA call are multiples of this: the memory-efficient kernel needs 8 for
 # fp16/bf16 and 4 for fp32, flash attention 8.
 SDPA_ALIGNMENT = 8
@@ -93,6 +85,17 @@ def relative_table(rel: torch.Tensor, size: int) -> torch.Tensor:
     """
     table_size = (rel.shape[0] + 1) // 2
     return rel[_offset_rows(size, table_size, rel.device)]
+
+
+def resize_relative_table(rel: torch.Tensor, rows: int) -> torch.Tensor:
+    """A (2L-1, d) table as (rows, d), rows = 2L'-1 odd, giving every offset the embedding `rel` gives it
+    under the clipping rule: L' < L keeps the centre rows (offsets within +-(L'-1)), L' > L repeats the
+    edge rows outward (the rows the smaller table's clipping used for those offsets)."""
+    if rows < 1 or rows % 2 == 0:
+        raise ValueError(f"a relative table has 2L-1 rows, got {rows}")
+    old, new = (rel.shape[0] + 1) // 2, (rows + 1) // 2
+    offsets = torch.arange(-(new - 1), new, device=rel.device).clamp(-(old - 1), old - 1)
+    return rel[offsets + old - 1]
 
 
 def _relative_logits(q, rel_h, rel_w):
@@ -245,51 +248,6 @@ def _flex(q, k, v, rel_h, rel_w, scale, layer="attention"):
     return out[..., :dv].to(dtype)
 
 
-class _KernelAttention(torch.autograd.Function):
-    """The compiled CPU kernel on the qkv convolution's output (B, 2 dk + dv, H, W), fp32: per query, the
-    H + W relative logits are computed from the tables, then key rows are visited with an online
-    softmax, so the (HW, HW) logits are never stored; backward recomputes them from the saved
-    log-sum-exp and returns the gradients of qkv and of both tables directly."""
-
-    @staticmethod
-    def forward(ctx, qkv, rel_h, rel_w, num_heads, dk, dv, scale):
-        out, lse = _C.attention_forward(qkv, rel_h, rel_w, num_heads, dk, dv, scale)
-        ctx.save_for_backward(qkv, rel_h, rel_w, out, lse)
-        ctx.args = (num_heads, dk, dv, scale)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        qkv, rel_h, rel_w, out, lse = ctx.saved_tensors
-        dqkv, drel_h, drel_w = _C.attention_backward(grad_out.contiguous(), qkv, rel_h, rel_w, out, lse, *ctx.args)
-        if rel_h.numel() == 0:
-            drel_h = drel_w = None
-        return dqkv, drel_h, drel_w, None, None, None, None
-
-
-_EMPTY = {}
-
-
-def _empty(device):
-    if device not in _EMPTY:
-        with torch.inference_mode(False):
-            _EMPTY[device] = torch.empty(0, device=device)
-    return _EMPTY[device]
-
-
-def _kernel_qkv(qkv, num_heads, dk, dv, rel_h, rel_w):
-    """qkv (B, 2 dk + dv, H, W) -> (B, dv, H, W) through the compiled kernel, in fp32 (inputs of other
-    dtypes, e.g. bfloat16 under autocast, are converted and the output converted back)."""
-    if qkv.device.type != "cpu" or _C is None:
-        raise RuntimeError("impl='kernel' needs the compiled CPU kernel aa_detection._C and CPU tensors")
-    dtype = qkv.dtype
-    scale = 1.0 / math.sqrt(dk // num_heads)
-    if rel_h is None:
-        rel_h = rel_w = _empty(qkv.device)
-    qkv, rel_h, rel_w = (t.float().contiguous() for t in (qkv, rel_h, rel_w))
-    return _KernelAttention.apply(qkv, rel_h, rel_w, num_heads, dk, dv, scale).to(dtype)
-
-
 def _kernel(q, k, v, rel_h, rel_w, scale, layer="attention"):
     """The kernel from (B, Nh, H, W, d) q, k, v: packed into the qkv layout (one copy)."""
     B, Nh, H, W, dkh = q.shape
@@ -297,7 +255,7 @@ def _kernel(q, k, v, rel_h, rel_w, scale, layer="attention"):
     if not math.isclose(scale, 1.0 / math.sqrt(dkh)):
         raise ValueError("the kernel path uses the scale 1/sqrt(dkh)")
     qkv = torch.cat([t.permute(0, 1, 4, 2, 3).reshape(B, -1, H, W) for t in (q.float(), k.float(), v.float())], 1)
-    out = _kernel_qkv(qkv, Nh, Nh * dkh, Nh * dvh, rel_h, rel_w)
+    out = kernel_attention(qkv, Nh, Nh * dkh, Nh * dvh, rel_h, rel_w)
     return out.reshape(B, Nh, dvh, H, W).permute(0, 1, 3, 4, 2).to(q.dtype)
 
 
@@ -317,7 +275,7 @@ def choose_impl(device: torch.device, height: int, width: int, key_width: int, v
     3. "flex": CUDA with FlexAttention working (compiled; no (HW, HW) tensor, no padded width);
     4. "fused": otherwise (memory-lean SDPA backends only; exact, fp32).
     """
-    if (device.type == "cpu" and _C is not None and max(key_width, value_width) <= KERNEL_MAX_HEAD_WIDTH
+    if (device.type == "cpu" and kernel.kernel_available() and max(key_width, value_width) <= KERNEL_MAX_HEAD_WIDTH
             and dtype != torch.float64):
         return "kernel"
     if height * width <= NAIVE_MAX_PIXELS:
@@ -343,7 +301,7 @@ def relative_attention_qkv(qkv, num_heads, dk, dv, rel_h=None, rel_w=None, impl=
     if auto:
         impl = choose_impl(qkv.device, H, W, dk // num_heads, dv // num_heads, qkv.dtype)
     if impl == "kernel":
-        return _kernel_qkv(qkv, num_heads, dk, dv, rel_h, rel_w)
+        return kernel_attention(qkv, num_heads, dk, dv, rel_h, rel_w)
     q, k, v = split_heads(qkv, num_heads, dk, dv)
     out = _attend(impl, q, k, v, rel_h, rel_w, layer, auto)
     return out.permute(0, 1, 4, 2, 3).reshape(B, dv, H, W)

@@ -2,15 +2,21 @@
 from .backbone import (
     AABasicBlock,
     AABottleneckBlock,
+    aa_resnet,
+    aa_resnet_arguments,
     build_aa_resnet_backbone,
     build_retinanet_aa_resnet_fpn_backbone,
+    max_input_size,
     relative_table_size,
 )
 
 __all__ = [
     "AABasicBlock",
     "AABottleneckBlock",
+    "aa_resnet",
+    "aa_resnet_arguments",
     "build_aa_resnet_backbone",
     "build_retinanet_aa_resnet_fpn_backbone",
+    "max_input_size",
     "relative_table_size",
 ]

@@ -4,6 +4,7 @@ Parameter names stay detectron2's (`stem`, `res2`..`res5`, `resX.Y.conv2.weight`
 so ImageNet ResNet weights load by name; see `aa_detection.checkpoint.AACheckpointer` for the conv branch.
 """
 import math
+from typing import Optional
 
 from detectron2.layers import ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY
@@ -26,6 +27,9 @@ __all__ = [
     "check_aa_stages",
     "build_aa_resnet_backbone",
     "build_retinanet_aa_resnet_fpn_backbone",
+    "aa_resnet",
+    "aa_resnet_arguments",
+    "max_input_size",
     "relative_table_size",
 ]
 
@@ -34,6 +38,9 @@ RESNET_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 
 
 
 def _aa_conv(in_channels, out_channels, *, stride, dilation, norm, aa):
+    """AAConv2d with the block's norm (or aa["norm"], the attention-augmented convolutions' own)."""
+    aa = dict(aa)
+    norm = aa.pop("norm", "") or norm
     conv = AAConv2d(
         in_channels, out_channels, 3, stride=stride, dilation=dilation, norm=get_norm(norm, out_channels), **aa
     )
@@ -75,10 +82,19 @@ class AABasicBlock(BasicBlock):
         self.conv2 = _aa_conv(out_channels, out_channels, stride=1, dilation=1, norm=norm, aa=aa)
 
 
-def relative_table_size(cfg, stage_stride):
-    """Rows per side of each relative table at a stage of this stride: ceil(INPUT.MAX_SIZE_TRAIN / stride),
-    the longest feature map seen in training. Offsets beyond the largest training map clip to the last row."""
-    return max(1, math.ceil(cfg.INPUT.MAX_SIZE_TRAIN / stage_stride))
+def relative_table_size(max_input_size: int, stride: int) -> int:
+    """Rows per side of the relative tables of a layer attending over a map of this stride: the longest
+    side that map can have, ceil(max_input_size / stride), where max_input_size is the longest padded
+    image side. Offsets beyond it would clip to the tables' last rows."""
+    return max(1, math.ceil(max_input_size / stride))
+
+
+def max_input_size(cfg, size_divisibility: int = 1) -> int:
+    """The longest image side the config can feed the backbone: the largest of INPUT.MAX_SIZE_TRAIN and
+    INPUT.MAX_SIZE_TEST (ResizeShortestEdge caps the long side there), padded up to `size_divisibility`."""
+    longest = max(cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TEST)
+    divisibility = max(size_divisibility, 1)
+    return -(-longest // divisibility) * divisibility
 
 
 def check_aa_stages(cfg):
@@ -93,71 +109,139 @@ def check_aa_stages(cfg):
     return set(stages)
 
 
-@BACKBONE_REGISTRY.register()
-def build_aa_resnet_backbone(cfg, input_shape):
-    """detectron2's ResNet (MODEL.RESNETS.*: DEPTH, STRIDE_IN_1X1, NORM, widths, RES5_DILATION, OUT_FEATURES;
-    MODEL.BACKBONE.FREEZE_AT) with the stages in MODEL.AA.STAGES attention-augmented."""
-    augmented = check_aa_stages(cfg)
-    r = cfg.MODEL.RESNETS
-    depth, norm = r.DEPTH, r.NORM
-    if r.RES5_DILATION not in (1, 2):
-        raise ValueError(f"MODEL.RESNETS.RES5_DILATION={r.RES5_DILATION}: allowed values are 1 and 2")
-    if depth < 50 and (r.RES2_OUT_CHANNELS != 64 or r.NUM_GROUPS != 1 or r.RES5_DILATION != 1
-                       or any(r.DEFORM_ON_PER_STAGE)):
+def aa_resnet(
+    *,
+    depth: int = 50,
+    out_features=("res3", "res4", "res5"),
+    in_channels: int = 3,
+    norm: str = "FrozenBN",
+    stem_out_channels: int = 64,
+    res2_out_channels: Optional[int] = None,
+    width_per_group: int = 64,
+    num_groups: int = 1,
+    stride_in_1x1: bool = False,
+    res5_dilation: int = 1,
+    deform_on_per_stage=(False, False, False, False),
+    deform_modulated: bool = False,
+    deform_num_groups: int = 1,
+    freeze_at: int = 0,
+    aa_stages=("res3", "res4", "res5"),
+    num_heads: int = 8,
+    kappa: float = 0.2,
+    upsilon: float = 0.1,
+    relative: bool = True,
+    impl: str = "auto",
+    attention_norm: str = "",
+    zero_init: bool = False,
+    downsample_stages=(),
+    max_input_size: int = 1344,
+) -> ResNet:
+    """detectron2's ResNet with the 3x3 convolutions of `aa_stages` attention-augmented, from explicit
+    arguments (the YAML builder `build_aa_resnet_backbone` and the LazyConfigs both call this).
+
+    The ResNet arguments mean what detectron2's MODEL.RESNETS keys mean (res2_out_channels defaults to 64
+    for depths below 50, 256 otherwise). The attention arguments are MODEL.AA's: num_heads, kappa =
+    dk / Fout, upsilon = dv / Fout, relative positions, the attention path `impl`, `attention_norm` (the
+    norm after the augmented convolutions; "" keeps the block's `norm`), `zero_init` (attention output
+    projections start at zero), `downsample_stages` (attention over a map pooled 2x2 more, upsampled
+    back) and `max_input_size` (the longest padded image side, which sizes the relative tables).
+    """
+    stages_set, downsampled = set(aa_stages), set(downsample_stages)
+    for name, value in (("aa_stages", stages_set), ("downsample_stages", downsampled)):
+        if not value <= set(STAGE_NAMES):
+            raise ValueError(f"{name}={sorted(value)}: allowed values are {list(STAGE_NAMES)}")
+    if depth not in RESNET_BLOCKS:
+        raise ValueError(f"depth={depth}: allowed values are {sorted(RESNET_BLOCKS)}")
+    if res5_dilation not in (1, 2):
+        raise ValueError(f"res5_dilation={res5_dilation}: allowed values are 1 and 2")
+    if res2_out_channels is None:
+        res2_out_channels = 64 if depth < 50 else 256
+    if depth < 50 and (res2_out_channels != 64 or num_groups != 1 or res5_dilation != 1 or any(deform_on_per_stage)):
         raise ValueError(
             f"ResNet-{depth} needs MODEL.RESNETS.RES2_OUT_CHANNELS=64, NUM_GROUPS=1, RES5_DILATION=1 and no "
             "DEFORM_ON_PER_STAGE"
         )
-    aa_common = dict(
-        num_heads=cfg.MODEL.AA.NUM_HEADS, kappa=cfg.MODEL.AA.KAPPA, upsilon=cfg.MODEL.AA.UPSILON,
-        relative=cfg.MODEL.AA.RELATIVE, impl=cfg.MODEL.AA.IMPL,
-    )
+    frozen = [name for i, name in enumerate(STAGE_NAMES) if name in stages_set and i + 2 <= freeze_at]
+    if frozen:
+        raise ValueError(
+            f"MODEL.AA.STAGES (aa_stages) includes {frozen}, which MODEL.BACKBONE.FREEZE_AT (freeze_at)={freeze_at} "
+            f"freezes: its attention would never train. Use FREEZE_AT <= {STAGE_NAMES.index(frozen[0]) + 1} or "
+            "leave the stage out of MODEL.AA.STAGES")
+    aa_common = dict(num_heads=num_heads, kappa=kappa, upsilon=upsilon, relative=relative, impl=impl,
+                     norm=attention_norm, zero_init=zero_init)
 
-    stem = BasicStem(in_channels=input_shape.channels, out_channels=r.STEM_OUT_CHANNELS, norm=norm)
+    stem = BasicStem(in_channels=in_channels, out_channels=stem_out_channels, norm=norm)
     stride = stem.stride
-    in_ch, out_ch = r.STEM_OUT_CHANNELS, r.RES2_OUT_CHANNELS
-    bottleneck = r.NUM_GROUPS * r.WIDTH_PER_GROUP
+    in_ch, out_ch = stem_out_channels, res2_out_channels
+    bottleneck = num_groups * width_per_group
     stages = []
     for i, (name, num_blocks) in enumerate(zip(STAGE_NAMES, RESNET_BLOCKS[depth])):
-        dilation = r.RES5_DILATION if name == "res5" else 1
+        dilation = res5_dilation if name == "res5" else 1
         first_stride = 1 if i == 0 or dilation == 2 else 2
         stride *= first_stride
         kwargs = dict(
             num_blocks=num_blocks, stride_per_block=[first_stride] + [1] * (num_blocks - 1),
             in_channels=in_ch, out_channels=out_ch, norm=norm,
         )
-        is_aa = name in augmented
+        is_aa = name in stages_set
         if is_aa:
-            kwargs["aa"] = dict(aa_common, max_relative_size=relative_table_size(cfg, stride))
-            if r.DEFORM_ON_PER_STAGE[i]:
+            factor = 2 if name in downsampled else 1
+            kwargs["aa"] = dict(aa_common, attention_downsample=factor,
+                                max_relative_size=relative_table_size(max_input_size, stride * factor))
+            if deform_on_per_stage[i]:
                 raise ValueError(f"{name} cannot be both in MODEL.AA.STAGES and deformable (DEFORM_ON_PER_STAGE)")
         if depth < 50:
             kwargs["block_class"] = AABasicBlock if is_aa else BasicBlock
         else:
             kwargs.update(
-                bottleneck_channels=bottleneck, stride_in_1x1=r.STRIDE_IN_1X1, dilation=dilation,
-                num_groups=r.NUM_GROUPS,
+                bottleneck_channels=bottleneck, stride_in_1x1=stride_in_1x1, dilation=dilation, num_groups=num_groups,
             )
             if is_aa:
                 kwargs["block_class"] = AABottleneckBlock
-            elif r.DEFORM_ON_PER_STAGE[i]:
-                kwargs.update(block_class=DeformBottleneckBlock, deform_modulated=r.DEFORM_MODULATED,
-                              deform_num_groups=r.DEFORM_NUM_GROUPS)
+            elif deform_on_per_stage[i]:
+                kwargs.update(block_class=DeformBottleneckBlock, deform_modulated=deform_modulated,
+                              deform_num_groups=deform_num_groups)
             else:
                 kwargs["block_class"] = BottleneckBlock
         stages.append(ResNet.make_stage(**kwargs))
         in_ch, out_ch, bottleneck = out_ch, out_ch * 2, bottleneck * 2
-    resnet = ResNet(stem, stages, out_features=r.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
+    resnet = ResNet(stem, stages, out_features=list(out_features), freeze_at=freeze_at)
     for name, module in resnet.named_modules():
         if isinstance(module, AAConv2d):
             module.layer_name = name  # e.g. "res3.0.conv2", named in attention errors
     return resnet
 
 
+def aa_resnet_arguments(cfg, input_shape: ShapeSpec, size_divisibility: int = 1) -> dict:
+    """The `aa_resnet` arguments a YAML config gives (MODEL.RESNETS, MODEL.BACKBONE.FREEZE_AT, MODEL.AA, INPUT)."""
+    check_aa_stages(cfg)
+    r, aa = cfg.MODEL.RESNETS, cfg.MODEL.AA
+    return dict(
+        depth=r.DEPTH, out_features=r.OUT_FEATURES, in_channels=input_shape.channels, norm=r.NORM,
+        stem_out_channels=r.STEM_OUT_CHANNELS, res2_out_channels=r.RES2_OUT_CHANNELS,
+        width_per_group=r.WIDTH_PER_GROUP, num_groups=r.NUM_GROUPS, stride_in_1x1=r.STRIDE_IN_1X1,
+        res5_dilation=r.RES5_DILATION, deform_on_per_stage=r.DEFORM_ON_PER_STAGE,
+        deform_modulated=r.DEFORM_MODULATED, deform_num_groups=r.DEFORM_NUM_GROUPS,
+        freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT, aa_stages=aa.STAGES, num_heads=aa.NUM_HEADS, kappa=aa.KAPPA,
+        upsilon=aa.UPSILON, relative=aa.RELATIVE, impl=aa.IMPL, attention_norm=aa.NORM, zero_init=aa.ZERO_INIT,
+        downsample_stages=aa.DOWNSAMPLE_STAGES, max_input_size=max_input_size(cfg, size_divisibility),
+    )
+
+
+@BACKBONE_REGISTRY.register()
+def build_aa_resnet_backbone(cfg, input_shape):
+    """detectron2's ResNet (MODEL.RESNETS.*: DEPTH, STRIDE_IN_1X1, NORM, widths, RES5_DILATION, OUT_FEATURES;
+    MODEL.BACKBONE.FREEZE_AT) with the stages in MODEL.AA.STAGES attention-augmented."""
+    return aa_resnet(**aa_resnet_arguments(cfg, input_shape))
+
+
 @BACKBONE_REGISTRY.register()
 def build_retinanet_aa_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
-    """AA-ResNet + FPN with P6, P7 computed from res5 (P3-P7), as RetinaNet's ResNet-FPN backbone."""
-    bottom_up = build_aa_resnet_backbone(cfg, input_shape)
+    """AA-ResNet + FPN with P6, P7 computed from res5 (P3-P7), as RetinaNet's ResNet-FPN backbone. The
+    relative tables cover the FPN's padded sizes (multiples of the largest input feature's stride)."""
+    strides = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
+    divisibility = max(strides[f] for f in cfg.MODEL.FPN.IN_FEATURES)
+    bottom_up = aa_resnet(**aa_resnet_arguments(cfg, input_shape, divisibility))
     return FPN(
         bottom_up=bottom_up,
         in_features=cfg.MODEL.FPN.IN_FEATURES,

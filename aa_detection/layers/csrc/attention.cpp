@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #include "attention_kernel.h"
@@ -159,9 +160,9 @@ AttentionSlice slice(const Shapes& s, int64_t bh, const torch::Tensor& qkv, cons
 
 // out (B, dv, H, W), channel n * dvh + c for value dimension c of head n (the layout of the attention
 // branch's output projection input), and the log-sum-exp of each query's logits (B, Nh, HW).
-std::vector<torch::Tensor> attention_forward(const torch::Tensor& qkv, const torch::Tensor& rel_h,
-                                             const torch::Tensor& rel_w, int64_t num_heads, int64_t dk,
-                                             int64_t dv, double scale) {
+std::tuple<torch::Tensor, torch::Tensor> attention_forward(const torch::Tensor& qkv, const torch::Tensor& rel_h,
+                                                           const torch::Tensor& rel_w, int64_t num_heads,
+                                                           int64_t dk, int64_t dv, double scale) {
   const Shapes s = check_inputs(qkv, rel_h, rel_w, num_heads, dk, dv);
   auto out = torch::empty({s.B, s.dv, s.H, s.W}, qkv.options());
   auto lse = torch::empty({s.B, s.Nh, s.HW}, qkv.options());
@@ -180,11 +181,10 @@ std::vector<torch::Tensor> attention_forward(const torch::Tensor& qkv, const tor
 }
 
 // Flash-attention style backward: recomputes the probabilities from the saved log-sum-exp.
-// Returns dqkv (B, 2 dk + dv, H, W), drel_h, drel_w (empty for content-only attention).
-std::vector<torch::Tensor> attention_backward(const torch::Tensor& dout, const torch::Tensor& qkv,
-                                              const torch::Tensor& rel_h, const torch::Tensor& rel_w,
-                                              const torch::Tensor& out, const torch::Tensor& lse,
-                                              int64_t num_heads, int64_t dk, int64_t dv, double scale) {
+// Returns dqkv (B, 2 dk + dv, H, W), drel_h, drel_w (0-element tensors for content-only attention).
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> attention_backward(
+    const torch::Tensor& dout, const torch::Tensor& qkv, const torch::Tensor& rel_h, const torch::Tensor& rel_w,
+    const torch::Tensor& out, const torch::Tensor& lse, int64_t num_heads, int64_t dk, int64_t dv, double scale) {
   const Shapes s = check_inputs(qkv, rel_h, rel_w, num_heads, dk, dv);
   check_input(dout, "dout", 4);
   check_input(out, "out", 4);
@@ -225,7 +225,7 @@ std::vector<torch::Tensor> attention_backward(const torch::Tensor& dout, const t
   });
   const auto dkv_sum = groups == 1 ? dkv[0] : dkv.sum(0);
   dqkv.narrow(1, s.dk, s.dk + s.dv).copy_(dkv_sum.narrow(-1, 0, s.W));
-  if (!s.relative) return {dqkv, torch::Tensor(), torch::Tensor()};
+  if (!s.relative) return {dqkv, torch::empty({0}, qkv.options()), torch::empty({0}, qkv.options())};
   return {dqkv, drel_h.sum(0), drel_w.sum(0)};
 }
 
@@ -241,12 +241,25 @@ void fast_exp_(torch::Tensor x) {
 }  // namespace
 }  // namespace aa_detection
 
+// Operators torch.ops.aa_detection.*, so TorchScript, torch.export and torch.compile see the kernel (their
+// fake implementations and autograd are registered in Python, aa_detection/layers/relative_attention.py).
+TORCH_LIBRARY(aa_detection, m) {
+  // relative attention forward from the qkv convolution's output: (out (B, dv, H, W), lse (B, Nh, HW))
+  m.def("attention_forward(Tensor qkv, Tensor rel_h, Tensor rel_w, int num_heads, int dk, int dv, float scale)"
+        " -> (Tensor, Tensor)");
+  // relative attention backward: (dqkv, drel_h, drel_w)
+  m.def("attention_backward(Tensor dout, Tensor qkv, Tensor rel_h, Tensor rel_w, Tensor out, Tensor lse, "
+        "int num_heads, int dk, int dv, float scale) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(aa_detection, CPU, m) {
+  m.impl("attention_forward", &aa_detection::attention_forward);
+  m.impl("attention_backward", &aa_detection::attention_backward);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused CPU kernel of 2D relative multi-head attention (never stores the HW x HW logits)";
-  m.def("attention_forward", &aa_detection::attention_forward,
-        "relative attention forward from the qkv convolution's output: (out (B, dv, H, W), lse (B, Nh, HW))");
-  m.def("attention_backward", &aa_detection::attention_backward,
-        "relative attention backward: (dqkv, drel_h, drel_w)");
+  m.attr("max_head_width") = aa_detection::kMaxWidth;
   m.def("fast_exp_", &aa_detection::fast_exp_, "the kernel's exp, in place (x <= 88)");
   m.def("kernel_isa", [] { return std::string(aa_detection::isa().name); },
         "instruction set of the kernel picked for this CPU");

@@ -1,0 +1,69 @@
+"""The compiled CPU attention kernel `aa_detection._C` as the operators `torch.ops.aa_detection.*`.
+
+The C++ library registers `attention_forward` and `attention_backward` (CPU); here they get their fake
+(meta) implementations and autograd, so TorchScript tracing, `torch.export` and `torch.compile` see one
+operator where the layer calls the kernel. A saved TorchScript model or exported program needs
+`import aa_detection` (or `torch.ops.load_library` of the `_C` file) before it is loaded.
+"""
+import math
+
+import torch
+
+__all__ = ["kernel_attention", "kernel_available", "KERNEL_MAX_HEAD_WIDTH"]
+
+try:  # the optional C++/OpenMP CPU kernel, built by setup.py
+    from aa_detection import _C
+except ImportError:  # pure-Python install: the PyTorch paths are used
+    _C = None
+
+# The widest head (dkh or dvh) the kernel takes (kMaxWidth in csrc/attention_kernel.h).
+KERNEL_MAX_HEAD_WIDTH = 64 if _C is None else _C.max_head_width
+
+
+def kernel_available() -> bool:
+    """True when the compiled CPU kernel `aa_detection._C` is importable."""
+    return _C is not None
+
+
+if _C is not None:
+
+    @torch.library.register_fake("aa_detection::attention_forward")
+    def _attention_forward_fake(qkv, rel_h, rel_w, num_heads, dk, dv, scale):
+        B, _, H, W = qkv.shape
+        return qkv.new_empty(B, dv, H, W), qkv.new_empty(B, num_heads, H * W)
+
+    @torch.library.register_fake("aa_detection::attention_backward")
+    def _attention_backward_fake(dout, qkv, rel_h, rel_w, out, lse, num_heads, dk, dv, scale):
+        return torch.empty_like(qkv), torch.empty_like(rel_h), torch.empty_like(rel_w)
+
+    def _setup_context(ctx, inputs, output):
+        qkv, rel_h, rel_w, num_heads, dk, dv, scale = inputs
+        ctx.save_for_backward(qkv, rel_h, rel_w, *output)
+        ctx.args = (num_heads, dk, dv, scale)
+
+    def _backward(ctx, grad_out, grad_lse):
+        """Recomputes the probabilities from the saved log-sum-exp; gradients of qkv and both tables."""
+        qkv, rel_h, rel_w, out, lse = ctx.saved_tensors
+        dqkv, drel_h, drel_w = torch.ops.aa_detection.attention_backward(
+            grad_out.contiguous(), qkv, rel_h, rel_w, out, lse, *ctx.args)
+        return dqkv, drel_h, drel_w, None, None, None, None
+
+    torch.library.register_autograd("aa_detection::attention_forward", _backward, setup_context=_setup_context)
+
+
+def kernel_attention(qkv, num_heads, dk, dv, rel_h=None, rel_w=None):
+    """qkv (B, 2 dk + dv, H, W) -> (B, dv, H, W) through the compiled kernel, in fp32 (inputs of other
+    dtypes, e.g. bfloat16 under autocast, are converted and the output converted back).
+
+    Per query the H + W relative logits are computed from the tables, then key rows are visited with an
+    online softmax, so the (HW, HW) logits are never stored; backward recomputes them from the saved
+    log-sum-exp and returns the gradients of qkv and of both tables directly."""
+    if qkv.device.type != "cpu" or _C is None:
+        raise RuntimeError("impl='kernel' needs the compiled CPU kernel aa_detection._C and CPU tensors")
+    dtype = qkv.dtype
+    scale = 1.0 / math.sqrt(dk // num_heads)
+    if rel_h is None:  # content-only attention: 0-element tables
+        rel_h = rel_w = qkv.new_empty(0, dtype=torch.float32)
+    qkv, rel_h, rel_w = (t.float().contiguous() for t in (qkv, rel_h, rel_w))
+    out, _ = torch.ops.aa_detection.attention_forward(qkv, rel_h, rel_w, num_heads, dk, dv, scale)
+    return out.to(dtype)

@@ -1,0 +1,6 @@
+"""AA-R-101 RetinaNet, 3x schedule: the twin of retinanet_R_101_FPN_3x.py."""
+from .retinanet_AA_R_50_FPN_3x import dataloader, lr_multiplier, model, optimizer, train
+
+model.backbone.bottom_up.depth = 101
+train.init_checkpoint = "detectron2://ImageNetPretrained/MSRA/R-101.pkl"
+train.output_dir = "output/lazy/retinanet_AA_R_101_FPN_3x"

@@ -1,0 +1,8 @@
+"""R-50 RetinaNet, 3x schedule (270k iterations, LR steps at 210k and 250k)."""
+from detectron2.model_zoo import get_config
+
+from .retinanet_R_50_FPN_1x import dataloader, model, optimizer, train
+
+lr_multiplier = get_config("common/coco_schedule.py").lr_multiplier_3x
+train.max_iter = 270000
+train.output_dir = "output/lazy/retinanet_R_50_FPN_3x"

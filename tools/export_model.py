@@ -1,0 +1,32 @@
+#!/usr/bin/env python
+"""Export a trained RetinaNet (AA-ResNet or ResNet backbone) for deployment.
+
+    python tools/export_model.py --config-file CFG --output DIR MODEL.WEIGHTS model_final.pth
+    python tools/export_model.py --config-file CFG --output DIR --format export --sample-image img.jpg
+
+"torchscript" writes DIR/model.ts (+ model.ts.json naming its outputs), the whole detector traced at the
+sample image's size (it runs at other sizes); "export" writes DIR/backbone.pt2, the backbone through
+torch.export with dynamic height and width. Load either after `import aa_detection`.
+"""
+import argparse
+
+from aa_detection.config import setup_cfg
+from aa_detection.errors import exit_on_user_error
+from aa_detection.export import FORMATS, export_model
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", required=True, metavar="FILE")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--format", choices=FORMATS, default="torchscript")
+    p.add_argument("--sample-image", default=None, help="image to trace with (default: the first test image)")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
+    args = p.parse_args(argv)
+    cfg = setup_cfg(args.config_file, args.opts)
+    print(export_model(cfg, args.output, args.format, args.sample_image))
+
+
+if __name__ == "__main__":
+    with exit_on_user_error():
+        main()
