@@ -7,7 +7,6 @@ pytest.importorskip("detectron2", reason="detectron2 is not installed; see READM
 
 from aa_detection.config import setup_cfg  # noqa: E402
 from aa_detection.data import SYNTHETIC_CLASSES, ensure_synthetic_dataset, generate_split  # noqa: E402
-from aa_detection.engine.compare import format_table, load_run, plot_runs  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYN_CFG = os.path.join(ROOT, "configs/synthetic/retinanet_R_18_FPN_synthetic.yaml")
@@ -81,33 +80,6 @@ def test_synthetic_names_generate_and_register(tmp_path):
                               "DATASETS.SYNTHETIC.NUM_VAL", "2"])
     assert cfg.MODEL.RETINANET.NUM_CLASSES == len(SYNTHETIC_CLASSES)
     assert os.path.isfile(os.path.join(root, "val.json"))
-
-
-def _fake_run(path, ap_final, losses):
-    os.makedirs(path)
-    with open(os.path.join(path, "metrics.json"), "w") as f:
-        for i, loss in enumerate(losses):
-            f.write(json.dumps({"iteration": 20 * i + 19, "total_loss": loss, "time": 0.5}) + "\n")
-        f.write(json.dumps({"iteration": 20 * len(losses) - 1, "bbox/AP": ap_final - 5}) + "\n")
-        f.write('{"iteration": 99, "total_lo')  # a line cut by an interruption
-    res = {"iteration": 20 * len(losses), "params": 2.5e6, "gflops": 1.25, "seconds_per_image": 0.02,
-           "train_seconds": 100.0, "results": {"val": {"bbox": {
-               "AP": ap_final, "AP50": 60.0, "AP75": 30.0, "APs": 10.0, "APm": 40.0, "APl": float("nan")}}}}
-    with open(os.path.join(path, "eval_results.json"), "w") as f:
-        json.dump(res, f)
-
-
-def test_compare_table_and_plot(tmp_path):
-    _fake_run(str(tmp_path / "base"), 30.0, [2.0, 1.5, 1.0])
-    _fake_run(str(tmp_path / "aa"), 32.5, [2.0, 1.4, 0.9])
-    runs = [load_run(str(tmp_path / "base")), load_run(str(tmp_path / "aa"))]
-    table = format_table(runs)
-    assert "| AP | 30.0 | 32.5 | +2.5 |" in table
-    assert "| APl | - | - | - |" in table
-    assert "| params (M) | 2.50 | 2.50 | +0.00 |" in table
-    assert runs[0]["ap"] == [(59, 25.0)] and len(runs[0]["loss"]) == 3
-    plot = plot_runs(runs, str(tmp_path / "p.png"))
-    assert os.path.getsize(plot) > 1000
 
 
 def test_aa_config_only_changes_the_backbone(tmp_path):

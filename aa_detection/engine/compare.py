@@ -1,14 +1,21 @@
-"""Side-by-side comparison of training runs from their output folders.
+"""Side-by-side comparison of training runs from their output folders, over seeds.
 
 A run folder is a detectron2 OUTPUT_DIR: `metrics.json` (one JSON record per logged iteration, with
-`total_loss` and, at evaluations, `bbox/AP` ...) and, when written by this project's trainer,
-`eval_results.json` (final COCO metrics, parameters, GFLOPs, inference and training time).
+`total_loss` and, at evaluations, `bbox/AP` ...), `config.yaml` (its SEED) and, when written by this
+project's trainer, `eval_results.json` (final COCO metrics, parameters, GFLOPs, inference and training
+time). Runs of one model with different seeds live in `<model>/seed<N>` folders (tools/run_synthetic.py
+--seeds writes them): they are grouped under the model's name and reported as mean, standard deviation
+and per-seed values.
 """
 import json
 import math
 import os
+import re
+import statistics
 
-__all__ = ["load_run", "format_table", "plot_runs", "METRIC_KEYS"]
+import yaml
+
+__all__ = ["load_run", "group_runs", "format_table", "plot_runs", "METRIC_KEYS"]
 
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 RESULTS_FILE = "eval_results.json"
@@ -38,7 +45,10 @@ def load_run(run_dir, name=None):
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"not a run folder: {run_dir}")
     records = read_metrics(os.path.join(run_dir, "metrics.json"))
-    run = {"name": name or os.path.basename(os.path.normpath(run_dir)), "dir": run_dir,
+    folder = os.path.normpath(run_dir)
+    seed_folder = re.fullmatch(r"seed(-?\d+)", os.path.basename(folder))
+    model = os.path.basename(os.path.dirname(folder) if seed_folder else folder)
+    run = {"name": name or model, "dir": run_dir, "seed": _seed(run_dir),
            "bbox": {}, "params": None, "gflops": None, "seconds_per_image": None,
            "train_seconds": None, "iteration": None}
     res_path = os.path.join(run_dir, RESULTS_FILE)
@@ -63,53 +73,110 @@ def load_run(run_dir, name=None):
     return run
 
 
+def _seed(run_dir):
+    """The SEED of the run's config.yaml (detectron2 writes it at setup), or None."""
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        seed = (yaml.safe_load(f) or {}).get("SEED")
+    return None if seed is None or seed < 0 else seed
+
+
+def group_runs(runs):
+    """{name: [runs]} in order of first appearance: the seeds of one model under its name."""
+    groups = {}
+    for run in runs:
+        groups.setdefault(run["name"], []).append(run)
+    return groups
+
+
 def _fmt(value, spec):
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return format(value, spec)
 
 
+ROWS = [(k, lambda r, k=k: r["bbox"].get(k), ".1f") for k in METRIC_KEYS] + [
+    ("params (M)", lambda r: None if r["params"] is None else r["params"] / 1e6, ".2f"),
+    ("GFLOPs", lambda r: r["gflops"], ".2f"),
+    ("s / image", lambda r: r["seconds_per_image"], ".3f"),
+    ("train time (s)", lambda r: r["train_seconds"], ".0f"),
+    ("iterations", lambda r: r["iteration"], ".0f"),
+]
+
+
+def _known(value):
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def _summary(values, spec):
+    """One value as it is; several as "mean +- std (v1 / v2 / ...)"."""
+    known = [v for v in values if _known(v)]
+    if len(known) <= 1:
+        return _fmt(known[0] if known else None, spec)
+    return (f"{_fmt(statistics.mean(known), spec)} +- {_fmt(statistics.stdev(known), spec)} "
+            f"({' / '.join(_fmt(v, spec) for v in values)})")
+
+
+def _difference(reference, other, spec):
+    """other - reference: per seed where both have the same seeds (mean +- std of the paired
+    differences), otherwise the difference of the means +- its standard error."""
+    a, b = ([run for run in g if _known(run[1])] for g in (reference, other))
+    if not a or not b:
+        return "-"
+    seeds_a, seeds_b = [s for s, _ in a], [s for s, _ in b]
+    if len(a) > 1 and None not in seeds_a and sorted(seeds_a) == sorted(seeds_b):
+        by_seed = dict(b)
+        return _summary([by_seed[s] - v for s, v in a], "+" + spec)
+    va, vb = [v for _, v in a], [v for _, v in b]
+    diff = _fmt(statistics.mean(vb) - statistics.mean(va), "+" + spec)
+    if len(va) > 1 and len(vb) > 1:
+        error = math.sqrt(statistics.variance(va) / len(va) + statistics.variance(vb) / len(vb))
+        return f"{diff} +- {_fmt(error, spec)} (standard error)"
+    return diff
+
+
 def format_table(runs):
-    """A Markdown table, one column per run, with a difference column when there are two runs."""
-    rows = [(k, lambda r, k=k: r["bbox"].get(k), ".1f") for k in METRIC_KEYS]
-    rows += [
-        ("params (M)", lambda r: None if r["params"] is None else r["params"] / 1e6, ".2f"),
-        ("GFLOPs", lambda r: r["gflops"], ".2f"),
-        ("s / image", lambda r: r["seconds_per_image"], ".3f"),
-        ("train time (s)", lambda r: r["train_seconds"], ".0f"),
-        ("iterations", lambda r: r["iteration"], "d"),
-    ]
-    header = ["metric"] + [r["name"] for r in runs]
-    two = len(runs) == 2
+    """A Markdown table, one column per model (its seeds summarised: mean +- std and per-seed values), and
+    with two models a column of the second minus the first."""
+    groups = group_runs(runs)
+    names = list(groups)
+    header = ["metric"] + [f"{n} ({len(groups[n])} run{'s' if len(groups[n]) > 1 else ''})" for n in names]
+    two = len(names) == 2
     if two:
-        header.append("difference")
+        header.append(f"{names[1]} - {names[0]}")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    for label, get, spec in rows:
-        values = [get(r) for r in runs]
-        cells = [label] + [_fmt(v, spec) for v in values]
+    for label, get, spec in ROWS:
+        cells = [label] + [_summary([get(r) for r in groups[n]], spec) for n in names]
         if two:
-            a, b = values
-            diff = None if a is None or b is None or label == "iterations" else b - a
-            cells.append(_fmt(diff, "+" + spec))
+            paired = [[(r["seed"], get(r)) for r in groups[n]] for n in names]
+            cells.append("-" if label == "iterations" else _difference(*paired, spec))
         lines.append("| " + " | ".join(cells) + " |")
+    seeds = {n: [r["seed"] for r in groups[n]] for n in names}
+    lines.append("")
+    lines.append("seeds: " + "; ".join(f"{n}: {', '.join(str(s) for s in seeds[n])}" for n in names))
     return "\n".join(lines)
 
 
 def plot_runs(runs, path):
-    """Write a two-panel plot: total_loss and COCO AP against the iteration, one line per run."""
+    """Write a two-panel plot: total_loss and COCO AP against the iteration, one line per run, one color
+    per model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(11, 4))
-    for run in runs:
-        if run["loss"]:
-            it, loss = zip(*run["loss"])
-            ax_loss.plot(it, loss, label=run["name"])
-        if run["ap"]:
-            it, ap = zip(*run["ap"])
-            ax_ap.plot(it, ap, marker="o", label=run["name"])
+    for color, (name, group) in enumerate(group_runs(runs).items()):
+        for i, run in enumerate(group):  # one color per model, one line per seed
+            label = name if i == 0 else None
+            if run["loss"]:
+                it, loss = zip(*run["loss"])
+                ax_loss.plot(it, loss, color=f"C{color}", alpha=0.8, label=label)
+            if run["ap"]:
+                it, ap = zip(*run["ap"])
+                ax_ap.plot(it, ap, color=f"C{color}", marker="o", label=label)
     ax_loss.set(xlabel="iteration", ylabel="total_loss", title="training loss")
     ax_ap.set(xlabel="iteration", ylabel="COCO box AP", title="validation AP")
     for ax in (ax_loss, ax_ap):

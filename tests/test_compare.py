@@ -1,0 +1,66 @@
+"""Comparing runs over seeds: mean, standard deviation, per-seed values and the paired difference."""
+import json
+import os
+import statistics
+
+from aa_detection.engine.compare import format_table, group_runs, load_run, plot_runs
+
+
+def _fake_run(path, ap_final, losses, seed=None):
+    os.makedirs(path)
+    with open(os.path.join(path, "metrics.json"), "w") as f:
+        for i, loss in enumerate(losses):
+            f.write(json.dumps({"iteration": 20 * i + 19, "total_loss": loss, "time": 0.5}) + "\n")
+        f.write(json.dumps({"iteration": 20 * len(losses) - 1, "bbox/AP": ap_final - 5}) + "\n")
+        f.write('{"iteration": 99, "total_lo')  # a line cut by an interruption
+    res = {"iteration": 20 * len(losses), "params": 2.5e6, "gflops": 1.25, "seconds_per_image": 0.02,
+           "train_seconds": 100.0, "results": {"val": {"bbox": {
+               "AP": ap_final, "AP50": 60.0, "AP75": 30.0, "APs": 10.0, "APm": 40.0, "APl": float("nan")}}}}
+    with open(os.path.join(path, "eval_results.json"), "w") as f:
+        json.dump(res, f)
+    if seed is not None:
+        with open(os.path.join(path, "config.yaml"), "w") as f:
+            f.write(f"SEED: {seed}\nOUTPUT_DIR: {path}\n")
+
+
+def test_two_single_runs_side_by_side(tmp_path):
+    _fake_run(str(tmp_path / "base"), 30.0, [2.0, 1.5, 1.0])
+    _fake_run(str(tmp_path / "aa"), 32.5, [2.0, 1.4, 0.9])
+    runs = [load_run(str(tmp_path / "base")), load_run(str(tmp_path / "aa"))]
+    table = format_table(runs)
+    assert "| AP | 30.0 | 32.5 | +2.5 |" in table
+    assert "| APl | - | - | - |" in table
+    assert "| params (M) | 2.50 | 2.50 | +0.00 |" in table
+    assert runs[0]["ap"] == [(59, 25.0)] and len(runs[0]["loss"]) == 3
+    plot = plot_runs(runs, str(tmp_path / "p.png"))
+    assert os.path.getsize(plot) > 1000
+
+
+def test_seeds_are_grouped_and_summarised(tmp_path):
+    base_ap, aa_ap = {1: 40.1, 2: 36.8, 3: 40.6}, {1: 41.0, 2: 38.3, 3: 40.2}
+    for seed in (1, 2, 3):
+        _fake_run(str(tmp_path / "R18" / f"seed{seed}"), base_ap[seed], [2.0, 1.0], seed)
+        _fake_run(str(tmp_path / "AA-R18" / f"seed{seed}"), aa_ap[seed], [2.0, 1.0], seed)
+    runs = [load_run(str(tmp_path / m / f"seed{s}")) for m in ("R18", "AA-R18") for s in (3, 1, 2)]
+    groups = group_runs(runs)
+    assert list(groups) == ["R18", "AA-R18"] and [r["seed"] for r in groups["R18"]] == [3, 1, 2]
+    table = format_table(runs)
+    mean, std = statistics.mean(base_ap.values()), statistics.stdev(base_ap.values())
+    diffs = [aa_ap[s] - base_ap[s] for s in (3, 1, 2)]
+    row = next(line for line in table.splitlines() if line.startswith("| AP |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == f"{mean:.1f} +- {std:.1f} (40.6 / 40.1 / 36.8)"
+    assert cells[3] == (f"{statistics.mean(diffs):+.1f} +- {statistics.stdev(diffs):+.1f} "
+                        f"({' / '.join(f'{d:+.1f}' for d in diffs)})")
+    assert "R18 (3 runs)" in table and "AA-R18 - R18" in table and "R18: 3, 1, 2" in table
+
+
+def test_unpaired_seeds_give_the_difference_of_means_with_its_standard_error(tmp_path):
+    for seed, ap in ((1, 30.0), (2, 32.0)):
+        _fake_run(str(tmp_path / "a" / f"seed{seed}"), ap, [1.0], seed)
+    for seed, ap in ((5, 33.0), (6, 37.0)):
+        _fake_run(str(tmp_path / "b" / f"seed{seed}"), ap, [1.0], seed)
+    runs = [load_run(str(tmp_path / m / f"seed{s}")) for m, seeds in (("a", (1, 2)), ("b", (5, 6))) for s in seeds]
+    row = next(line for line in format_table(runs).splitlines() if line.startswith("| AP |"))
+    error = (2.0 / 2 + 8.0 / 2) ** 0.5
+    assert f"+4.0 +- {error:.1f} (standard error)" in row
