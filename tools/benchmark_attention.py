@@ -3,7 +3,7 @@
 of an 800x1333 input: time, peak memory, differences from the naive path, and the attention's floor at
 the device's measured matmul and exp rates. See aa_detection/benchmark/attention.py.
 
-    python tools/benchmark_attention.py [--sizes res5,res4,res3] [--paths naive,fused,kernel] [--repeats 3] [--json out.json]
+    python tools/benchmark_attention.py [--sizes res5,res4,res3] [--paths naive,fused,kernel] [--json out.json]
     python tools/benchmark_attention.py --device cuda [--amp bf16]   # naive, fused, flex on the GPU
     python tools/benchmark_attention.py --sweep                      # small maps, to place NAIVE_MAX_PIXELS
 """

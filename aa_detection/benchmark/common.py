@@ -145,6 +145,6 @@ def compare_times(label_a: str, a: Mapping, label_b: str, b: Mapping) -> str:
                 "measured to compare the difference with.")
     ranges = f"runs {a['min']:.3g}-{a['max']:.3g} s and {b['min']:.3g}-{b['max']:.3g} s"
     if a["max"] < b["min"] or b["max"] < a["min"]:
-        return f"{label_a} / {label_b}: {ratio:.2f}x ({medians}; {ranges} do not overlap, so the difference is measured)."
+        return f"{label_a} / {label_b}: {ratio:.2f}x ({medians}; {ranges} do not overlap: the difference is measured)."
     return (f"{label_a} / {label_b}: {ratio:.2f}x ({medians}), within the run-to-run spread ({ranges} overlap): "
             "the runs cannot tell these two apart.")

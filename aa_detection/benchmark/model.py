@@ -198,7 +198,8 @@ def report(results: Dict) -> str:
         lines += ["", "Cores used (CPU s per wall s; the thread count on an idle machine), baseline / AA: " + ", ".join(
             f"{label} {b:.2f} / {a:.2f}" for label, b, a in used) + "."]
     if "stages" in results:
-        stage_rows = [(s, f"{v['inference_ratio']:.3f}", f"{v['gflops_ratio']:.3f}") for s, v in results["stages"].items()]
+        stage_rows = [(stage, f"{v['inference_ratio']:.3f}", f"{v['gflops_ratio']:.3f}")
+                      for stage, v in results["stages"].items()]
         lines += ["", "Each augmented stage alone (ratio to the baseline):", "",
                   format_table(("stage", "inference", "GFLOPs"), stage_rows)]
     if "profile" in results:

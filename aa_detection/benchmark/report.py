@@ -148,8 +148,9 @@ def attention_targets(data: Dict, prefix: str = "") -> List[tuple]:
             cores = r["time"].get("cores_used")
             if cores:
                 measured += f"; {r['floor_multiple'] * cores / row['threads']:.2f} at the {cores:.2f} cores used"
+            ok = r["floor_multiple"] <= ATTENTION_FLOOR_LIMIT
             rows.append((f"{prefix}attention {row['size']} {mode} (kernel) time / floor",
-                         f"<= {ATTENTION_FLOOR_LIMIT:g}", measured + ")", status(r["floor_multiple"] <= ATTENTION_FLOOR_LIMIT)))
+                         f"<= {ATTENTION_FLOOR_LIMIT:g}", measured + ")", status(ok)))
     return rows
 
 
@@ -260,15 +261,16 @@ def gpu_instructions() -> List[str]:
         "No GPU measurements have been made yet. On a machine with a CUDA GPU, from the repository root:",
         "",
         "```bash",
-        "python tools/make_benchmarks.py --device cuda --reuse        # GPU runs added to docs/benchmarks/, this file re-rendered",
-        "python tools/make_benchmarks.py --device cuda --amp bf16 --reuse   # the same under torch.autocast(bfloat16)",
+        "# adds the GPU runs to docs/benchmarks/ (the CPU ones stay) and re-renders this file; then under autocast bf16",
+        "python tools/make_benchmarks.py --device cuda --reuse",
+        "python tools/make_benchmarks.py --device cuda --amp bf16 --reuse",
         "```",
         "",
         "or the benchmarks alone:",
         "",
         "```bash",
-        "python tools/benchmark_attention.py --device cuda [--amp bf16]   # naive, fused, flex; floor at the GPU's rates",
-        "python tools/benchmark.py --device cuda [--amp bf16] --profile --opts MODEL.AA.STAGES \"['res3','res4','res5']\"",
+        "python tools/benchmark_attention.py --device cuda [--amp bf16]   # naive, fused, flex",
+        "python tools/benchmark.py --device cuda [--amp bf16] --profile",
         "```",
     ]
 
