@@ -169,7 +169,7 @@ def measure_rates(device: torch.device, dtypes: Sequence[torch.dtype], repeats: 
     kernel's own exp beside torch.exp where it is built. On CUDA, the best of synchronized calls. Each
     size gets `repeats` timed calls or half a second, whichever ends first."""
     if device.type == "cuda":
-        return {str(dt).replace("torch.", ""): _best_rates(device, dt, repeats) for dt in dtypes}
+        return {_dtype_name(dt): _best_rates(device, dt, repeats) for dt in dtypes}
     threads = torch.get_num_threads()
     rates = {}
     for dt in dtypes:
@@ -180,7 +180,7 @@ def measure_rates(device: torch.device, dtypes: Sequence[torch.dtype], repeats: 
             torch.set_num_threads(threads)
         many = _best_rates(device, dt, repeats)
         exps = {k: max(many["exp_rates"][k], threads * one["exp_rates"][k]) for k in many["exp_rates"]}
-        rates[str(dt).replace("torch.", "")] = {
+        rates[_dtype_name(dt)] = {
             "matmul_flops": max(many["matmul_flops"], threads * one["matmul_flops"]),
             "exp_rates": exps, "exp_per_s": max(exps.values())}
     return rates
@@ -226,6 +226,15 @@ def _best_rates(device, dtype, repeats):
     return {"matmul_flops": mm, "exp_rates": ex, "exp_per_s": max(ex.values())}
 
 
+def compute_dtype(amp: Optional[str]) -> str:
+    """Name of the dtype the paths compute in: float32, or the --amp dtype (its rates give the floor)."""
+    return _dtype_name(AMP_DTYPES[amp]) if amp else "float32"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def floor_work(B, Nh, H, W, dkh, dvh) -> Dict[str, tuple]:
     """Unavoidable (FLOPs, exps) of the forward pass and of forward+backward; see the module docstring."""
     HW = H * W
@@ -264,7 +273,7 @@ def bench_size(name, args, device, rates, factors) -> Dict:
     if "naive" in args.paths.split(",") and reference is None:
         row["skipped"]["naive"] = {"estimated_peak_bytes": estimates, "budget_bytes": budget}
     work = floor_work(B, Nh, H, W, dkh, dvh)
-    dtype_rates = rates[args.compute_dtype]
+    dtype_rates = rates[compute_dtype(args.amp)]
     for mode in modes:
         flops, exps = work[mode]
         row["floor"][mode] = {"flops": flops, "exps": exps, "seconds": floor_seconds(flops, exps, dtype_rates)}
@@ -383,7 +392,6 @@ def main(args: argparse.Namespace) -> Dict:
     for flag, given, known in (("--sizes", sizes, SIZES), ("--paths", args.paths.split(","), PATHS)):
         if set(given) - set(known):
             raise ConfigError(f"{flag}: unknown {sorted(set(given) - set(known))}; choose from {', '.join(known)}")
-    args.compute_dtype = "float32" if args.amp is None else str(AMP_DTYPES[args.amp]).replace("torch.", "")
     warm_up(device, args.amp)
     if args.sweep:
         results = sweep(args, device)
@@ -397,6 +405,7 @@ def main(args: argparse.Namespace) -> Dict:
 
 
 def run(args, device, sizes) -> Dict:
+    """{"meta": environment, rates and flags, "rows": one bench_size row per map}, smallest map first."""
     modes = MODES[:1] if args.no_train else MODES
     dtypes = [torch.float32] + ([AMP_DTYPES[args.amp]] if args.amp else [])
     if device.type == "cuda":  # the GPU's rates in both precisions, whatever this run computes in
@@ -414,11 +423,11 @@ def run(args, device, sizes) -> Dict:
         environment(device),
         device=str(device),
         amp=args.amp,
-        compute_dtype=args.compute_dtype,
+        compute_dtype=compute_dtype(args.amp),
         kernel_isa=relative_attention._C.kernel_isa() if relative_attention.kernel_available() else None,
         naive_max_pixels=relative_attention.NAIVE_MAX_PIXELS,
         rates=rates,
-        args={k: v for k, v in vars(args).items() if k != "compute_dtype"},
+        args=vars(args),
     )
     return {"meta": meta, "rows": rows}
 
