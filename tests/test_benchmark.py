@@ -85,6 +85,8 @@ def test_sentences_follow_the_numbers():
     overlap = compare_times("AA", _summary([2.1, 2.2, 2.6]), "baseline", _summary([2.0, 2.1, 2.2]))
     assert "1.48x" in apart and "do not overlap" in apart and "cannot tell" not in apart
     assert "1.05x" in overlap and "cannot tell these two apart" in overlap
+    single = compare_times("AA", _summary([3.0]), "baseline", _summary([2.0, 2.1, 2.2]))
+    assert "one run of AA, so no spread was measured" in single
 
     # The other operators differ by +0.01 s against a 0.2 s spread, then by +0.5 s.
     quiet = report.profile_summary(_model_result([2.1, 2.2, 2.3], 0.11))
@@ -139,7 +141,7 @@ def test_attention_tool_smoke_run(tmp_path, capsys):
     (row,) = json.loads(out.read_text())["rows"]
     assert row == results["rows"][0] and row["reference"] is None and set(row["paths"]) == {"fused"}
     assert "max_abs_diff_out" not in row["paths"]["fused"]["forward"]  # naive did not fit: no reference
-    assert row["floor"]["forward"]["seconds"] > 0 and row["paths"]["fused"]["forward"]["peak_bytes"] > 0
+    assert row["floor"]["forward"]["seconds"] > 0 and row["paths"]["fused"]["forward"]["time"]["median"] > 0
     assert "naive          | skipped" in capsys.readouterr().out
 
 

@@ -14,7 +14,7 @@ renders BENCHMARKS.md from every result in that folder (CPU and GPU runs alike).
 aa_detection/benchmark/report.py.
 
     python tools/make_benchmarks.py                      # about 15 minutes on a quiet 2-core CPU
-    python tools/make_benchmarks.py --reuse              # re-render from docs/benchmarks/ without measuring
+    python tools/make_benchmarks.py --reuse              # re-render from docs/benchmarks/ (measures only what is missing)
     python tools/make_benchmarks.py --device cuda --reuse   # add the GPU runs, keep the CPU ones
     python tools/make_benchmarks.py --repeats 1 --size 400 667 --out /tmp/B.md   # a quick smoke run
 """

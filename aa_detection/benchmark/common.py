@@ -140,9 +140,10 @@ def compare_times(label_a: str, a: Mapping, label_b: str, b: Mapping) -> str:
     the difference stands out of the run-to-run spread (the min-max ranges do not overlap)."""
     ratio = a["median"] / b["median"]
     medians = f"medians {a['median']:.3g} s and {b['median']:.3g} s"
-    if len(a["runs"]) < 2 or len(b["runs"]) < 2:
-        return (f"{label_a} / {label_b}: {ratio:.2f}x ({medians}); one run of one of them, so no spread was "
-                "measured to compare the difference with.")
+    single = [label for label, t in ((label_a, a), (label_b, b)) if len(t["runs"]) < 2]
+    if single:
+        return (f"{label_a} / {label_b}: {ratio:.2f}x ({medians}); one run of {' and '.join(single)}, so no "
+                "spread was measured to compare the difference with.")
     ranges = f"runs {a['min']:.3g}-{a['max']:.3g} s and {b['min']:.3g}-{b['max']:.3g} s"
     if a["max"] < b["min"] or b["max"] < a["min"]:
         return f"{label_a} / {label_b}: {ratio:.2f}x ({medians}; {ranges} do not overlap: the difference is measured)."

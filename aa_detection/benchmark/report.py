@@ -275,6 +275,12 @@ def gpu_instructions() -> List[str]:
     ]
 
 
+def result_sections(entry: Dict, level: str) -> List[str]:
+    """The model and attention sections of one device and precision, headed at `level`."""
+    lines = [line for variant, result in entry["models"].items() for line in model_section(variant, result, level)]
+    return lines + (attention_section(entry["attention"], level) if entry["attention"] else [])
+
+
 def render(results: Dict[str, Dict]) -> str:
     """BENCHMARKS.md from load_results' dict."""
     lines = [
@@ -296,23 +302,16 @@ def render(results: Dict[str, Dict]) -> str:
         targets += model_targets(entry["models"], prefix)
     lines.append(format_table(("target", "limit", "measured", "status"), targets) if targets else "No results.")
     for key, entry in results.items():
-        if key.startswith("cuda"):
-            continue
-        level = "##" if key == "cpu" else "###"
-        if key != "cpu":
-            lines += ["", f"## {key}"]
-        lines += [x for v, r in entry["models"].items() for x in model_section(v, r, level)]
-        if entry["attention"]:
-            lines += attention_section(entry["attention"], level)
+        if key == "cpu":
+            lines += result_sections(entry, "##")
+        elif not key.startswith("cuda"):
+            lines += ["", f"## {key}"] + result_sections(entry, "###")
     lines += ["", "## GPU", ""]
     gpu = {k: v for k, v in results.items() if k.startswith("cuda")}
     if not gpu:
         lines += gpu_instructions()
     for key, entry in gpu.items():
-        lines += ["", f"### {key}"]
-        lines += [x for v, r in entry["models"].items() for x in model_section(v, r, "###")]
-        if entry["attention"]:
-            lines += attention_section(entry["attention"], "###")
+        lines += ["", f"### {key}"] + result_sections(entry, "####")
     runs = [(f"`{r['run']['command']}`", f"{r['run']['seconds']:.0f}")
             for entry in results.values() for r in [entry["attention"], *entry["models"].values()]
             if r and "run" in r]
