@@ -127,31 +127,3 @@ def test_flop_count_counts_the_kernel_attention():
     hw = H * W
     convs = hw * (F - dv) * C * 9 + hw * C * (2 * dk + dv) + hw * dv * dv
     assert total == convs + B * hw * hw * (dk + dv) + B * hw * (H + W) * dk
-
-
-def test_benchmark_compares_two_models(tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    _tool("benchmark").main(["--size", "64", "96", "--repeats", "1", "--warmup", "0", "--device", "cpu",
-                             "--json", str(out), "--opts", "MODEL.RESNETS.DEPTH", "18",
-                             "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.AA.STAGES", "['res4','res5']"])
-    text = capsys.readouterr().out
-    assert "AA/baseline" in text and "cores used" in text and "res4" in text
-    import json
-
-    results = json.loads(out.read_text())
-    for name in ("baseline", "aa"):
-        assert results[name]["inference_s"]["median"] > 0 and results[name]["train_iter_s"]["median"] > 0
-        assert results[name]["train_peak_GiB"] >= 0 and results[name]["params_M"] > 0
-    assert set(results["stages"]) == {"res4", "res5"}
-
-
-def test_make_benchmarks_checks_the_targets():
-    tool = _tool("make_benchmarks")
-    models = {"res4-res5": {"baseline": {"inference_s": {"median": 2.0}, "train_iter_s": {"median": 10.0},
-                                         "train_peak_GiB": 3.0, "params_M": 37.9},
-                            "aa": {"inference_s": {"median": 2.2}, "train_iter_s": {"median": 14.0},
-                                   "train_peak_GiB": 3.0, "params_M": 37.5}}}
-    rows = {r[0]: r for r in tool.model_targets(models)}
-    assert rows["res4-res5: AA / baseline inference s/img"][2:] == ("1.100", "met")
-    assert rows["res4-res5: AA / baseline train s/iter"][2:] == ("1.400", "NOT met")
-    assert rows["res4-res5: params AA <= baseline"][3] == "met"

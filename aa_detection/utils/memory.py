@@ -7,6 +7,9 @@ whose peak starts at the parent's current size (the child runs on one thread). B
 measurement is only as good as freed memory goes back to the system: glibc serves allocations from
 its heap below a threshold that grows as large blocks are freed; `measure_peak_memory` pins that
 threshold at 128 KiB (mallopt) so that tensor buffers are mapped and unmapped one by one.
+
+`PeakMemory` measures in the process itself (CUDA, or a CPU where clear_refs can be written) around a
+block, so the block may also be timed; `measure_peak_memory` falls back to the forked child.
 """
 import ctypes
 import os
@@ -14,7 +17,7 @@ import re
 
 import torch
 
-__all__ = ["measure_peak_memory"]
+__all__ = ["PeakMemory", "measure_peak_memory"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _malloc_pinned = False
@@ -76,22 +79,52 @@ def _cpu_peak_in_child(fn):
     return int(reply)
 
 
-def _cpu_peak(fn):
-    _pin_malloc_thresholds()
-    if not _reset_peak_rss():
-        return _cpu_peak_in_child(fn)
-    start = _status_kib("VmRSS")
-    fn()
-    return max(0, (_status_kib("VmHWM") - start) * 1024)
+class PeakMemory:
+    """Peak memory, in bytes above what was in use at entry, of the block it wraps (`.bytes` after exit).
+
+        with PeakMemory("cpu") as peak:
+            work()
+        peak.bytes
+
+    On a CUDA device it reads the caching allocator's statistics (synchronizing at both ends); on the
+    CPU the process's peak resident set size, which needs /proc/self/clear_refs (`supported`)."""
+
+    def __init__(self, device="cpu"):
+        self.device = _checked_device(device)
+        self.bytes = None
+
+    @staticmethod
+    def supported(device="cpu") -> bool:
+        """Whether the peak can be measured in this process on `device`."""
+        device = _checked_device(device)
+        return device.type == "cuda" or _reset_peak_rss()
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        else:
+            _pin_malloc_thresholds()
+            if not _reset_peak_rss():
+                raise OSError("/proc/self/clear_refs cannot be written: use measure_peak_memory (forked child)")
+            self._start = _status_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self._start
+        else:
+            self.bytes = max(0, _status_kib("VmHWM") * 1024 - self._start)
+        return False
 
 
-def _cuda_peak(fn, device):
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    start = torch.cuda.memory_allocated(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - start
+def _checked_device(device) -> torch.device:
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"peak memory is measured on cpu and cuda devices, got {device}")
+    return device
 
 
 def measure_peak_memory(fn, device="cpu"):
@@ -102,9 +135,9 @@ def measure_peak_memory(fn, device="cpu"):
     whatever it allocates and does not keep counts only while it runs. The CPU figure covers every
     allocation of the process, including other threads'.
     """
-    device = torch.device(device)
-    if device.type == "cuda":
-        return _cuda_peak(fn, device)
-    if device.type != "cpu":
-        raise ValueError(f"measure_peak_memory supports cpu and cuda devices, got {device}")
-    return _cpu_peak(fn)
+    if not PeakMemory.supported(device):
+        _pin_malloc_thresholds()
+        return _cpu_peak_in_child(fn)
+    with PeakMemory(device) as peak:
+        fn()
+    return peak.bytes

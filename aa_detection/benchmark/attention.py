@@ -1,0 +1,441 @@
+"""The relative attention paths on the feature maps of an 800x1333 detection input, and their floor.
+
+For each map (res5 25x42, res4 50x84, res3 100x167; batch 2; AA-ResNet-50 head widths with Nh=8,
+kappa=0.2, upsilon=0.1) the paths run in turns in one process (`common.run_in_turns`): median time and
+peak memory of the forward pass (no autograd) and of forward+backward (training), their ratios to the
+naive path, and the largest difference of the output and of the gradients from the naive path. Where
+the naive path's dense logits would not fit, it is skipped, its memory estimated from the peak/logits
+ratio measured on the largest map it ran on, and the other paths have no reference there.
+
+Which paths run (`paths_for`): "kernel" (the compiled CPU kernel, timed as the layer calls it, on the qkv
+convolution's output) only on the CPU where it is built; "flex" only on CUDA; "naive" only where its
+dense (B, Nh, HW, HW) logits fit the memory budget; "fused" everywhere.
+
+The floor counts the attention's unavoidable work at the real head widths and converts it to time with
+the device's measured matmul (FLOP/s, torch.mm) and exp (elements/s) rates, in the compute dtype:
+  q.k         2 B Nh (HW)^2 dkh FLOPs
+  relative    2 B Nh HW (H+W) dkh FLOPs (q.r^H, q.r^W) + 2 B Nh (HW)^2 adds (both terms, each logit)
+  p.v         2 B Nh (HW)^2 dvh FLOPs
+  softmax     B Nh (HW)^2 exps
+Backward adds the gradient matmuls: 2 B Nh (HW)^2 (2 dkh + 2 dvh) FLOPs (dq, dk, dp, dv),
+2 B Nh (HW)^2 adds (gradients of the relative logits) and 4 B Nh HW (H+W) dkh FLOPs (their einsums).
+Exps are counted once for forward+backward, so a path that recomputes them (as every path that does
+not store (HW)^2 probabilities must) pays them twice. Adds count at the matmul rate. On the CPU the exp
+rate is the faster of torch.exp and the kernel's own exp, and "cores used" is the process's CPU seconds
+per wall second during a path's calls (the floor assumes every thread had a core).
+"""
+import argparse
+import json
+import math
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ..layers import attention_depths
+from ..layers import relative_attention
+from ..layers.relative_attention import relative_attention_2d, relative_attention_qkv, split_heads
+from ..errors import ConfigError
+from ..safe_io import atomic_write
+from .common import AMP_DTYPES, GiB, autocast, environment, fmt_bytes, format_table, resolve_device, run_in_turns
+
+__all__ = ["PATHS", "SIZES", "add_arguments", "floor_seconds", "floor_work", "main", "measure_rates", "paths_for",
+           "table_rows"]
+
+# name: (H, W, Fout) of the 800x1333 input's stage outputs where AA-ResNet-50 places attention.
+SIZES = {"res5": (25, 42, 512), "res4": (50, 84, 256), "res3": (100, 167, 128)}
+PATHS = ("naive", "fused", "kernel", "flex")
+MODES = ("forward", "train")
+SWEEP_SIZES = ((4, 4), (8, 8), (12, 16), (16, 24), (20, 32), (24, 40), (28, 44), (32, 48))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of tools/benchmark_attention.py."""
+    p = parser
+    p.add_argument("--sizes", default="res5,res4,res3", help="comma list of " + ",".join(SIZES))
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=sorted(AMP_DTYPES),
+                   help="run the paths under torch.autocast to this dtype (bf16 when given alone)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kappa", type=float, default=0.2)
+    p.add_argument("--upsilon", type=float, default=0.1)
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per path (median); calls longer "
+                   "than --long-call seconds run once")
+    p.add_argument("--long-call", type=float, default=30.0)
+    p.add_argument("--naive-max-gib", type=float, default=None,
+                   help="skip the naive path above this estimated peak (default: half of the free memory)")
+    p.add_argument("--no-train", action="store_true", help="forward only")
+    p.add_argument("--paths", default=",".join(PATHS),
+                   help="comma list of " + ",".join(PATHS) + " (each runs only where it can, see paths_for)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--sweep", action="store_true",
+                   help="instead, time the paths on small maps (res5 widths) to place NAIVE_MAX_PIXELS")
+    return p
+
+
+def free_memory_bytes(device: torch.device) -> float:
+    """Free memory of the device: the GPU's free bytes, or the CPU's MemAvailable (16 GiB if unknown)."""
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024.0
+    except OSError:
+        pass
+    return 16.0 * GiB
+
+
+def paths_for(device: torch.device, wanted: Sequence[str], naive_estimate: float, budget: float) -> List[str]:
+    """The wanted paths that run on the device, in PATHS order: kernel on the CPU where it is built, flex on
+    CUDA, naive where its estimated peak (bytes) is within the budget, fused everywhere."""
+    runs_here = {
+        "naive": naive_estimate <= budget,
+        "fused": True,
+        "kernel": device.type == "cpu" and relative_attention.kernel_available(),
+        "flex": device.type == "cuda",
+    }
+    return [p for p in PATHS if p in wanted and runs_here[p]]
+
+
+def make_inputs(B, Nh, H, W, dkh, dvh, device, seed=0):
+    """((q, k (B, Nh, H, W, dkh), v (B, Nh, H, W, dvh), rel_h (2H-1, dkh), rel_w (2W-1, dkh)), grad_out)."""
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(B, Nh, H, W, dkh, generator=g) for _ in range(2))
+    v = torch.randn(B, Nh, H, W, dvh, generator=g)
+    rel_h = torch.randn(2 * H - 1, dkh, generator=g) * dkh**-0.5
+    rel_w = torch.randn(2 * W - 1, dkh, generator=g) * dkh**-0.5
+    grad_out = torch.randn(B, Nh, H, W, dvh, generator=g)
+    return tuple(t.to(device) for t in (q, k, v, rel_h, rel_w)), grad_out.to(device)
+
+
+def to_qkv(q, k, v):
+    """(B, Nh, H, W, d) q, k, v -> the qkv convolution's layout (B, 2 dk + dv, H, W)."""
+    B, Nh, H, W, _ = q.shape
+    return torch.cat([t.permute(0, 1, 4, 2, 3).reshape(B, -1, H, W) for t in (q, k, v)], 1)
+
+
+def attention_step(inputs, grad_out, impl, train, device, amp=None):
+    """A callable running one call of the path; it returns (out, gradients or None) in the
+    (B, Nh, H, W, d) layout. The kernel path is called as the layer calls it, on the qkv layout
+    (B, 2 dk + dv, H, W) through `relative_attention_qkv`; the mapping back is outside the call."""
+    q, k, v, rel_h, rel_w = inputs
+    B, Nh, H, W, dkh = q.shape
+    dvh = v.shape[-1]
+    qkv_layout = impl == "kernel"
+    if qkv_layout:
+        tensors = [to_qkv(q, k, v), rel_h, rel_w]
+        grad = grad_out.permute(0, 1, 4, 2, 3).reshape(B, Nh * dvh, H, W).contiguous()
+    else:
+        tensors, grad = list(inputs), grad_out
+
+    def attend(leaves):
+        with autocast(device, amp):
+            if qkv_layout:
+                return relative_attention_qkv(leaves[0], Nh, Nh * dkh, Nh * dvh, leaves[1], leaves[2], impl=impl)
+            return relative_attention_2d(*leaves, impl=impl)
+
+    def step():
+        leaves = [t.detach().requires_grad_(train) for t in tensors]
+        if train:
+            out = attend(leaves)
+            grads = torch.autograd.grad(out, leaves, grad.to(out.dtype))
+        else:
+            with torch.inference_mode():
+                out = attend(leaves)
+            grads = None
+        return out.detach(), grads
+
+    def in_common_layout(result):
+        out, grads = result
+        if qkv_layout:
+            out = out.reshape(B, Nh, dvh, H, W).permute(0, 1, 3, 4, 2)
+            if grads is not None:
+                dq, dk, dv = split_heads(grads[0], Nh, Nh * dkh, Nh * dvh)
+                grads = (dq, dk, dv, grads[1], grads[2])
+        return out, grads
+
+    return step, in_common_layout
+
+
+def measure_rates(device: torch.device, dtypes: Sequence[torch.dtype], repeats: int = 10) -> Dict[str, Dict]:
+    """{dtype name: {"matmul_flops": FLOP/s of torch.mm, "exp_rates": {name: exps/s}, "exp_per_s": fastest}}.
+
+    On the CPU, for the current thread count N: the larger of the best call at N threads and N times the
+    best call at one thread (on a shared CPU, calls at N threads wait for the slowest thread), with the
+    kernel's own exp beside torch.exp where it is built. On CUDA, the best of synchronized calls. Each
+    size gets `repeats` timed calls or half a second, whichever ends first."""
+    if device.type == "cuda":
+        return {_dtype_name(dt): _best_rates(device, dt, repeats) for dt in dtypes}
+    threads = torch.get_num_threads()
+    rates = {}
+    for dt in dtypes:
+        try:
+            torch.set_num_threads(1)
+            one = _best_rates(device, dt, repeats)
+        finally:
+            torch.set_num_threads(threads)
+        many = _best_rates(device, dt, repeats)
+        exps = {k: max(many["exp_rates"][k], threads * one["exp_rates"][k]) for k in many["exp_rates"]}
+        rates[_dtype_name(dt)] = {
+            "matmul_flops": max(many["matmul_flops"], threads * one["matmul_flops"]),
+            "exp_rates": exps, "exp_per_s": max(exps.values())}
+    return rates
+
+
+def _best_time(fn, repeats, device, prepare=lambda: None, budget_s=0.5):
+    """Best seconds of up to `repeats` calls of fn(prepare()) after one warm-up call, stopping once the
+    calls have taken budget_s."""
+    best, spent = math.inf, 0.0
+    for index in range(repeats + 1):
+        arg = prepare()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn(arg)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        if index > 0:
+            best, spent = min(best, seconds), spent + seconds
+            if spent > budget_s:
+                break
+    return best
+
+
+def _best_rates(device, dtype, repeats):
+    sizes = (4096, 8192) if device.type == "cuda" else (1024, 2048)
+    mm = 0.0
+    for n in sizes:
+        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+        mm = max(mm, 2 * n**3 / _best_time(lambda _: torch.mm(a, b), repeats, device))
+    exps = {"torch.exp": lambda x: torch.exp(x, out=x)}
+    if device.type == "cpu" and dtype == torch.float32 and relative_attention.kernel_available():
+        exps["kernel exp"] = relative_attention._C.fast_exp_
+    lengths = (1 << 24, 1 << 26) if device.type == "cuda" else (1 << 18, 1 << 20, 1 << 22)
+    ex = {}
+    for name, exp in exps.items():
+        ex[name] = 0.0
+        for n in lengths:
+            x = (-torch.rand(n, device=device) * 20).to(dtype)  # logits minus their max
+            reps = max(repeats, (1 << 25) // n)
+            ex[name] = max(ex[name], n / _best_time(exp, reps, device, prepare=x.clone))
+    return {"matmul_flops": mm, "exp_rates": ex, "exp_per_s": max(ex.values())}
+
+
+def compute_dtype(amp: Optional[str]) -> str:
+    """Name of the dtype the paths compute in: float32, or the --amp dtype (its rates give the floor)."""
+    return _dtype_name(AMP_DTYPES[amp]) if amp else "float32"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def floor_work(B, Nh, H, W, dkh, dvh) -> Dict[str, tuple]:
+    """Unavoidable (FLOPs, exps) of the forward pass and of forward+backward; see the module docstring."""
+    HW = H * W
+    pairs = B * Nh * HW * HW
+    rel_proj = 2 * B * Nh * HW * (H + W) * dkh
+    fwd_flops = 2 * pairs * dkh + rel_proj + 2 * pairs + 2 * pairs * dvh
+    bwd_flops = 2 * pairs * (2 * dkh + 2 * dvh) + 2 * pairs + 2 * rel_proj
+    return {"forward": (fwd_flops, pairs), "train": (fwd_flops + bwd_flops, pairs)}
+
+
+def floor_seconds(flops: float, exps: float, rates: Dict, exp_name: Optional[str] = None) -> float:
+    """Seconds of the work at one dtype's rates (the fastest exp, or the named one)."""
+    exp_rate = rates["exp_per_s"] if exp_name is None else rates["exp_rates"][exp_name]
+    return flops / rates["matmul_flops"] + exps / exp_rate
+
+
+def _max_diff(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def bench_size(name, args, device, rates, factors) -> Dict:
+    """Times and peaks of every path on one map; factors: naive peak / dense logits bytes per mode."""
+    H, W, fout = SIZES[name]
+    dk, dv = attention_depths(fout, args.heads, args.kappa, args.upsilon)
+    B, Nh, dkh, dvh = args.batch, args.heads, dk // args.heads, dv // args.heads
+    inputs, grad_out = make_inputs(B, Nh, H, W, dkh, dvh, device)
+    logits_bytes = B * Nh * (H * W) ** 2 * 4
+    modes = MODES[:1] if args.no_train else MODES
+    budget = (args.naive_max_gib * GiB if args.naive_max_gib is not None else free_memory_bytes(device) / 2)
+    estimates = {m: factors[m] * logits_bytes for m in modes}
+    paths = paths_for(device, args.paths.split(","), estimates["forward"], budget)
+    reference = "naive" if "naive" in paths else None
+    row = {"size": name, "H": H, "W": W, "B": B, "Nh": Nh, "dkh": dkh, "dvh": dvh, "reference": reference,
+           "threads": torch.get_num_threads(), "naive_logits_bytes": logits_bytes, "paths": {p: {} for p in paths},
+           "skipped": {}, "floor": {}}
+    if "naive" in args.paths.split(",") and reference is None:
+        row["skipped"]["naive"] = {"estimated_peak_bytes": estimates, "budget_bytes": budget}
+    work = floor_work(B, Nh, H, W, dkh, dvh)
+    dtype_rates = rates[compute_dtype(args.amp)]
+    for mode in modes:
+        flops, exps = work[mode]
+        row["floor"][mode] = {"flops": flops, "exps": exps, "seconds": floor_seconds(flops, exps, dtype_rates)}
+        if len(dtype_rates["exp_rates"]) > 1:
+            row["floor"][mode]["seconds_torch_exp"] = floor_seconds(flops, exps, dtype_rates, "torch.exp")
+        steps = {p: attention_step(inputs, grad_out, p, mode == "train", device, args.amp) for p in paths}
+        runs = run_in_turns({p: s[0] for p, s in steps.items()}, device, args.repeats, long_call=args.long_call)
+        results = {p: steps[p][1](runs[p].result) for p in paths}
+        for p in paths:
+            row["paths"][p][mode] = _path_figures(runs[p], results[p], results.get(reference), row["floor"][mode],
+                                                  p == reference)
+    row["auto"] = relative_attention._choose_impl(inputs[0])
+    return row
+
+
+def _path_figures(runs, result, reference, floor, is_reference) -> Dict:
+    time = runs.summary()
+    figures = {"time": time, "peak_bytes": runs.peak_bytes,
+               "floor_multiple": time["median"] / floor["seconds"],
+               "best_floor_multiple": time["min"] / floor["seconds"]}
+    if "seconds_torch_exp" in floor:
+        figures["floor_multiple_torch_exp"] = time["median"] / floor["seconds_torch_exp"]
+    if reference is not None and not is_reference:  # a difference needs an independent reference
+        figures["max_abs_diff_out"] = _max_diff(result[0], reference[0])
+        if result[1] is not None:
+            figures["max_abs_diff_grad"] = max(_max_diff(a, b) for a, b in zip(result[1], reference[1]))
+    return figures
+
+
+def table_rows(rows: List[Dict], mode: str):
+    """(header, rows) of the table of one mode; difference columns are empty ("-") for the reference
+    itself and where no reference ran."""
+    with_cores = any(r["paths"][p][mode]["time"].get("cores_used") is not None for r in rows for p in r["paths"])
+    with_torch_exp = any("seconds_torch_exp" in r["floor"][mode] for r in rows)
+    header = ["map", "HW", "dkh/dvh", "path", "time (s)", "best (s)", "peak mem", "naive/path time",
+              "naive/path mem", "out: max abs diff to naive", "grads: max abs diff to naive", "floor (s)",
+              "time/floor", "best/floor"]
+    if with_torch_exp:
+        header.append("time/floor at torch.exp rate")
+    if with_cores:
+        header += ["cores used", "time/floor at the cores used"]
+    table = []
+    for row in rows:
+        naive = row["paths"].get("naive", {}).get(mode)
+        floor = row["floor"][mode]["seconds"]
+        head = (f"{row['size']} {row['H']}x{row['W']}", row["H"] * row["W"], f"{row['dkh']}/{row['dvh']}")
+        skipped = row["skipped"].get("naive")
+        if skipped:
+            est = skipped["estimated_peak_bytes"][mode]
+            table.append(head + ("naive", "skipped", "-", f"est. {fmt_bytes(est)}") + ("-",) * 4
+                         + (f"{floor:.3f}",) + ("-",) * (len(header) - 12))
+        for p, figures in row["paths"].items():
+            r = figures[mode]
+            t, peak = r["time"], r["peak_bytes"]
+            t_ratio = f"{naive['time']['median'] / t['median']:.2f}" if naive else "-"
+            m_ratio = f"{naive['peak_bytes'] / max(peak, 1):.1f}" if naive else "-"
+            if skipped:
+                m_ratio = f"est. {skipped['estimated_peak_bytes'][mode] / max(peak, 1):.0f}"
+            diffs = tuple(f"{r[k]:.1e}" if k in r else "-" for k in ("max_abs_diff_out", "max_abs_diff_grad"))
+            cells = head + (p, f"{t['median']:.3f}", f"{t['min']:.3f}", fmt_bytes(peak), t_ratio, m_ratio) + diffs
+            cells += (f"{floor:.3f}", f"{r['floor_multiple']:.1f}", f"{r['best_floor_multiple']:.1f}")
+            if with_torch_exp:
+                cells += (f"{r['floor_multiple_torch_exp']:.1f}" if "floor_multiple_torch_exp" in r else "-",)
+            if with_cores:
+                cores = t.get("cores_used")
+                cells += ("-", "-") if cores is None else (
+                    f"{cores:.2f}", f"{r['floor_multiple'] * cores / row['threads']:.1f}")
+            table.append(cells)
+        table.append(head + (f"auto -> {row['auto']}",) + ("",) * (len(header) - 4))
+    return header, table
+
+
+def rates_line(meta: Dict) -> str:
+    """The measured rates of a run, in words."""
+    parts = []
+    for dtype, r in meta["rates"].items():
+        exps = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in r["exp_rates"].items())
+        parts.append(f"{dtype}: matmul {r['matmul_flops'] / 1e9:.1f} GFLOP/s, exp {r['exp_per_s'] / 1e9:.2f} Gexp/s"
+                     + (f" (best of: {exps} Gexp/s)" if len(r["exp_rates"]) > 1 else ""))
+    return "; ".join(parts) + f"; floor at {meta['compute_dtype']}"
+
+
+def warm_up(device, amp):
+    """One call of each path and mode on a small map (thread pools, caches, first-call costs)."""
+    inputs, grad_out = make_inputs(2, 8, 12, 20, 13, 6, device)
+    for train in (False, True):
+        steps = {p: attention_step(inputs, grad_out, p, train, device, amp)[0]
+                 for p in paths_for(device, PATHS, 0, 1)}
+        run_in_turns(steps, device, repeats=1)
+
+
+def sweep(args, device) -> Dict:
+    """Naive against the other paths on small maps at the res5 widths: where "auto" should switch."""
+    B, Nh = args.batch, args.heads
+    dk, dv = attention_depths(SIZES["res5"][2], Nh, args.kappa, args.upsilon)
+    paths = paths_for(device, args.paths.split(","), 0, 1)
+    rows, table = [], []
+    for H, W in SWEEP_SIZES:
+        inputs, grad_out = make_inputs(B, Nh, H, W, dk // Nh, dv // Nh, device)
+        for mode in MODES:
+            steps = {p: attention_step(inputs, grad_out, p, mode == "train", device, args.amp)[0] for p in paths}
+            runs = run_in_turns(steps, device, max(args.repeats, 5))
+            ms = {p: runs[p].summary()["median"] * 1e3 for p in paths}
+            rows.append({"H": H, "W": W, "mode": mode, "ms": ms})
+            table.append((f"{H}x{W}", H * W, mode, *(f"{ms[p]:.1f}" for p in paths), min(ms, key=ms.get)))
+    print(format_table(("HxW", "HW", "mode", *(f"{p} (ms)" for p in paths), "fastest"), table))
+    return {"meta": dict(environment(device), device=str(device)), "sweep": rows}
+
+
+def main(args: argparse.Namespace) -> Dict:
+    """Runs the benchmark of the parsed flags, prints its tables and writes --json; returns the results."""
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    for flag, given, known in (("--sizes", sizes, SIZES), ("--paths", args.paths.split(","), PATHS)):
+        if set(given) - set(known):
+            raise ConfigError(f"{flag}: unknown {sorted(set(given) - set(known))}; choose from {', '.join(known)}")
+    warm_up(device, args.amp)
+    if args.sweep:
+        results = sweep(args, device)
+    else:
+        results = run(args, device, sizes)
+        print(render(results))
+    if args.json:
+        with atomic_write(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+def run(args, device, sizes) -> Dict:
+    """{"meta": environment, rates and flags, "rows": one bench_size row per map}, smallest map first."""
+    modes = MODES[:1] if args.no_train else MODES
+    dtypes = [torch.float32] + ([AMP_DTYPES[args.amp]] if args.amp else [])
+    if device.type == "cuda":  # the GPU's rates in both precisions, whatever this run computes in
+        dtypes = sorted(set(dtypes) | {torch.float32, torch.bfloat16}, key=str)
+    rates = measure_rates(device, dtypes)
+    factors = {m: 4.0 for m in modes}  # naive peak / dense-logits bytes, measured once naive has run
+    rows = []
+    for name in sorted(sizes, key=lambda s: SIZES[s][0] * SIZES[s][1]):
+        row = bench_size(name, args, device, rates, factors)
+        if "naive" in row["paths"]:
+            factors = {m: row["paths"]["naive"][m]["peak_bytes"] / row["naive_logits_bytes"] for m in modes}
+        rows.append(row)
+        print(f"{name} done", flush=True)
+    meta = dict(
+        environment(device),
+        device=str(device),
+        amp=args.amp,
+        compute_dtype=compute_dtype(args.amp),
+        kernel_isa=relative_attention._C.kernel_isa() if relative_attention.kernel_available() else None,
+        naive_max_pixels=relative_attention.NAIVE_MAX_PIXELS,
+        rates=rates,
+        args=vars(args),
+    )
+    return {"meta": meta, "rows": rows}
+
+
+def render(results: Dict) -> str:
+    """The rates line and one table per mode of a run's results."""
+    lines = [f"device {results['meta']['device']}; " + rates_line(results["meta"])]
+    for mode in MODES:
+        if all(mode in r["floor"] for r in results["rows"]):
+            lines += ["", f"### {mode}", "", format_table(*table_rows(results["rows"], mode))]
+    return "\n".join(lines)

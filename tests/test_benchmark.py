@@ -1,0 +1,209 @@
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from aa_detection.benchmark import attention, report
+from aa_detection.benchmark.common import compare_times, format_table, run_in_turns
+from aa_detection.layers.relative_attention import kernel_available
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is missing")
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _summary(runs):
+    return {"median": sorted(runs)[len(runs) // 2], "min": min(runs), "max": max(runs), "runs": runs,
+            "cores_used": 2.0}
+
+
+def _model_result(aa_inference_runs, profile_other_op_s):
+    """A model benchmark's results with the given AA inference runs and the AA model's profiled time of
+    one operator other than the attention (the baseline's is 0.10 s)."""
+    def model(params, runs, attention_s, other_s):
+        return {"params_M": params, "gflops": 250.0, "attention_gflops": 8.0 * (attention_s > 0),
+                "inference_s": _summary(runs), "inference_peak_GiB": 0.3,
+                "train_iter_s": _summary([10.0, 10.5, 11.0]), "train_peak_GiB": 3.0,
+                "profile_ops": {"_KernelAttention": attention_s, "aten::convolution": other_s}}
+
+    base = model(37.9, [2.0, 2.1, 2.2], 0.0, 0.10)
+    aa = model(37.5, aa_inference_runs, 0.25, profile_other_op_s)
+    return {"environment": {"date": "2026-01-01 00:00 UTC"}, "device": "cpu", "size": [800, 1333],
+            "configs": {"baseline": "base.yaml", "aa": "aa.yaml"},
+            "baseline": base, "aa": aa, "profile": {"baseline": base.pop("profile_ops"), "aa": aa.pop("profile_ops")}}
+
+
+def test_floor_matches_a_hand_count():
+    # B=1, Nh=2, 2x3 map (HW=6), dkh=4, dvh=5: 1*2*6*6 = 72 (query, key) pairs.
+    work = attention.floor_work(1, 2, 2, 3, 4, 5)
+    # forward: q.k 2*72*4 = 576, relative 2*2*6*(2+3)*4 = 480 plus 2*72 = 144 adds, p.v 2*72*5 = 720.
+    assert work["forward"] == (576 + 480 + 144 + 720, 72)
+    # backward: 2*72*(2*4 + 2*5) = 2592, 2*72 = 144 adds, 2*480 = 960 for the relative einsums.
+    assert work["train"] == (1920 + 2592 + 144 + 960, 72)
+    rates = {"matmul_flops": 1000.0, "exp_rates": {"torch.exp": 10.0, "kernel exp": 72.0}, "exp_per_s": 72.0}
+    assert attention.floor_seconds(1920, 72, rates) == pytest.approx(1.92 + 1.0)
+    assert attention.floor_seconds(1920, 72, rates, "torch.exp") == pytest.approx(1.92 + 7.2)
+
+
+def test_paths_run_where_they_can():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    every = attention.PATHS
+    assert attention.paths_for(cpu, every, 1, 2) == ["naive", "fused"] + ["kernel"] * kernel_available()
+    assert attention.paths_for(cpu, every, 3, 2) == ["fused"] + ["kernel"] * kernel_available()
+    assert attention.paths_for(cuda, every, 1, 2) == ["naive", "fused", "flex"]
+    assert attention.paths_for(cuda, ["naive", "kernel"], 3, 2) == []
+
+
+def test_the_timing_loop_times_each_step_in_turns_with_its_peak():
+    order = []
+
+    def allocate(name, nbytes):
+        def step():
+            order.append(name)
+            return torch.ones(nbytes // 4).sum().item()
+        return step
+
+    runs = run_in_turns({"small": allocate("small", 1 << 20), "large": allocate("large", 64 << 20)}, "cpu",
+                        repeats=2, warmup=1)
+    assert order == ["small", "large"] * 3  # the warm-up call of each, then two rounds
+    assert len(runs["small"].seconds) == 2 and runs["small"].result == (1 << 18)
+    assert runs["large"].peak_bytes > 60 << 20 > runs["small"].peak_bytes
+    summary = runs["large"].summary()
+    assert summary["min"] <= summary["median"] <= summary["max"] and summary["cores_used"] > 0
+
+
+def test_sentences_follow_the_numbers():
+    apart = compare_times("AA", _summary([3.0, 3.1, 3.2]), "baseline", _summary([2.0, 2.1, 2.2]))
+    overlap = compare_times("AA", _summary([2.1, 2.2, 2.6]), "baseline", _summary([2.0, 2.1, 2.2]))
+    assert "1.48x" in apart and "do not overlap" in apart and "cannot tell" not in apart
+    assert "1.05x" in overlap and "cannot tell these two apart" in overlap
+    single = compare_times("AA", _summary([3.0]), "baseline", _summary([2.0, 2.1, 2.2]))
+    assert "one run of AA, so no spread was measured" in single
+
+    # The other operators differ by +0.01 s against a 0.2 s spread, then by +0.5 s.
+    quiet = report.profile_summary(_model_result([2.1, 2.2, 2.3], 0.11))
+    loud = report.profile_summary(_model_result([2.1, 2.2, 2.3], 0.60))
+    assert "+0.01 s, within the spread" in quiet and "within the noise" in quiet
+    assert "+0.50 s, more than the spread" in loud and "within the noise" not in loud
+
+
+def test_rendering_draws_two_conclusions_from_two_results():
+    texts = []
+    for aa_runs in ([2.1, 2.2, 2.3], [3.0, 3.1, 3.2]):
+        text = report.render({"cpu": {"attention": None, "models": {"res4-res5": _model_result(aa_runs, 0.11)}}})
+        texts.append(text)
+    same, slower = texts
+    assert "AA inference / baseline: 1.05x" in same and "cannot tell these two apart" in same
+    assert "AA inference / baseline: 1.48x" in slower and "do not overlap" in slower
+    for text, verdict in ((same, ["<= 1.15", "1.048", "met"]), (slower, ["<= 1.15", "1.476", "NOT met"])):
+        (target,) = [line for line in text.splitlines() if "res4-res5: AA / baseline inference s/img" in line]
+        assert [cell.strip() for cell in target.split("|")[2:-1]] == verdict
+    assert "No GPU measurements have been made yet" in same and "--device cuda" in same
+
+
+def _attention_row(with_naive):
+    figures = {"time": _summary([0.1, 0.1, 0.1]), "peak_bytes": 1 << 20, "floor_multiple": 2.0,
+               "best_floor_multiple": 2.0}
+    paths = {"kernel": {"forward": dict(figures, max_abs_diff_out=1e-6)} if with_naive else {"forward": figures}}
+    row = {"size": "res3", "H": 100, "W": 167, "dkh": 3, "dvh": 2, "threads": 2, "auto": "kernel",
+           "floor": {"forward": {"seconds": 0.05}}, "paths": paths, "skipped": {}}
+    if with_naive:
+        row["paths"] = {"naive": {"forward": dict(figures, peak_bytes=1 << 30)}, **paths}
+    else:
+        row["skipped"]["naive"] = {"estimated_peak_bytes": {"forward": 50 << 30}, "budget_bytes": 8 << 30}
+    return row
+
+
+def test_differences_are_empty_without_an_independent_reference():
+    for with_naive in (True, False):
+        header, rows = attention.table_rows([_attention_row(with_naive)], "forward")
+        diff = header.index("out: max abs diff to naive")
+        cells = {row[3]: row[diff] for row in rows}
+        assert cells["naive"] == "-"  # the reference itself, or skipped
+        assert cells["kernel"] == ("1.0e-06" if with_naive else "-")
+    sentences = report.attention_sentences({"rows": [_attention_row(False)]}, "forward")
+    assert any("no path has an independent reference" in s for s in sentences)
+
+
+def test_attention_tool_smoke_run(tmp_path, capsys):
+    out = tmp_path / "attention.json"
+    results = _tool("benchmark_attention").main(
+        ["--sizes", "res5", "--batch", "1", "--repeats", "1", "--no-train", "--paths", "naive,fused",
+         "--naive-max-gib", "0", "--json", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row == results["rows"][0] and row["reference"] is None and set(row["paths"]) == {"fused"}
+    assert "max_abs_diff_out" not in row["paths"]["fused"]["forward"]  # naive did not fit: no reference
+    assert row["floor"]["forward"]["seconds"] > 0 and row["paths"]["fused"]["forward"]["time"]["median"] > 0
+    assert "naive          | skipped" in capsys.readouterr().out
+
+
+def test_model_tool_smoke_run(tmp_path, capsys):
+    pytest.importorskip("detectron2")
+    out = tmp_path / "bench.json"
+    _tool("benchmark").main(["--size", "64", "96", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+                             "--json", str(out), "--opts", "MODEL.RESNETS.DEPTH", "18",
+                             "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.AA.STAGES", "['res4','res5']"])
+    text = capsys.readouterr().out
+    assert "AA/baseline" in text and "Cores used" in text and "res4" in text
+    results = json.loads(out.read_text())
+    for name in ("baseline", "aa"):
+        assert results[name]["inference_s"]["median"] > 0 and results[name]["train_iter_s"]["median"] > 0
+        assert results[name]["train_peak_GiB"] >= 0 and results[name]["params_M"] > 0
+    assert set(results["stages"]) == {"res4", "res5"}
+
+
+def test_make_benchmarks_renders_kept_results_without_measuring(tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    result = json.dumps(_model_result([2.1, 2.2, 2.3], 0.11))
+    kept = {f"model_{variant}_cpu.json": result for variant in report.VARIANTS}
+    for name, text in kept.items():
+        (folder / name).write_text(text)
+    out = tmp_path / "B.md"
+    _tool("make_benchmarks").main(["--reuse", "--skip-attention", "--keep-json", str(folder), "--out", str(out)])
+    text = out.read_text()
+    assert {name: (folder / name).read_text() for name in os.listdir(folder)} == kept  # nothing measured
+    for variant in report.VARIANTS:
+        assert f"## AA-R50 / R50 RetinaNet, attention in {variant}" in text
+    assert "## GPU" in text and "No GPU measurements" in text
+
+
+def test_a_benchmark_runs_in_its_own_process(tmp_path):
+    out = tmp_path / "attention.json"
+    report.run_isolated("attention", ["--sizes", "res5", "--batch", "1", "--repeats", "1", "--no-train",
+                                      "--paths", "fused", "--json", str(out)])
+    assert json.loads(out.read_text())["rows"][0]["paths"]["fused"]["forward"]["time"]["median"] > 0
+
+
+def test_make_benchmarks_checks_the_targets():
+    models = {"res4-res5": {"baseline": {"inference_s": {"median": 2.0}, "train_iter_s": {"median": 10.0},
+                                         "train_peak_GiB": 3.0, "params_M": 37.9},
+                            "aa": {"inference_s": {"median": 2.2}, "train_iter_s": {"median": 14.0},
+                                   "train_peak_GiB": 3.0, "params_M": 37.5}}}
+    rows = {r[0]: r for r in report.model_targets(models)}
+    assert rows["res4-res5: AA / baseline inference s/img"][2:] == ("1.100", "met")
+    assert rows["res4-res5: AA / baseline train s/iter"][2:] == ("1.400", "NOT met")
+    assert rows["res4-res5: params AA <= baseline"][3] == "met"
+
+
+def test_one_table_format():
+    assert format_table(("a", "bb"), [(1, 2.5)]) == "| a | bb  |\n|---|-----|\n| 1 | 2.5 |"
+
+
+@NO_CUDA
+@pytest.mark.parametrize("tool", ["benchmark_attention", "benchmark", "make_benchmarks"])
+def test_cuda_without_a_gpu_is_a_clear_error(tool, tmp_path, capsys):
+    argv = ["--device", "cuda"] + (["--out", str(tmp_path / "B.md")] if tool == "make_benchmarks" else [])
+    with pytest.raises(SystemExit) as exit_info:
+        _tool(tool).main(argv)
+    assert exit_info.value.code == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert not (tmp_path / "B.md").exists()
