@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..layers import attention_depths
-from ..layers import relative_attention
+from ..layers import kernel, relative_attention
 from ..layers.relative_attention import relative_attention_2d, relative_attention_qkv, split_heads
 from ..errors import ConfigError
 from ..safe_io import atomic_write
@@ -214,7 +214,7 @@ def _best_rates(device, dtype, repeats):
         mm = max(mm, 2 * n**3 / _best_time(lambda _: torch.mm(a, b), repeats, device))
     exps = {"torch.exp": lambda x: torch.exp(x, out=x)}
     if device.type == "cpu" and dtype == torch.float32 and relative_attention.kernel_available():
-        exps["kernel exp"] = relative_attention._C.fast_exp_
+        exps["kernel exp"] = kernel._C.fast_exp_
     lengths = (1 << 24, 1 << 26) if device.type == "cuda" else (1 << 18, 1 << 20, 1 << 22)
     ex = {}
     for name, exp in exps.items():
@@ -285,7 +285,8 @@ def bench_size(name, args, device, rates, factors) -> Dict:
         for p in paths:
             row["paths"][p][mode] = _path_figures(runs[p], results[p], results.get(reference), row["floor"][mode],
                                                   p == reference)
-    row["auto"] = relative_attention._choose_impl(inputs[0])
+    q, _, v = inputs[:3]
+    row["auto"] = relative_attention.choose_impl(q.device, *q.shape[2:], v.shape[-1], q.dtype)
     return row
 
 
@@ -424,7 +425,7 @@ def run(args, device, sizes) -> Dict:
         device=str(device),
         amp=args.amp,
         compute_dtype=compute_dtype(args.amp),
-        kernel_isa=relative_attention._C.kernel_isa() if relative_attention.kernel_available() else None,
+        kernel_isa=kernel._C.kernel_isa() if relative_attention.kernel_available() else None,
         naive_max_pixels=relative_attention.NAIVE_MAX_PIXELS,
         rates=rates,
         args=vars(args),
