@@ -136,8 +136,8 @@ def _unknown_key(node, parent, part, full_key, where):
     missing = f"{parent}.{part}" if parent else str(part)
     return ConfigError(
         f"{where}: unknown config key {full_key}" + (f" ({missing} does not exist)" if missing != full_key else "")
-        + (f"; did you mean {', '.join(qualified)}?" if close else "")
-        + f"; keys allowed under {parent or 'the root'}: {keys}")
+        + (f"; did you mean {', '.join(qualified)}?" if close else ".")
+        + f" Keys allowed under {parent or 'the root'}: {keys}")
 
 
 def _set(cfg, full_key, value, where):
@@ -227,8 +227,22 @@ def _check_register(cfg, origin):
                               f"image_root] (3 strings), got {entry!r}")
 
 
-# config keys named in a builder's ValueError, e.g. "MODEL.RESNETS.DEPTH=42: allowed values are ..."
+# config keys named in a builder's ValueError, e.g. "MODEL.RESNETS.DEPTH=42: allowed values are ...", and
+# the keys of the same node it names by their last part ("MODEL.RESNETS.RES2_OUT_CHANNELS=64, NUM_GROUPS=1")
 _KEY_IN_MESSAGE = re.compile(r"\b(?:MODEL|INPUT)(?:\.[A-Z0-9_]+)+")
+_WORD_IN_MESSAGE = re.compile(r"\b[A-Z][A-Z0-9_]+\b")
+
+
+def _keys_in_message(cfg, message):
+    keys = set()
+    for key in _KEY_IN_MESSAGE.findall(message):
+        node_key = key.rpartition(".")[0]
+        node = _value(cfg, node_key)
+        keys.add(key)
+        keys.update(f"{node_key}.{w}" for w in _WORD_IN_MESSAGE.findall(message) if w in node)
+    return sorted(keys)
+
+
 _AA_LAYER_KEYS = ("MODEL.AA.NUM_HEADS", "MODEL.AA.KAPPA", "MODEL.AA.UPSILON")
 
 
@@ -255,9 +269,11 @@ def _first_failing_stage(cfg):
 
 def _backbone_error(cfg, error, origin):
     """A ConfigError for a ValueError or AssertionError of the backbone builder, naming the keys."""
-    keys = sorted(set(_KEY_IN_MESSAGE.findall(str(error))))
+    keys = _keys_in_message(cfg, str(error))
     if keys:  # the builder names the keys at fault
-        return ConfigError(f"{', '.join(sorted({origin(k) for k in keys}))}: {error}")
+        where = sorted({origin(k) for k in keys} - {"default"}) or ["default"]
+        set_in = "; ".join(f"{k} from {origin(k)}" for k in keys)
+        return ConfigError(f"{', '.join(where)}: {error} ({set_in})")
     if cfg.MODEL.BACKBONE.NAME in AA_BACKBONES:  # the AAConv2d layer's own rules
         aa = cfg.MODEL.AA
         stage = _first_failing_stage(cfg)
