@@ -123,3 +123,19 @@ def test_train_net_prints_the_message_and_exits_nonzero_before_training(tmp_path
     assert "ERROR (ConfigError): MODEL.AA.NUM_HEADS=128" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists()  # nothing was built or written
+
+
+@pytest.mark.parametrize("tool, args, expected", [
+    ("visualize.py", ["results", "--results", "r.json", "--output", "{tmp}"],
+     "ERROR (UsageError): results: --dataset NAME is required"),
+    ("compare_runs.py", ["{tmp}/nowhere"], "ERROR (UsageError): not a run folder: {tmp}/nowhere"),
+    ("analyze_model.py", ["--config-file", AA_CFG, "--no-flops", "--opts", "MODEL.AA.NUM_HEADZ", "4"],
+     "ERROR (ConfigError): command-line override: unknown config key MODEL.AA.NUM_HEADZ"),
+])
+def test_tools_print_a_user_error_once_and_exit_2(tmp_path, tool, args, expected):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", tool)]
+                          + [a.format(tmp=tmp_path) for a in args],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert expected.format(tmp=tmp_path) in proc.stderr and proc.stderr.count("ERROR") == 1
+    assert "Traceback" not in proc.stderr
