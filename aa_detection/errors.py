@@ -5,7 +5,8 @@ tool prints the message alone (no traceback) and exits with status 2:
 
     UserError
     ├── ConfigError        a config file, key or value (also a ValueError)
-    ├── DatasetError       a dataset file, image or annotation, or datasets that do not fit together (also a ValueError)
+    ├── DatasetError       a dataset file, image or annotation, or datasets that do not fit together
+    │                      (also a ValueError)
     ├── WeightsError       a weights or checkpoint file
     │   └── UnsafePickleError   a pickle holding more than tensors, arrays and containers (also a pickle.UnpicklingError)
     ├── InputError         an input image or results file of the visualizer

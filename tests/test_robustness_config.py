@@ -59,7 +59,8 @@ def test_wrong_type_in_file_and_on_the_command_line(tmp_path):
 
 
 @pytest.mark.parametrize("opts, expected", [
-    (["MODEL.AA.NUM_HEADS", "128"], ["MODEL.AA.NUM_HEADS=128", "stage res3", "out_channels=128", "command-line override"]),
+    (["MODEL.AA.NUM_HEADS", "128"],
+     ["MODEL.AA.NUM_HEADS=128", "stage res3", "out_channels=128", "command-line override"]),
     (["MODEL.AA.UPSILON", "1.0"], ["MODEL.AA.UPSILON=1.0", "stage res3", "value_depth"]),
     (["MODEL.AA.NUM_HEADS", "0"], ["MODEL.AA.NUM_HEADS=0", "num_heads must be >= 1"]),
     (["MODEL.AA.IMPL", "fast"], ["MODEL.AA.IMPL='fast'", "'auto', 'naive', 'fused'"]),
@@ -70,7 +71,8 @@ def test_wrong_type_in_file_and_on_the_command_line(tmp_path):
     (["MODEL.BACKBONE.NAME", "build_resnet_fpn"], ["MODEL.BACKBONE.NAME='build_resnet_fpn'",
                                                    "'build_retinanet_aa_resnet_fpn_backbone'"]),
     (["DATASETS.REGISTER", "[['only_a_name']]"], ["DATASETS.REGISTER entries are [name, json_file, image_root]"]),
-    (["MODEL.RESNETS.NUM_GROUPS", "2"], ["command-line override", "NUM_GROUPS=1", "MODEL.RESNETS.NUM_GROUPS from command-line override"]),
+    (["MODEL.RESNETS.NUM_GROUPS", "2"],
+     ["command-line override", "NUM_GROUPS=1", "MODEL.RESNETS.NUM_GROUPS from command-line override"]),
     (["MODEL.RESNETS.DEPTH", "42"], ["command-line override", "MODEL.RESNETS.DEPTH=42", "18, 34, 50, 101, 152"]),
 ])
 def test_invalid_values_name_the_key_and_the_allowed_values(opts, expected):

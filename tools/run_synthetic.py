@@ -39,7 +39,7 @@ def main(argv=None):
         name = os.path.splitext(os.path.basename(config))[0].replace("_synthetic", "")
         out = os.path.join(args.output, name)
         opts = list(args.opts) + ["OUTPUT_DIR", out]
-        setup_cfg(config, opts, prepare_data=True)  # fails early on a bad config; generates and checks the data once
+        setup_cfg(config, opts, prepare_data=True)  # fails early on a bad config; generates, checks the data
         if not args.eval_only:
             cmd = [sys.executable, os.path.join(ROOT, "tools/train_net.py"), "--config-file", config] + opts
             print(">>", " ".join(cmd), flush=True)

@@ -54,8 +54,8 @@ from tqdm import tqdm
 from ..errors import DatasetError
 from ..safe_io import atomic_write
 
-__all__ = ["DatasetError", "read_coco_json", "check_image", "check_coco_dataset", "cached_check",
-           "coco_categories", "raise_unusable", "load_checked_coco", "default_cache_dir", "BAD_IMAGE_POLICIES", "IMAGE_CHECKS"]
+__all__ = ["DatasetError", "read_coco_json", "check_image", "check_coco_dataset", "cached_check", "coco_categories",
+           "raise_unusable", "load_checked_coco", "default_cache_dir", "BAD_IMAGE_POLICIES", "IMAGE_CHECKS"]
 
 logger = logging.getLogger(__name__)
 
