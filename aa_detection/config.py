@@ -1,23 +1,45 @@
-"""The project's config keys and the one setup every tool and test builds its config with."""
+"""The project's config keys and the steps every tool builds its config with.
+
+1. `load_cfg(config_file, opts, datasets)`: detectron2's defaults, the AA keys, the file with its
+   ``_BASE_`` files, then the ``KEY VALUE`` overrides. It reads each YAML file once (safe loading) and
+   writes nothing; it also returns where each key was set, for the messages of step 2.
+2. `validate_cfg(cfg, origins)`: the choice keys, ``DATASETS.REGISTER``, and the backbone, built by its
+   own builder on the meta device (no memory), so the builder's rules are the only ones.
+3. `aa_detection.data.register_datasets(cfg)` registers the datasets the config names and sets the
+   class count; `aa_detection.data.prepare_datasets(cfg)`, called by training before it, generates the
+   synthetic dataset when it is missing and checks the datasets (cached on disk).
+
+`setup_cfg` runs these steps in order and freezes the config. Each step raises a `ConfigError` naming
+the file (or "command-line override") and the key, and saying what is allowed.
+
+yacs reports a value of the wrong type as a plain ValueError whose key is in its text only; the files
+and overrides are therefore merged one key at a time (`CfgNode.merge_from_list`), so each error is
+attributed to its key and file without reading the text. Unknown keys are found before merging, by
+walking the config.
+"""
 import difflib
 import os
 import re
 
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
+from detectron2.modeling import BACKBONE_REGISTRY, build_backbone
 import torch
 import yaml
 
-import aa_detection.modeling  # noqa: F401  (registers the AA backbones)
-
 from .data.validation import BAD_IMAGE_POLICIES, IMAGE_CHECKS
 from .errors import ConfigError
+from .layers.relative_attention import IMPLS
+from .modeling.backbone import check_aa_stages
 
-__all__ = ["ConfigError", "add_aa_config", "setup_cfg", "validate_aa_config", "aa_stage_widths",
-           "BAD_IMAGE_POLICIES", "AA_BACKBONES"]
+__all__ = ["ConfigError", "add_aa_config", "load_cfg", "validate_cfg", "setup_cfg", "BAD_IMAGE_POLICIES",
+           "OPTIMIZERS", "AA_BACKBONES"]
 
-# Backbones built from MODEL.AA; their settings are checked against the layer before training.
+# Backbones built from MODEL.AA.
 AA_BACKBONES = ("build_aa_resnet_backbone", "build_retinanet_aa_resnet_fpn_backbone")
+# SOLVER.OPTIMIZER values (any case).
+OPTIMIZERS = ("SGD", "ADAMW")
+OVERRIDE = "command-line override"
 
 
 def add_aa_config(cfg):
@@ -56,9 +78,13 @@ def add_aa_config(cfg):
     # or of another size than its JSON entry: "error" stops before training, naming the image id and
     # file; "skip" leaves it out with a warning and logs the count when the dataset is loaded.
     cfg.DATASETS.BAD_IMAGES = "error"
-    # How images are checked when a dataset is loaded: "decode" reads every image whole (finds truncated
-    # files), "header" reads only each file's header (format and size; faster on large datasets).
-    cfg.DATASETS.CHECK_IMAGES = "decode"
+    # How images are checked: "header" reads each file's header (format, size, EXIF orientation);
+    # "decode" also decodes every image whole, which finds truncated files but is much slower.
+    cfg.DATASETS.CHECK_IMAGES = "header"
+    # Where the results of the dataset checks are kept, one file per dataset, reused while the JSON file
+    # and the image folder are unchanged. "" means $XDG_CACHE_HOME/aa_detection/dataset_checks
+    # (~/.cache/aa_detection/dataset_checks).
+    cfg.DATASETS.CHECK_CACHE_DIR = ""
 
     # Pickle weight files (.pkl) may hold only tensors, arrays and plain containers; True loads any
     # object (which can run code): set it only for files whose source you trust.
@@ -69,6 +95,7 @@ def add_aa_config(cfg):
     return cfg
 
 
+# ------------------------------------------------------------------------------------------ loading
 def _read_yaml(path, referrer=None):
     """The mapping in one YAML config file, read with safe loading; ConfigError naming the file."""
     if not os.path.isfile(path):
@@ -93,12 +120,12 @@ def _read_yaml(path, referrer=None):
 
 
 def _config_chain(path, referrer=None, seen=()):
-    """[(file, mapping)] of `path` and its _BASE_ files, bases first."""
+    """[(file, mapping without _BASE_)] of `path` and its _BASE_ files (a path or a list), bases first."""
     path = os.path.abspath(os.path.expanduser(path))
     if path in seen:
         raise ConfigError(f"{referrer}: _BASE_ cycle through {path}")
     data = _read_yaml(path, referrer)
-    bases = data.get("_BASE_", [])
+    bases = data.pop("_BASE_", [])
     bases = [bases] if isinstance(bases, str) else list(bases)
     chain = []
     for base in bases:
@@ -109,174 +136,208 @@ def _config_chain(path, referrer=None, seen=()):
     return chain + [(path, data)]
 
 
-def _defines(mapping, key):
-    node = mapping
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
+def _unknown_key(node, parent, part, full_key, where):
+    """ConfigError for `full_key`, whose part `part` is not a key of `node` (the node at `parent`)."""
+    keys = sorted(node.keys())
+    close = difflib.get_close_matches(str(part), keys, n=3)
+    qualified = [f"{parent}.{c}" if parent else c for c in close]
+    missing = f"{parent}.{part}" if parent else str(part)
+    return ConfigError(
+        f"{where}: unknown config key {full_key}" + (f" ({missing} does not exist)" if missing != full_key else "")
+        + (f"; did you mean {', '.join(qualified)}?" if close else ".")
+        + f" Keys allowed under {parent or 'the root'}: {keys}")
 
 
-def _node_and_leaf(cfg, key):
-    """(the config node holding `key`'s last part or None, its current value or None)."""
+def _set(cfg, full_key, value, where):
+    """Merge one KEY VALUE (a YAML value or an override's text) as yacs does; ConfigError naming the key."""
     node = cfg
-    parts = key.split(".")
-    for part in parts[:-1]:
+    parts = full_key.split(".")
+    for i, part in enumerate(parts):
         if not isinstance(node, CN) or part not in node:
-            return None, None
-        node = node[part]
-    if not isinstance(node, CN):
-        return None, None
-    return node, node.get(parts[-1])
-
-
-def _explain_merge_error(cfg, e, where):
-    """A ConfigError for a KeyError/ValueError of yacs' merge, naming the key, `where` and what is allowed."""
-    text = str(e.args[0]) if e.args else str(e)
-    found = re.search(r"(?:config key|key): ([\w.]+)", text)
-    key = found.group(1) if found else None
-    unknown = isinstance(e, KeyError) or "Non-existent" in text
-    where_text = where(key, unknown) if callable(where) else where
-    if unknown and key:
-        parent, leaf = key.rpartition(".")[0], key.rpartition(".")[2]
-        node, _ = _node_and_leaf(cfg, key)
-        if node is None:
-            allowed = f"'{parent}' is not a config node either" if parent else ""
-        else:
-            keys = sorted(node.keys())
-            close = difflib.get_close_matches(leaf, keys, n=3)
-            allowed = (f"did you mean {', '.join(f'{parent}.{c}' if parent else c for c in close)}? " if close
-                       else "") + f"keys allowed under {parent or 'the root'}: {keys}"
-        return ConfigError(f"{where_text}: unknown config key {key}; {allowed}".rstrip("; "))
-    if "Type mismatch" in text and key:
-        _, default = _node_and_leaf(cfg, key)
-        return ConfigError(f"{where_text}: {key} must be of type {type(default).__name__} like its default "
-                           f"{default!r} ({text})")
-    return ConfigError(f"{where_text}: {text}")
-
-
-def _merge_file(cfg, config_file):
-    chain = _config_chain(config_file)  # checks every file exists and is safe YAML first
-
-    def where(key, unknown):
-        files = [f for f, data in chain if key and _defines(data, key)] or [f for f, _ in chain]
-        # an unknown key is wrong wherever it is set; a wrong value is the one that wins: the last file's
-        return ", ".join(files if unknown else files[-1:])
-
+            if not isinstance(node, CN):
+                raise ConfigError(f"{where}: unknown config key {full_key}: {'.'.join(parts[:i])} is a value, "
+                                  "not a group of keys")
+            raise _unknown_key(node, ".".join(parts[:i]), part, full_key, where)
+        default, node = node[part], node[part]
     try:
-        cfg.merge_from_file(config_file, allow_unsafe=False)
-    except (KeyError, ValueError) as e:
-        raise _explain_merge_error(cfg, e, where) from e
-    except AssertionError as e:
-        raise ConfigError(f"{config_file}: {e}") from e
-    return chain
+        cfg.merge_from_list([full_key, value])
+    except ValueError as e:  # yacs: "Type mismatch ..."
+        raise ConfigError(f"{where}: {full_key} must be of type {type(default).__name__} like its default "
+                          f"{default!r} ({e})") from e
+    except (KeyError, AssertionError) as e:  # yacs: a renamed key
+        raise ConfigError(f"{where}: {full_key}: {e}") from e
 
 
-def _merge_opts(cfg, opts):
+def _merge_mapping(cfg, mapping, where, origins, prefix=""):
+    for key, value in mapping.items():
+        full_key = f"{prefix}{key}"
+        node = cfg
+        for part in full_key.split(".")[:-1]:
+            node = node[part]
+        if isinstance(value, dict) and isinstance(node.get(key), CN):
+            _merge_mapping(cfg, value, where, origins, full_key + ".")
+        else:
+            _set(cfg, full_key, value, where)
+            origins[full_key] = where
+
+
+def load_cfg(config_file=None, opts=(), datasets=()):
+    """(config, origins): detectron2's defaults, the AA keys, `config_file` (and its _BASE_ files), then
+    the `opts` KEY VALUE overrides; `datasets` (name, json_file, image_root) triples are appended to
+    DATASETS.REGISTER. `origins` maps each key set by a file or override to that file's path or
+    "command-line override". The config is not validated and not frozen; nothing is registered.
+
+    A missing or unreadable file, invalid YAML, an unsafe YAML tag, an unknown key (with its close
+    matches and the keys allowed in its node) and a value of the wrong type raise ConfigError naming
+    the file that sets it, or the override.
+    """
+    cfg = add_aa_config(get_cfg())
+    version = cfg.VERSION
+    origins = {}
+    if config_file:
+        for path, mapping in _config_chain(config_file):
+            _merge_mapping(cfg, mapping, path, origins)
+            if cfg.VERSION != version:
+                raise ConfigError(f"{path}: VERSION {cfg.VERSION}: only detectron2 configs of version {version} "
+                                  "are read; upgrade it with detectron2.config.compat.upgrade_config")
     opts = list(opts)
     if len(opts) % 2:
         raise ConfigError(f"command-line overrides must be KEY VALUE pairs; got an odd number: {opts}")
+    for key, value in zip(opts[::2], opts[1::2]):
+        _set(cfg, str(key), value, OVERRIDE)
+        origins[str(key)] = OVERRIDE
+    if datasets:
+        cfg.DATASETS.REGISTER = [list(d) for d in cfg.DATASETS.REGISTER] + [list(d) for d in datasets]
+        origins["DATASETS.REGISTER"] = "command line (--dataset)"
+    return cfg, origins
+
+
+# --------------------------------------------------------------------------------------- validation
+def _value(cfg, key):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _check_choice(cfg, key, allowed, origin, any_case=False):
+    value = _value(cfg, key)
+    folded = value.upper() if any_case and isinstance(value, str) else value
+    if folded not in allowed:
+        raise ConfigError(f"{origin(key)}: {key}={value!r}: allowed values are {list(allowed)}"
+                          + (" (any case)" if any_case else ""))
+
+
+def _check_register(cfg, origin):
+    for entry in cfg.DATASETS.REGISTER:
+        if not isinstance(entry, (list, tuple)) or len(entry) != 3 or not all(isinstance(x, str) for x in entry):
+            raise ConfigError(f"{origin('DATASETS.REGISTER')}: DATASETS.REGISTER entries are [name, json_file, "
+                              f"image_root] (3 strings), got {entry!r}")
+
+
+# config keys named in a builder's ValueError, e.g. "MODEL.RESNETS.DEPTH=42: allowed values are ...", and
+# the keys of the same node it names by their last part ("MODEL.RESNETS.RES2_OUT_CHANNELS=64, NUM_GROUPS=1")
+_KEY_IN_MESSAGE = re.compile(r"\b(?:MODEL|INPUT)(?:\.[A-Z0-9_]+)+")
+_WORD_IN_MESSAGE = re.compile(r"\b[A-Z][A-Z0-9_]+\b")
+
+
+def _keys_in_message(cfg, message):
+    keys = set()
+    for key in _KEY_IN_MESSAGE.findall(message):
+        node_key = key.rpartition(".")[0]
+        node = _value(cfg, node_key)
+        keys.add(key)
+        keys.update(f"{node_key}.{w}" for w in _WORD_IN_MESSAGE.findall(message) if w in node)
+    return sorted(keys)
+
+
+_AA_LAYER_KEYS = ("MODEL.AA.NUM_HEADS", "MODEL.AA.KAPPA", "MODEL.AA.UPSILON")
+
+
+def _builds_on_meta(cfg):
+    """None when MODEL.BACKBONE.NAME's builder builds `cfg`'s backbone on the meta device, else its error."""
     try:
-        cfg.merge_from_list(opts)
-    except (KeyError, ValueError, AssertionError) as e:
-        raise _explain_merge_error(cfg, e, "command-line override") from e
+        with torch.device("meta"):
+            build_backbone(cfg)
+    except (ValueError, AssertionError) as e:
+        return e
+    return None
 
 
-def aa_stage_widths(cfg):
-    """{stage: [(in_channels, out_channels, stride)]} of the AAConv2d layers the AA-ResNet builds for the
-    stages in MODEL.AA.STAGES (deduplicated), from MODEL.RESNETS.*."""
-    r = cfg.MODEL.RESNETS
-    widths = {}
-    out_ch, bottleneck = r.RES2_OUT_CHANNELS, r.NUM_GROUPS * r.WIDTH_PER_GROUP
-    in_ch = r.STEM_OUT_CHANNELS
-    for i, name in enumerate(aa_detection.modeling.backbone.STAGE_NAMES):
-        first_stride = 1 if i == 0 or (name == "res5" and r.RES5_DILATION == 2) else 2
-        if name in cfg.MODEL.AA.STAGES:
-            if r.DEPTH < 50:
-                convs = [(in_ch, out_ch, first_stride), (out_ch, out_ch, 1)]
-            else:
-                convs = [(bottleneck, bottleneck, 1 if r.STRIDE_IN_1X1 else first_stride),
-                         (bottleneck, bottleneck, 1)]
-            widths[name] = sorted(set(convs))
-        in_ch, out_ch, bottleneck = out_ch, out_ch * 2, bottleneck * 2
-    return widths
+def _first_failing_stage(cfg):
+    """The first stage of MODEL.AA.STAGES whose attention-augmented layers cannot be built alone."""
+    for stage in cfg.MODEL.AA.STAGES:
+        alone = cfg.clone()
+        alone.defrost()
+        alone.MODEL.AA.STAGES = [stage]
+        if _builds_on_meta(alone) is not None:
+            return stage
+    return None
 
 
-def validate_aa_config(cfg, origin=lambda key: "config"):
-    """ConfigError unless every layer the MODEL.AA settings ask for can be built.
-
-    Checks MODEL.AA.STAGES names and, for an AA backbone, builds each augmented stage's AAConv2d shapes
-    on the meta device (no memory) with the layer's own rules."""
-    try:
-        aa_detection.modeling.backbone.check_aa_stages(cfg)
-    except ValueError as e:
-        key = "MODEL.RESNETS.DEPTH" if "MODEL.RESNETS.DEPTH" in str(e) else "MODEL.AA.STAGES"
-        raise ConfigError(f"{origin(key)}: {e}") from e
-    if cfg.MODEL.BACKBONE.NAME not in AA_BACKBONES:
-        return
-    from .layers import AAConv2d
-    from .layers.relative_attention import IMPLS
-
-    aa = cfg.MODEL.AA
-    if aa.IMPL not in IMPLS:
-        raise ConfigError(f"{origin('MODEL.AA.IMPL')}: MODEL.AA.IMPL={aa.IMPL!r}: allowed values are {list(IMPLS)}")
-    for name, convs in aa_stage_widths(cfg).items():
-        for in_ch, out_ch, stride in convs:
-            try:
-                with torch.device("meta"):
-                    AAConv2d(in_ch, out_ch, 3, stride=stride, num_heads=aa.NUM_HEADS, kappa=aa.KAPPA,
-                             upsilon=aa.UPSILON, relative=aa.RELATIVE, impl=aa.IMPL, max_relative_size=1)
-            except ValueError as e:
-                keys = ("MODEL.AA.NUM_HEADS", "MODEL.AA.KAPPA", "MODEL.AA.UPSILON")
-                set_in = "; ".join(sorted({f"{k} from {origin(k)}" for k in keys}))
-                raise ConfigError(
-                    f"MODEL.AA.NUM_HEADS={aa.NUM_HEADS}, MODEL.AA.KAPPA={aa.KAPPA}, MODEL.AA.UPSILON={aa.UPSILON} "
-                    f"cannot build the attention-augmented convolutions of stage {name} "
-                    f"({in_ch} -> {out_ch} channels): {e}. Allowed: NUM_HEADS >= 1 and dk, dv (the multiples "
-                    f"of NUM_HEADS nearest KAPPA * {out_ch} and UPSILON * {out_ch}, at least NUM_HEADS) with "
-                    f"dv < {out_ch}; or leave {name} out of MODEL.AA.STAGES. ({set_in})") from e
+def _backbone_error(cfg, error, origin):
+    """A ConfigError for a ValueError or AssertionError of the backbone builder, naming the keys."""
+    keys = _keys_in_message(cfg, str(error))
+    if keys:  # the builder names the keys at fault
+        where = sorted({origin(k) for k in keys} - {"default"}) or ["default"]
+        set_in = "; ".join(f"{k} from {origin(k)}" for k in keys)
+        return ConfigError(f"{', '.join(where)}: {error} ({set_in})")
+    if cfg.MODEL.BACKBONE.NAME in AA_BACKBONES:  # the AAConv2d layer's own rules
+        aa = cfg.MODEL.AA
+        stage = _first_failing_stage(cfg)
+        set_in = "; ".join(f"{k} from {origin(k)}" for k in _AA_LAYER_KEYS)
+        return ConfigError(
+            f"MODEL.AA.NUM_HEADS={aa.NUM_HEADS}, MODEL.AA.KAPPA={aa.KAPPA}, MODEL.AA.UPSILON={aa.UPSILON} cannot "
+            f"build the attention-augmented convolutions of stage {stage}: {error}. Allowed: NUM_HEADS >= 1 and "
+            "dk, dv (the multiples of NUM_HEADS nearest KAPPA * Fout and UPSILON * Fout, at least NUM_HEADS) "
+            f"with dv < Fout, the layer's output channels; or leave {stage} out of MODEL.AA.STAGES. ({set_in})")
+    name = cfg.MODEL.BACKBONE.NAME
+    return ConfigError(f"{origin('MODEL.BACKBONE.NAME')}: MODEL.BACKBONE.NAME={name!r} cannot build a backbone "
+                       f"from this config: {error}")
 
 
-def _check_choice(cfg, key, allowed, origin):
-    _, value = _node_and_leaf(cfg, key)
-    if value not in allowed:
-        raise ConfigError(f"{origin(key)}: {key}={value!r}: allowed values are {list(allowed)}")
-
-
-def setup_cfg(config_file=None, opts=(), datasets=()):
-    """A frozen config: detectron2's defaults, the AA keys, `config_file`, then `opts` overrides.
-
-    `datasets` (name, json_file, image_root) triples are appended to DATASETS.REGISTER. The datasets
-    the config names are then registered (the synthetic one generated if missing) and
-    MODEL.RETINANET.NUM_CLASSES is set from the training datasets' classes.
-
-    Everything that can be checked without data is checked here, before any model is built: a missing
-    config or _BASE_ file, invalid or unsafe YAML, an unknown key, a value of the wrong type, an unknown
-    stage, MODEL.AA settings the layer cannot build, and the choice keys raise a ConfigError that names
-    the file (or "command-line override") and the key, and says what is allowed.
-
-    Importing this module registers the project's backbones, so any config built here can name them.
-    """
-    cfg = add_aa_config(get_cfg())
-    chain = []
-    if config_file:
-        chain = _merge_file(cfg, config_file)
-    opts = list(opts)
-    _merge_opts(cfg, opts)
+def validate_cfg(cfg, origins=None):
+    """ConfigError unless `cfg` can be used: the choice keys (SOLVER.OPTIMIZER, MODEL.AA.IMPL,
+    DATASETS.BAD_IMAGES, DATASETS.CHECK_IMAGES, MODEL.BACKBONE.NAME), MODEL.AA.STAGES and
+    MODEL.RESNETS.DEPTH, DATASETS.REGISTER entries, and the backbone itself, built on the meta device
+    by its builder. `origins` (from `load_cfg`) names where each key was set; keys not in it are
+    reported as "default"."""
+    origins = origins or {}
 
     def origin(key):
-        if key in opts[::2]:
-            return "command-line override"
-        files = [f for f, data in chain if _defines(data, key)]
-        return ", ".join(files) if files else "default"
+        return origins.get(key, "default")
 
-    validate_aa_config(cfg, origin)
+    _check_choice(cfg, "SOLVER.OPTIMIZER", OPTIMIZERS, origin, any_case=True)
+    _check_choice(cfg, "MODEL.AA.IMPL", IMPLS, origin)
     _check_choice(cfg, "DATASETS.BAD_IMAGES", BAD_IMAGE_POLICIES, origin)
     _check_choice(cfg, "DATASETS.CHECK_IMAGES", IMAGE_CHECKS, origin)
-    cfg.DATASETS.REGISTER = [list(d) for d in cfg.DATASETS.REGISTER] + [list(d) for d in datasets]
-    from .data.datasets import register_datasets_from_cfg
+    _check_choice(cfg, "MODEL.BACKBONE.NAME", sorted(name for name, _ in BACKBONE_REGISTRY), origin)
+    _check_register(cfg, origin)
+    try:
+        check_aa_stages(cfg)
+    except ValueError as e:
+        raise _backbone_error(cfg, e, origin) from e
+    error = _builds_on_meta(cfg)
+    if error is not None:
+        raise _backbone_error(cfg, error, origin) from error
+    return cfg
 
-    register_datasets_from_cfg(cfg)
+
+def setup_cfg(config_file=None, opts=(), datasets=(), prepare_data=False):
+    """A frozen config: `load_cfg`, `validate_cfg`, then `aa_detection.data.register_datasets` (which
+    sets MODEL.RETINANET.NUM_CLASSES from the training datasets); with `prepare_data`,
+    `aa_detection.data.prepare_datasets` first (generates the synthetic dataset when it is named and
+    missing; checks the named datasets, the result cached on disk).
+
+    Everything that can be checked without data is checked before any model is built; see the steps.
+    Importing this module registers the project's backbones, so any config built here can name them.
+    """
+    from .data import prepare_datasets, register_datasets
+
+    cfg, origins = load_cfg(config_file, opts, datasets)
+    validate_cfg(cfg, origins)
+    if prepare_data:
+        prepare_datasets(cfg)
+    register_datasets(cfg)
     cfg.freeze()
     return cfg

@@ -1,29 +1,57 @@
-"""Errors that mean "the user's input is wrong", and how the command-line tools report them.
+"""The errors that mean "the user's input is wrong", and how the tools and training workers report them.
 
-Each message names the file, key, image id or annotation id at fault and what is allowed, so the
-tools print the message alone (no traceback) and exit with status 2.
+Every message names the file, key, image id or annotation id at fault and says what is allowed, so a
+tool prints the message alone (no traceback) and exits with status 2:
+
+    UserError
+    ├── ConfigError        a config file, key or value (also a ValueError)
+    ├── DatasetError       a dataset file, image or annotation, or datasets that do not fit together
+    │                      (also a ValueError)
+    ├── WeightsError       a weights or checkpoint file
+    │   └── UnsafePickleError   a pickle holding more than tensors, arrays and containers (also a pickle.UnpicklingError)
+    ├── InputError         an input image or results file of the visualizer
+    └── UsageError         command-line arguments that do not fit together
+
+A non-finite training loss (detectron2's `FloatingPointError`, which names the iteration and the losses)
+is reported the same way; `USER_ERRORS` lists what is.
 """
 import contextlib
+import pickle
 import sys
 
-__all__ = ["ConfigError", "DatasetError", "USER_ERRORS", "exit_on_user_error"]
+__all__ = ["UserError", "ConfigError", "DatasetError", "WeightsError", "UnsafePickleError", "InputError",
+           "UsageError", "USER_ERRORS", "exit_on_user_error", "launch_reporting_user_errors"]
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Input that cannot be used; the message says which and what is allowed."""
+
+
+class ConfigError(UserError, ValueError):
     """A config file, key or value that cannot be used; raised before any model is built."""
 
 
-class DatasetError(ValueError):
-    """A dataset file, image or annotation that cannot be used."""
+class DatasetError(UserError, ValueError):
+    """A dataset file, image or annotation that cannot be used, or datasets that do not fit together."""
 
 
-def _user_errors():
-    from .safe_io import UnsafePickleError
-
-    return (ConfigError, DatasetError, UnsafePickleError, FloatingPointError)
+class WeightsError(UserError):
+    """A weights or checkpoint file that cannot be used."""
 
 
-USER_ERRORS = _user_errors()
+class UnsafePickleError(WeightsError, pickle.UnpicklingError):
+    """A pickle holds objects beyond tensors, arrays and plain containers."""
+
+
+class InputError(UserError):
+    """An input file of the visualizer (image, results) that cannot be read; the message names it."""
+
+
+class UsageError(UserError):
+    """Command-line arguments that are missing or do not fit together."""
+
+
+USER_ERRORS = (UserError, FloatingPointError)
 
 
 @contextlib.contextmanager
@@ -34,3 +62,40 @@ def exit_on_user_error(stream=None):
     except USER_ERRORS as e:
         print(f"ERROR ({type(e).__name__}): {e}", file=stream or sys.stderr)
         sys.exit(2)
+
+
+class _SendUserErrors:
+    """A worker function for `launch`: a user error goes to the launching process through `queue`,
+    and the worker exits with status 2 instead of printing a traceback."""
+
+    def __init__(self, main_func, queue):
+        self.main_func, self.queue = main_func, queue
+
+    def __call__(self, *args):
+        try:
+            return self.main_func(*args)
+        except USER_ERRORS as e:
+            self.queue.put(e)
+            sys.exit(2)
+
+
+def launch_reporting_user_errors(main_func, num_processes_per_machine, num_machines=1, machine_rank=0,
+                                 dist_url=None, args=()):
+    """detectron2's `launch(main_func, ...)`; when it spawns workers, the first user error raised in
+    any of them is raised again here, once, instead of a traceback per worker.
+
+    `main_func` must be picklable (a module-level function), as for `launch` itself.
+    """
+    from detectron2.engine import launch
+    import torch.multiprocessing as mp
+
+    if num_machines * num_processes_per_machine == 1:
+        return launch(main_func, 1, args=args)
+    queue = mp.get_context("spawn").SimpleQueue()
+    try:
+        launch(_SendUserErrors(main_func, queue), num_processes_per_machine, num_machines=num_machines,
+               machine_rank=machine_rank, dist_url=dist_url, args=args)
+    except mp.ProcessExitedException:
+        if queue.empty():
+            raise
+        raise queue.get() from None

@@ -7,6 +7,8 @@ import tempfile
 
 import torch
 
+from .errors import UnsafePickleError
+
 __all__ = ["UnsafePickleError", "atomic_write", "load_pickle_weights", "load_torch_weights"]
 
 # What weight pickles need: numpy arrays and scalars, plain containers, and tensors.
@@ -25,10 +27,6 @@ _SAFE_GLOBALS = {
     ("torch._utils", "_rebuild_parameter"),
 }
 _NUMPY_DTYPE_MODULES = ("numpy.dtypes", "numpy")
-
-
-class UnsafePickleError(pickle.UnpicklingError):
-    """A pickle holds objects beyond tensors, arrays and plain containers."""
 
 
 def _tensor_from_bytes(data):

@@ -4,9 +4,11 @@ import os
 import pytest
 
 pytest.importorskip("detectron2", reason="detectron2 is not installed; see README.md, Install")
+from detectron2.data import DatasetCatalog  # noqa: E402
 
 from aa_detection.config import setup_cfg  # noqa: E402
 from aa_detection.data import SYNTHETIC_CLASSES, ensure_synthetic_dataset, generate_split  # noqa: E402
+from aa_detection.errors import ConfigError, DatasetError  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYN_CFG = os.path.join(ROOT, "configs/synthetic/retinanet_R_18_FPN_synthetic.yaml")
@@ -67,19 +69,27 @@ def test_custom_dataset_sets_num_classes(tmp_path):
     cfg = setup_cfg(SYN_CFG, ["DATASETS.REGISTER", str(reg), "DATASETS.TRAIN", "('three_cfg',)",
                               "DATASETS.TEST", "()"])
     assert cfg.MODEL.RETINANET.NUM_CLASSES == 3
-    with pytest.raises(ValueError, match="classes"):
+    with pytest.raises(DatasetError, match="test dataset 'two_val' has classes"):
         setup_cfg(SYN_CFG, ["DATASETS.TRAIN", "('three_train',)", "DATASETS.TEST", "('two_val',)"],
                   datasets=[("two_val", str(tmp_path / "two.json"), str(tmp_path / "img"))])
-    with pytest.raises(KeyError, match="not registered"):
+    with pytest.raises(ConfigError, match=r"DATASETS.TRAIN names \['nowhere'\], which are not registered"):
         setup_cfg(SYN_CFG, ["DATASETS.TRAIN", "('nowhere',)", "DATASETS.TEST", "()"])
 
 
-def test_synthetic_names_generate_and_register(tmp_path):
+def test_synthetic_names_register_without_data_and_prepare_generates(tmp_path):
     root = str(tmp_path / "syn")
-    cfg = setup_cfg(SYN_CFG, ["DATASETS.SYNTHETIC.ROOT", root, "DATASETS.SYNTHETIC.NUM_TRAIN", "3",
-                              "DATASETS.SYNTHETIC.NUM_VAL", "2"])
+    opts = ["DATASETS.SYNTHETIC.ROOT", root, "DATASETS.SYNTHETIC.NUM_TRAIN", "3", "DATASETS.SYNTHETIC.NUM_VAL", "2",
+            "DATASETS.CHECK_CACHE_DIR", str(tmp_path / "cache")]
+    cfg = setup_cfg(SYN_CFG, opts)  # reading a config writes nothing
+    assert cfg.MODEL.RETINANET.NUM_CLASSES == len(SYNTHETIC_CLASSES)
+    assert not os.path.exists(root) and not os.path.exists(tmp_path / "cache")
+    with pytest.raises(DatasetError, match="synthetic dataset is not generated"):
+        DatasetCatalog.get("synthetic_val")
+    cfg = setup_cfg(SYN_CFG, opts, prepare_data=True)
     assert cfg.MODEL.RETINANET.NUM_CLASSES == len(SYNTHETIC_CLASSES)
     assert os.path.isfile(os.path.join(root, "val.json"))
+    assert len(os.listdir(tmp_path / "cache")) == 2  # both splits checked
+    assert len(DatasetCatalog.get("synthetic_val")) == 2
 
 
 def test_aa_config_only_changes_the_backbone(tmp_path):

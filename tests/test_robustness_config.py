@@ -59,13 +59,20 @@ def test_wrong_type_in_file_and_on_the_command_line(tmp_path):
 
 
 @pytest.mark.parametrize("opts, expected", [
-    (["MODEL.AA.NUM_HEADS", "128"], ["MODEL.AA.NUM_HEADS=128", "stage res3", "dv < 128", "command-line override"]),
+    (["MODEL.AA.NUM_HEADS", "128"],
+     ["MODEL.AA.NUM_HEADS=128", "stage res3", "out_channels=128", "command-line override"]),
     (["MODEL.AA.UPSILON", "1.0"], ["MODEL.AA.UPSILON=1.0", "stage res3", "value_depth"]),
     (["MODEL.AA.NUM_HEADS", "0"], ["MODEL.AA.NUM_HEADS=0", "num_heads must be >= 1"]),
     (["MODEL.AA.IMPL", "fast"], ["MODEL.AA.IMPL='fast'", "'auto', 'naive', 'fused'"]),
     (["MODEL.AA.STAGES", "['res3', 'res6']"], ["MODEL.AA.STAGES", "res6", "'res2', 'res3', 'res4', 'res5'"]),
     (["DATASETS.BAD_IMAGES", "ignore"], ["DATASETS.BAD_IMAGES='ignore'", "'error', 'skip'"]),
-    (["DATASETS.CHECK_IMAGES", "all"], ["DATASETS.CHECK_IMAGES='all'", "'decode', 'header'"]),
+    (["DATASETS.CHECK_IMAGES", "all"], ["DATASETS.CHECK_IMAGES='all'", "'header', 'decode'"]),
+    (["SOLVER.OPTIMIZER", "adam"], ["SOLVER.OPTIMIZER='adam'", "'SGD', 'ADAMW'"]),
+    (["MODEL.BACKBONE.NAME", "build_resnet_fpn"], ["MODEL.BACKBONE.NAME='build_resnet_fpn'",
+                                                   "'build_retinanet_aa_resnet_fpn_backbone'"]),
+    (["DATASETS.REGISTER", "[['only_a_name']]"], ["DATASETS.REGISTER entries are [name, json_file, image_root]"]),
+    (["MODEL.RESNETS.NUM_GROUPS", "2"],
+     ["command-line override", "NUM_GROUPS=1", "MODEL.RESNETS.NUM_GROUPS from command-line override"]),
     (["MODEL.RESNETS.DEPTH", "42"], ["command-line override", "MODEL.RESNETS.DEPTH=42", "18, 34, 50, 101, 152"]),
 ])
 def test_invalid_values_name_the_key_and_the_allowed_values(opts, expected):
@@ -118,3 +125,19 @@ def test_train_net_prints_the_message_and_exits_nonzero_before_training(tmp_path
     assert "ERROR (ConfigError): MODEL.AA.NUM_HEADS=128" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists()  # nothing was built or written
+
+
+@pytest.mark.parametrize("tool, args, expected", [
+    ("visualize.py", ["results", "--results", "r.json", "--output", "{tmp}"],
+     "ERROR (UsageError): results: --dataset NAME is required"),
+    ("compare_runs.py", ["{tmp}/nowhere"], "ERROR (UsageError): not a run folder: {tmp}/nowhere"),
+    ("analyze_model.py", ["--config-file", AA_CFG, "--no-flops", "--opts", "MODEL.AA.NUM_HEADZ", "4"],
+     "ERROR (ConfigError): command-line override: unknown config key MODEL.AA.NUM_HEADZ"),
+])
+def test_tools_print_a_user_error_once_and_exit_2(tmp_path, tool, args, expected):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", tool)]
+                          + [a.format(tmp=tmp_path) for a in args],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert expected.format(tmp=tmp_path) in proc.stderr and proc.stderr.count("ERROR") == 1
+    assert "Traceback" not in proc.stderr

@@ -10,6 +10,7 @@ pytest.importorskip("detectron2", reason="detectron2 is not installed; see READM
 
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog  # noqa: E402
 from detectron2.data.build import get_detection_dataset_dicts  # noqa: E402
+from detectron2.structures import BoxMode  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from aa_detection.config import setup_cfg  # noqa: E402
@@ -59,12 +60,14 @@ def _dataset(tmp_path, images, annotations, categories=({"id": 1, "name": "a"}, 
     return str(path)
 
 
-def _setup(json_file, image_root, *opts):
+def _setup(json_file, image_root, *opts, prepare_data=False):
     """Register the dataset under a fresh name through setup_cfg, as the tools do; returns (cfg, name)."""
     _counter[0] += 1
     name = f"messy_{_counter[0]}"
-    cfg = setup_cfg(SYN_CFG, ["DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()", *opts],
-                    datasets=[(name, json_file, str(image_root))])
+    cache = os.path.join(os.path.dirname(json_file), "check_cache")
+    cfg = setup_cfg(SYN_CFG, ["DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()",
+                              "DATASETS.CHECK_CACHE_DIR", cache, "DATASETS.CHECK_IMAGES", "decode", *opts],
+                    datasets=[(name, json_file, str(image_root))], prepare_data=prepare_data)
     return cfg, name
 
 
@@ -78,6 +81,12 @@ def _setup(json_file, image_root, *opts):
     ('{"categories": [{"id": 1, "name": "a"}]}', "'images' is missing"),
     ('{"images": [{"id": 4, "file_name": "a.png", "width": 10}], "categories": [{"id": 1, "name": "a"}]}',
      "image id 4 (a.png): 'height' must be a positive integer"),
+    ('{"images": [{"id": 4, "width": 10, "height": 10}], "categories": [{"id": 1, "name": "a"}]}',
+     "image id 4 has no 'file_name'"),
+    ('{"images": [{"id": 4, "file_name": "a.png", "width": 10, "height": 10}, {"id": 4, "file_name": "b.png", '
+     '"width": 10, "height": 10}], "categories": [{"id": 1, "name": "a"}]}', "image id 4 appears twice"),
+    ('{"images": [{"id": 4, "file_name": "a.png", "width": 10, "height": 10}], "categories": [{"id": 1, "name": "a"}],'
+     ' "annotations": [{"image_id": 4, "bbox": [0, 0, 1, 1], "category_id": 1}]}', "annotation #0"),
     ('{"images": [{"id": 4, "file_name": "a.png", "width": 10, "height": 10}], "categories": [{"id": 1, "name": "a"}],'
      ' "annotations": [{"id": 9, "image_id": 4, "bbox": [0, 0, 1, 1], "category_id": 5}]}',
      "annotation id 9: category_id 5 is not in 'categories'"),
@@ -94,6 +103,15 @@ def test_malformed_json_is_refused_at_setup_naming_the_file(tmp_path, content, e
     with pytest.raises(DatasetError) as info:
         _setup(str(path), tmp_path)
     assert str(path) in str(info.value) and expected in str(info.value), str(info.value)
+
+
+def test_missing_json_or_image_folder_is_refused_at_setup(tmp_path):
+    (tmp_path / "img").mkdir()
+    with pytest.raises(DatasetError, match=f"annotation file not found: {tmp_path / 'gone.json'}"):
+        _setup(str(tmp_path / "gone.json"), tmp_path / "img")
+    json_file = _dataset(tmp_path, [(1, "a.png", 40, 30)], [])
+    with pytest.raises(DatasetError, match=f"image folder not found: {tmp_path / 'no_images'}"):
+        _setup(json_file, tmp_path / "no_images")
 
 
 # ---- images --------------------------------------------------------------------------------------
@@ -243,3 +261,64 @@ def test_train_net_stops_before_training_on_a_bad_image(tmp_path, messy_images):
     assert "ERROR (DatasetError): dataset 'messy_cli'" in proc.stderr and "image id 2 (" in proc.stderr
     assert "missing.png): file not found" in proc.stderr and "Traceback" not in proc.stderr
     assert not any(f.startswith("model_") for f in os.listdir(out))
+
+
+# ---- checks once per version of the files ----------------------------------------------------------
+
+def test_check_is_cached_per_version_of_the_files(tmp_path, messy_images):
+    json_file, img = messy_images
+    cfg, name = _setup(json_file, img, "DATASETS.BAD_IMAGES", "skip")
+    assert [d["image_id"] for d in DatasetCatalog.get(name)] == [1]
+    (cache_file,) = os.listdir(cfg.DATASETS.CHECK_CACHE_DIR)
+    # later loads read the cache, not the JSON: garbage of the same size and time is not seen
+    stat = os.stat(json_file)
+    original = open(json_file).read()
+    with open(json_file, "w") as f:
+        f.write("x" * stat.st_size)
+    os.utime(json_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    records = DatasetCatalog.get(name)
+    assert [d["image_id"] for d in records] == [1] and records[0]["annotations"][0]["bbox_mode"] == BoxMode.XYWH_ABS
+    _, again = _setup(json_file, img, "DATASETS.BAD_IMAGES", "skip")  # registration reads the classes there too
+    assert MetadataCatalog.get(again).thing_classes == ["a", "b"]
+    # a new version of the JSON is checked again, in the same cache file
+    data = json.loads(original)
+    data["images"] = [im for im in data["images"] if im["id"] in (1, 5)]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in (1, 5)]
+    with open(json_file, "w") as f:
+        json.dump(data, f)
+    with pytest.raises(DatasetError, match="image id 5"):
+        _setup(json_file, img, prepare_data=True)
+    assert os.listdir(cfg.DATASETS.CHECK_CACHE_DIR) == [cache_file]
+
+
+# ---- several processes ---------------------------------------------------------------------------
+
+def _train_args(json_file, img, out, name):
+    return ["--config-file", SYN_CFG, "--num-gpus", "2", "--dataset", name, json_file, str(img),
+            "DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()", "DATASETS.CHECK_CACHE_DIR", str(out / "cache"),
+            "SOLVER.MAX_ITER", "1", "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(out)]
+
+
+def test_two_processes_report_a_bad_dataset_once(tmp_path, messy_images):
+    import subprocess
+    import sys
+
+    json_file, img = messy_images
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools/train_net.py"),
+                           *_train_args(json_file, img, tmp_path / "out", "messy_2p")],
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.count("ERROR") == 1 and "ERROR (DatasetError): dataset 'messy_2p'" in proc.stderr
+    assert "image id 2 (" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_user_error_in_a_worker_is_raised_once_by_the_launching_process(tmp_path, messy_images):
+    from aa_detection.engine.trainer import argument_parser, main
+    from aa_detection.errors import launch_reporting_user_errors
+
+    json_file, img = messy_images
+    args = argument_parser().parse_args(_train_args(json_file, img, tmp_path / "out", "messy_worker"))
+    # no check before the launch here: the first worker finds the bad image, the other waits for it
+    with pytest.raises(DatasetError, match=r"dataset 'messy_worker' .*image id 2 \(.*missing.png\): file not found"):
+        launch_reporting_user_errors(main, 2, dist_url="auto", args=(args,))

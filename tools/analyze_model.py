@@ -9,15 +9,13 @@ attention matmuls included (aa_detection.analysis.flop_count); detectron2's post
 `--opts` apply to every config.
 """
 import argparse
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from aa_detection.analysis import count_parameters, flop_count  # noqa: E402
-from aa_detection.config import setup_cfg  # noqa: E402
+from aa_detection.analysis import count_parameters, flop_count
+from aa_detection.config import setup_cfg
+from aa_detection.errors import exit_on_user_error
 
 __all__ = ["analyze", "main"]
 
@@ -75,8 +73,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from aa_detection.errors import exit_on_user_error
-
     with exit_on_user_error():  # a bad config: its message and exit status 2, no traceback
         main()
     sys.exit(0)

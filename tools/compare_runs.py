@@ -5,12 +5,9 @@
         --plot output/synthetic/loss_ap.png
 """
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from aa_detection.engine.compare import format_table, load_run, plot_runs  # noqa: E402
+from aa_detection.engine.compare import format_table, load_run, plot_runs
+from aa_detection.errors import UsageError, exit_on_user_error
 
 
 def main(argv=None):
@@ -22,7 +19,10 @@ def main(argv=None):
     if args.names and len(args.names) != len(args.runs):
         p.error("--names needs one name per run")
     names = args.names or [None] * len(args.runs)
-    runs = [load_run(d, n) for d, n in zip(args.runs, names)]
+    try:
+        runs = [load_run(d, n) for d, n in zip(args.runs, names)]
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from e
     print(format_table(runs))
     if args.plot:
         print("plot:", plot_runs(runs, args.plot))
@@ -30,4 +30,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_user_error():  # a folder that is not a run: its message and exit status 2
+        main()

@@ -13,11 +13,11 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from aa_detection.config import setup_cfg
+from aa_detection.engine.compare import format_table, load_run, plot_runs
+from aa_detection.errors import exit_on_user_error
 
-from aa_detection.config import setup_cfg  # noqa: E402
-from aa_detection.engine.compare import format_table, load_run, plot_runs  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIGS = (
     os.path.join(ROOT, "configs/synthetic/retinanet_R_18_FPN_synthetic.yaml"),
@@ -39,7 +39,7 @@ def main(argv=None):
         name = os.path.splitext(os.path.basename(config))[0].replace("_synthetic", "")
         out = os.path.join(args.output, name)
         opts = list(args.opts) + ["OUTPUT_DIR", out]
-        setup_cfg(config, opts)  # fail early on a bad config; generates the dataset once
+        setup_cfg(config, opts, prepare_data=True)  # fails early on a bad config; generates, checks the data
         if not args.eval_only:
             cmd = [sys.executable, os.path.join(ROOT, "tools/train_net.py"), "--config-file", config] + opts
             print(">>", " ".join(cmd), flush=True)
@@ -64,7 +64,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from aa_detection.errors import exit_on_user_error
-
-    with exit_on_user_error():  # a bad config: its message and exit status 2, no traceback
+    with exit_on_user_error():  # a bad config or dataset: its message and exit status 2, no traceback
         sys.exit(main())

@@ -8,16 +8,11 @@
     python tools/train_net.py --config-file CFG --dataset mine_train train.json images/ \
         --dataset mine_val val.json images/ DATASETS.TRAIN '("mine_train",)' DATASETS.TEST '("mine_val",)'
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from aa_detection.engine.trainer import argument_parser, launch_main  # noqa: E402
-from aa_detection.errors import exit_on_user_error  # noqa: E402
+from aa_detection.engine.trainer import argument_parser, launch_main
+from aa_detection.errors import exit_on_user_error
 
 if __name__ == "__main__":
     args = argument_parser().parse_args()
     print("Command Line Args:", args)
-    with exit_on_user_error():  # a bad config, dataset or file, or a diverged loss: its message, exit 2
+    with exit_on_user_error():  # a bad config, dataset or file, or a diverged loss: one message, exit 2
         launch_main(args)

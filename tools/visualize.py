@@ -10,12 +10,11 @@
 
 Config overrides go last, after --opts. See `python tools/visualize.py COMMAND -h`.
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from aa_detection.visualization.cli import main  # noqa: E402
+from aa_detection.errors import exit_on_user_error
+from aa_detection.visualization.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with exit_on_user_error():  # a bad config, dataset, weights file or argument: its message, exit 2
+        sys.exit(main())

@@ -1,5 +1,5 @@
-"""Datasets: COCO-format registration from the config and the synthetic shapes dataset."""
-from .datasets import dataset_classes, register_coco_dataset, register_datasets_from_cfg, synthetic_root
+"""Datasets: COCO-format registration and checks from the config, and the synthetic shapes dataset."""
+from .datasets import dataset_classes, prepare_datasets, register_coco_dataset, register_datasets, synthetic_root
 from .synthetic import CLASSES as SYNTHETIC_CLASSES
 from .synthetic import ensure_synthetic_dataset, generate_split
 
@@ -8,7 +8,8 @@ __all__ = [
     "dataset_classes",
     "ensure_synthetic_dataset",
     "generate_split",
+    "prepare_datasets",
     "register_coco_dataset",
-    "register_datasets_from_cfg",
+    "register_datasets",
     "synthetic_root",
 ]

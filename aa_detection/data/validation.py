@@ -1,4 +1,4 @@
-"""Checking a COCO-format dataset before training: its JSON, its images and its boxes.
+"""Checking a COCO-format dataset: its JSON, its images and its boxes, once per version of its files.
 
 What is checked, and what happens (`DatasetError` messages name the JSON file and the image id,
 annotation id or category at fault, and say what is wrong):
@@ -11,9 +11,10 @@ JSON file (always an error)
 
 Images (`bad_images`: "error" stops, naming the image; "skip" leaves the image and its annotations
 out, with a warning each and the count logged when loading ends)
-    a missing or unreadable file, a file that is not an image, a truncated or corrupt image (with
-    `check_images="decode"`, the default: every image is decoded whole; "header" reads only the header),
-    an image whose size (after its EXIF orientation) differs from the JSON's width and height.
+    a missing or unreadable file, a file that is not an image, an image whose size (after its EXIF
+    orientation) differs from the JSON's width and height; with `check_images="decode"` also a
+    truncated or corrupt image (every image is decoded whole; the default "header" reads only each
+    file's header, and a PNG's EXIF orientation only when it comes before the pixel data).
     Grayscale, palette and RGBA images are fine: detectron2's reader converts them to the config's
     INPUT.FORMAT (3 channels; an alpha channel is dropped).
 
@@ -24,31 +25,45 @@ Annotations (training data, with a warning naming each annotation id)
 
 Images without annotations stay in the dataset: evaluation counts them, and training drops them when
 DATALOADER.FILTER_EMPTY_ANNOTATIONS is True (detectron2's default). Category ids need not be
-contiguous: detectron2's COCO loader maps them, in increasing id order, to 0..K-1
-(`thing_dataset_id_to_contiguous_id` in the metadata), and the class count is K.
+contiguous: they map, in increasing id order, to 0..K-1 (`thing_dataset_id_to_contiguous_id` in the
+metadata, as detectron2's COCO loader does), and the class count is K. The dataset dicts hold boxes
+only (RetinaNet uses no masks or keypoints).
+
+Once per version: `check_coco_dataset` parses the JSON once, builds the dataset dicts, checks every
+image (with a progress bar when that takes more than a few seconds) and writes the result to a cache
+file, one per JSON file, image folder and `check_images`: its first line is a summary (categories, bad
+images, counts), its second the dicts of the usable images. While the JSON file (path, size,
+modification time) and the image folder (path, modification time) are unchanged, later checks and
+loads read that file instead, in any process. An image changed in place, with the folder and the JSON
+untouched, is not seen: delete the cache file (or touch the JSON file) to check again. Nothing is kept
+in memory between loads.
 """
-import copy
+import contextlib
+import gc
+import hashlib
 import json
 import logging
 import math
 import os
+import time
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import load_coco_json
+from detectron2.structures import BoxMode
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 from ..errors import DatasetError
+from ..safe_io import atomic_write
 
-__all__ = ["DatasetError", "read_coco_json", "check_image", "load_checked_coco", "register_checked_coco",
-           "BAD_IMAGE_POLICIES", "IMAGE_CHECKS"]
+__all__ = ["DatasetError", "read_coco_json", "check_image", "check_coco_dataset", "cached_check", "coco_categories",
+           "raise_unusable", "load_checked_coco", "default_cache_dir", "BAD_IMAGE_POLICIES", "IMAGE_CHECKS"]
 
 logger = logging.getLogger(__name__)
 
 BAD_IMAGE_POLICIES = ("error", "skip")
-IMAGE_CHECKS = ("decode", "header")
+IMAGE_CHECKS = ("header", "decode")
 _MAX_WARNINGS = 20  # per kind and dataset; the rest are counted
-_POLICIES = {}  # dataset name -> (bad_images, check_images), read when the dataset is loaded
-_CACHE = {}
+_CACHE_VERSION = 1  # bump when the check or the cache file changes
+_PROGRESS_AFTER_SECONDS = 2.0
 
 
 def _is_int(x):
@@ -127,18 +142,23 @@ def read_coco_json(json_file):
 _EXIF_ORIENTATION = 0x0112
 
 
-def check_image(path, width, height, check_images="decode"):
-    """None when the image at `path` is usable and `width` x `height`, else what is wrong (a phrase)."""
-    if not os.path.exists(path):
-        return "file not found"
-    if not os.path.isfile(path):
-        return "not a file"
+def check_image(path, width, height, check_images="header"):
+    """None when the image at `path` is usable and `width` x `height`, else what is wrong (a phrase).
+
+    "header" reads the file's header only; "decode" also decodes the whole image (finds truncation)."""
     try:
         with Image.open(path) as img:
-            size = img.size
-            orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
             if check_images == "decode":
                 img.load()
+            size = img.size
+            # a PNG's EXIF may follow the pixel data, and Pillow decodes the image to reach it: the
+            # header check reads it only when it came with the header
+            has_exif = img.format != "PNG" or "exif" in img.info
+            orientation = img.getexif().get(_EXIF_ORIENTATION, 1) if has_exif else 1
+    except FileNotFoundError:
+        return "file not found"
+    except IsADirectoryError:
+        return "not a file"
     except UnidentifiedImageError:
         return "not an image file (no image format recognises it)"
     except PermissionError as e:
@@ -151,6 +171,20 @@ def check_image(path, width, height, check_images="decode"):
     if (w, h) != (width, height):
         return f"its size is {w}x{h} (width x height) but the JSON says {width}x{height}"
     return None
+
+
+def _records(data, image_root):
+    """detectron2's dataset dicts of a parsed COCO JSON (boxes only; contiguous category ids; no bbox_mode)."""
+    id_map = {c["id"]: i for i, c in enumerate(sorted(data["categories"], key=lambda c: c["id"]))}
+    by_image = {}
+    for ann in data.get("annotations", []):
+        by_image.setdefault(ann["image_id"], []).append(
+            {"id": ann["id"], "bbox": ann["bbox"], "category_id": id_map[ann["category_id"]],
+             "iscrowd": ann.get("iscrowd", 0)})
+    records = [{"file_name": os.path.join(image_root, img["file_name"]), "height": img["height"],
+                "width": img["width"], "image_id": img["id"], "annotations": by_image.get(img["id"], [])}
+               for img in data["images"]]
+    return records
 
 
 class _Warnings:
@@ -191,58 +225,169 @@ def _check_boxes(record, warn, counts):
     record["annotations"] = kept
 
 
-def load_checked_coco(name, json_file, image_root, bad_images="error", check_images="decode"):
-    """detectron2's dataset dicts of a COCO-format dataset, after the checks of the module docstring."""
+def default_cache_dir():
+    """$XDG_CACHE_HOME/aa_detection/dataset_checks, ~/.cache/aa_detection/dataset_checks without it."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "aa_detection", "dataset_checks")
+
+
+def _cache_key(json_file, image_root, check_images):
+    json_stat = os.stat(json_file)
+    root_stat = os.stat(image_root) if os.path.isdir(image_root) else None
+    return {"version": _CACHE_VERSION, "json_file": os.path.realpath(json_file), "json_size": json_stat.st_size,
+            "json_mtime_ns": json_stat.st_mtime_ns, "image_root": os.path.realpath(image_root),
+            "image_root_mtime_ns": root_stat.st_mtime_ns if root_stat else None, "check_images": check_images}
+
+
+def _cache_file(key, cache_dir):
+    slot = hashlib.sha1(f"{key['json_file']}\0{key['image_root']}\0{key['check_images']}".encode()).hexdigest()
+    stem = os.path.splitext(os.path.basename(key["json_file"]))[0]
+    return os.path.join(cache_dir or default_cache_dir(), f"{stem}-{slot[:16]}.json")
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Pause Python's cyclic garbage collector while many small acyclic objects are built: with torch
+    loaded, its full passes, triggered by the allocations, scan millions of objects each (on 20,000
+    images they took most of the loading time)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def cached_check(json_file, image_root, check_images="header", cache_dir=None, with_records=True):
+    """(summary, dataset dicts or None) of the cached check of these files, or None when there is no
+    cache file for their current version. `with_records=False` reads the summary line only."""
+    try:
+        key = _cache_key(json_file, image_root, check_images)
+        with open(_cache_file(key, cache_dir)) as f, _gc_paused():
+            summary = json.loads(f.readline())
+            if summary.get("key") != key:
+                return None
+            if not with_records:
+                return summary, None
+            return summary, _unpack(json.loads(f.readline()))
+    except (OSError, ValueError):
+        return None
+
+
+# The cache file holds the dicts as rows, [image_id, file_name, height, width, [[id, x, y, w, h, category_id,
+# iscrowd], ...]]: JSON arrays parse several times faster than the same dicts.
+def _pack(records):
+    return [[r["image_id"], r["file_name"], r["height"], r["width"],
+             [[a["id"], *a["bbox"], a["category_id"], a["iscrowd"]] for a in r["annotations"]]] for r in records]
+
+
+def _unpack(rows):
+    xywh = BoxMode.XYWH_ABS
+    return [{"file_name": file_name, "height": height, "width": width, "image_id": image_id,
+             "annotations": [{"id": a, "bbox": [x, y, w, h], "bbox_mode": xywh, "category_id": c, "iscrowd": z}
+                             for a, x, y, w, h, c, z in anns]}
+            for image_id, file_name, height, width, anns in rows]
+
+
+def check_coco_dataset(name, json_file, image_root, check_images="header", cache_dir=None, with_records=True):
+    """(summary, dataset dicts of the usable images) of a COCO-format dataset: read from its cache file,
+    else checked (see the module docstring) and written there. `name` is used in the messages only.
+
+    summary: {"categories": [[id, name], ...] by id, "num_images", "bad_images": [[image id, file, problem],
+    ...], "box_counts": {what: count}, "empty_images": count}. Malformed JSON raises DatasetError."""
+    cached = cached_check(json_file, image_root, check_images, cache_dir, with_records)
+    if cached is not None:
+        return cached
+    if not os.path.isfile(json_file):
+        raise DatasetError(f"dataset '{name}': annotation file not found: {json_file}")
+    key = _cache_key(json_file, image_root, check_images)  # before reading: a change meanwhile is seen next time
+    start = time.perf_counter()
+    with _gc_paused():
+        data = read_coco_json(json_file)
+        records = _records(data, image_root)
+    categories = [[c["id"], c["name"]] for c in sorted(data["categories"], key=lambda c: c["id"])]
+    del data
+    logger.info("dataset '%s': checking %d images (%s) of %s", name, len(records), check_images, json_file)
+    warn = _Warnings(name)
+    counts = {"dropped (zero or negative size)": 0, "dropped (outside the image)": 0, "clipped to the image": 0}
+    kept, bad = [], []
+    progress = tqdm(records, desc=f"checking the images of '{name}'", unit="image", leave=False,
+                    delay=_PROGRESS_AFTER_SECONDS)
+    for record in progress:
+        problem = check_image(record["file_name"], record["width"], record["height"], check_images)
+        if problem:
+            bad.append([record["image_id"], record["file_name"], problem])
+            continue
+        _check_boxes(record, warn, counts)
+        kept.append(record)
+    summary = {"key": key, "categories": categories, "num_images": len(records), "bad_images": bad,
+               "box_counts": counts, "empty_images": sum(1 for r in kept if not r["annotations"])}
+    _write_cache(_cache_file(key, cache_dir), summary, kept)
+    logger.info("dataset '%s': checked in %.1f s", name, time.perf_counter() - start)
+    for record in kept:
+        for ann in record["annotations"]:
+            ann["bbox_mode"] = BoxMode.XYWH_ABS
+    return summary, kept if with_records else None
+
+
+def _write_cache(path, summary, records):
+    try:
+        with atomic_write(path, "w") as f:
+            f.write(json.dumps(summary) + "\n")
+            json.dump(_pack(records), f, separators=(",", ":"))
+            f.write("\n")
+    except OSError as e:
+        logger.warning("cannot write the dataset check cache %s (%s); the check runs again next time", path, e)
+
+
+def coco_categories(json_file, image_root, check_images="header", cache_dir=None):
+    """(class names, {dataset category id: contiguous id}) of a COCO-format dataset, in increasing id
+    order: from its cached check when there is one, else from the JSON (checked; DatasetError)."""
+    cached = cached_check(json_file, image_root, check_images, cache_dir, with_records=False)
+    if cached is not None:
+        categories = cached[0]["categories"]
+    else:
+        categories = [[c["id"], c["name"]] for c in sorted(read_coco_json(json_file)["categories"],
+                                                           key=lambda c: c["id"])]
+    return [n for _, n in categories], {cat_id: i for i, (cat_id, _) in enumerate(categories)}
+
+
+def raise_unusable(name, json_file, summary, bad_images="error"):
+    """DatasetError when the checked dataset has bad images and `bad_images` is "error", or no usable image."""
+    bad = summary["bad_images"]
+    if bad and bad_images == "error":
+        image_id, file_name, problem = bad[0]
+        more = f" ({len(bad) - 1} more bad images)" if len(bad) > 1 else ""
+        raise DatasetError(f"dataset '{name}' ({json_file}): image id {image_id} ({file_name}): {problem}{more}. "
+                           "Fix or remove the image, or set DATASETS.BAD_IMAGES skip to leave bad images out")
+    if len(bad) == summary["num_images"]:
+        raise DatasetError(f"dataset '{name}' ({json_file}): no usable images"
+                           + (f" ({len(bad)} skipped as bad)" if bad else ""))
+
+
+def load_checked_coco(name, json_file, image_root, bad_images="error", check_images="header", cache_dir=None):
+    """detectron2's dataset dicts of a COCO-format dataset, after the checks of the module docstring
+    (read from the cache file while the files are unchanged)."""
     if bad_images not in BAD_IMAGE_POLICIES:
         raise ValueError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}")
     if check_images not in IMAGE_CHECKS:
         raise ValueError(f"check_images must be one of {IMAGE_CHECKS}, got {check_images!r}")
-    stat = os.stat(json_file)
-    key = (name, json_file, image_root, stat.st_mtime_ns, stat.st_size, bad_images, check_images)
-    if key not in _CACHE:
-        _CACHE[key] = _load_checked(name, json_file, image_root, bad_images, check_images)
-    return copy.deepcopy(_CACHE[key])
-
-
-def _load_checked(name, json_file, image_root, bad_images, check_images):
-    read_coco_json(json_file)
-    dicts = load_coco_json(json_file, image_root, name, extra_annotation_keys=["id"])
-    warn = _Warnings(name)
-    counts = {"dropped (zero or negative size)": 0, "dropped (outside the image)": 0, "clipped to the image": 0}
-    kept, skipped = [], []
-    for record in dicts:
-        problem = check_image(record["file_name"], record["width"], record["height"], check_images)
-        if problem:
-            what = f"dataset '{name}' ({json_file}): image id {record['image_id']} ({record['file_name']}): {problem}"
-            if bad_images == "error":
-                raise DatasetError(f"{what}. Fix or remove the image, or set DATASETS.BAD_IMAGES skip "
-                                   "to leave bad images out")
-            skipped.append(record["image_id"])
-            logger.warning("%s; skipped", what)
-            continue
-        _check_boxes(record, warn, counts)
-        kept.append(record)
-    if not kept:
-        raise DatasetError(f"dataset '{name}' ({json_file}): no usable images"
-                           + (f" ({len(skipped)} skipped as bad)" if skipped else ""))
-    empty = sum(1 for r in kept if not r["annotations"])
-    parts = [f"{len(kept)} images kept"]
-    if skipped:
-        parts.append(f"{len(skipped)} bad images skipped (ids {skipped[:10]}{' ...' if len(skipped) > 10 else ''})")
+    summary, records = check_coco_dataset(name, json_file, image_root, check_images, cache_dir)
+    raise_unusable(name, json_file, summary, bad_images)
+    bad = summary["bad_images"]
+    for image_id, file_name, problem in bad[:_MAX_WARNINGS]:
+        logger.warning("dataset '%s' (%s): image id %s (%s): %s; skipped", name, json_file, image_id, file_name,
+                       problem)
+    parts = [f"{len(records)} images kept"]
+    if bad:
+        ids = [b[0] for b in bad]
+        parts.append(f"{len(bad)} bad images skipped (ids {ids[:10]}{' ...' if len(ids) > 10 else ''})")
+    counts = summary["box_counts"]
     parts += [f"{n} annotations {what}" for what, n in counts.items() if n]
-    if empty:
-        parts.append(f"{empty} images without annotations (kept; training drops them when "
+    if summary["empty_images"]:
+        parts.append(f"{summary['empty_images']} images without annotations (kept; training drops them when "
                      "DATALOADER.FILTER_EMPTY_ANNOTATIONS is True)")
-    (logger.warning if skipped or any(counts.values()) else logger.info)(
+    (logger.warning if bad or any(counts.values()) else logger.info)(
         "dataset '%s' checked: %s", name, "; ".join(parts))
-    return kept
-
-
-def register_checked_coco(name, json_file, image_root, bad_images="error", check_images="decode"):
-    """Register a COCO-format dataset whose dicts come from `load_checked_coco` (evaluated as COCO).
-
-    Registering an existing name again updates its policies (the files must be the caller's concern)."""
-    _POLICIES[name] = (bad_images, check_images)
-    if name not in DatasetCatalog.list():
-        DatasetCatalog.register(name, lambda: load_checked_coco(name, json_file, image_root, *_POLICIES[name]))
-    MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco")
+    return records

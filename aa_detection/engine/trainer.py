@@ -16,7 +16,7 @@ import weakref
 
 import torch
 from detectron2.data import build_detection_test_loader
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup
 from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import COCOEvaluator
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
@@ -26,7 +26,9 @@ from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import AACheckpointer
 from ..analysis import count_parameters, flop_count
-from ..config import setup_cfg
+from ..config import load_cfg, setup_cfg, validate_cfg
+from ..data import prepare_datasets, register_datasets
+from ..errors import launch_reporting_user_errors
 from .resilience import MetricsWriter
 
 __all__ = ["Trainer", "argument_parser", "setup", "main", "launch_main", "RESULTS_FILE",
@@ -207,10 +209,16 @@ def argument_parser():
 
 
 def setup(args):
-    cfg = setup_cfg(args.config_file, args.opts, datasets=args.dataset)
-    default_setup(cfg, args)
+    """The frozen config of a training or evaluation run: `aa_detection.config.setup_cfg`'s steps, with the
+    datasets prepared (synthetic data generated if missing, datasets checked) once logging is set up."""
+    cfg, origins = load_cfg(args.config_file, args.opts, datasets=args.dataset)
+    validate_cfg(cfg, origins)
     # the project's own messages (dataset checks, metrics repair) to the console and OUTPUT_DIR/log.txt
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="aa_detection", abbrev_name="aa")
+    prepare_datasets(cfg)
+    register_datasets(cfg)
+    cfg.freeze()
+    default_setup(cfg, args)
     return cfg
 
 
@@ -247,5 +255,11 @@ def main(args):
 
 
 def launch_main(args):
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    """`main` in `--num-gpus` processes per machine. With several, the config and the datasets are
+    checked here first, so a user error is reported once before any worker starts (the workers then
+    read the cached dataset checks), and one raised later in a worker is raised here, once."""
+    if args.num_gpus * args.num_machines > 1:
+        setup_logger(name="aa_detection", abbrev_name="aa")
+        setup_cfg(args.config_file, args.opts, datasets=args.dataset, prepare_data=True)
+    launch_reporting_user_errors(main, args.num_gpus, num_machines=args.num_machines,
+                                 machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))

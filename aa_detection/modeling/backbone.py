@@ -147,7 +147,8 @@ def aa_resnet(
     back) and `max_input_size` (the longest padded image side, which sizes the relative tables).
     """
     stages_set, downsampled = set(aa_stages), set(downsample_stages)
-    for name, value in (("aa_stages", stages_set), ("downsample_stages", downsampled)):
+    for name, value in (("MODEL.AA.STAGES (aa_stages)", stages_set),
+                        ("MODEL.AA.DOWNSAMPLE_STAGES (downsample_stages)", downsampled)):
         if not value <= set(STAGE_NAMES):
             raise ValueError(f"{name}={sorted(value)}: allowed values are {list(STAGE_NAMES)}")
     if depth not in RESNET_BLOCKS:

@@ -10,6 +10,8 @@ Inputs are image files, folders (their images, sorted) or a registered dataset (
 with --max-images). An input that is missing or cannot be decoded is reported by name and skipped;
 the others are still exported, and the command then exits with status 1 and the count of failures.
 Each output is written atomically to --output, named after its input (name clashes get a suffix).
+A bad config, dataset, weights file, results file or argument raises a `UserError`
+(`aa_detection.errors`): `tools/visualize.py` prints its message and exits with status 2.
 """
 import argparse
 import json
@@ -20,9 +22,10 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
+from ..errors import InputError, UsageError, exit_on_user_error
 from ..safe_io import atomic_write
 from .predictions import (
-    IMAGE_EXTENSIONS, InputError, _readable, ModelRunner, class_names, draw_ground_truth, draw_predictions, read_image,
+    IMAGE_EXTENSIONS, _readable, ModelRunner, class_names, draw_ground_truth, draw_predictions, read_image,
     side_by_side, to_rgb, write_image,
 )
 
@@ -56,8 +59,8 @@ def _dataset_items(name, max_images):
     from detectron2.data import DatasetCatalog
 
     if name not in DatasetCatalog.list():
-        raise KeyError(f"dataset '{name}' is not registered; name it in the config's DATASETS, add "
-                       "--register NAME JSON IMAGE_ROOT, or use a detectron2 builtin dataset")
+        raise UsageError(f"dataset '{name}' is not registered; name it in the config's DATASETS, add "
+                         "--register NAME JSON IMAGE_ROOT, or use a detectron2 builtin dataset")
     records = DatasetCatalog.get(name)
     if max_images:
         records = records[:max_images]
@@ -93,7 +96,7 @@ def _items(args):
         items += _dataset_items(args.dataset, args.max_images)
     items += _expand_inputs(args.input or [])
     if not items:
-        raise SystemExit("no input: give image files or folders (--input) or --dataset NAME")
+        raise UsageError("no input: give image files or folders (--input) or --dataset NAME")
     return items
 
 
@@ -143,14 +146,14 @@ def cmd_predict(args):
 
 def _results_by_image(results_file):
     if not os.path.isfile(results_file):
-        raise FileNotFoundError(f"results file not found: {results_file}")
+        raise InputError(f"results file not found: {results_file}")
     try:
         with open(results_file) as f:
             results = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{results_file}: not a JSON file ({e})") from e
+        raise InputError(f"{results_file}: not a JSON file ({e})") from e
     if not isinstance(results, list):
-        raise ValueError(f"{results_file}: expected COCO detection results (a list of "
+        raise InputError(f"{results_file}: expected COCO detection results (a list of "
                          f"{{image_id, category_id, bbox, score}}), got {type(results).__name__}")
     by_image = {}
     for r in results:
@@ -179,7 +182,7 @@ def cmd_results(args):
     import torch
 
     if not args.dataset:
-        raise SystemExit("results: --dataset NAME is required (the dataset the results were computed on)")
+        raise UsageError("results: --dataset NAME is required (the dataset the results were computed on)")
     _setup(args.config_file, args)
     by_image = _results_by_image(args.results)
     items = _dataset_items(args.dataset, 0)  # loading it sets the category id mapping
@@ -262,7 +265,7 @@ def _boxes(n):
 
 def cmd_compare(args):
     if len(args.config_file) != 2 or len(args.weights) != 2:
-        raise SystemExit("compare: give two --config-file and two --weights (baseline first, then AA)")
+        raise UsageError("compare: give two --config-file and two --weights (baseline first, then AA)")
     titles = args.names or [os.path.splitext(os.path.basename(c))[0] for c in args.config_file]
     runners = []
     for config_file, weights in zip(args.config_file, args.weights):
@@ -355,7 +358,8 @@ def argument_parser():
 
 
 def main(argv=None):
-    """Run the command line; returns the exit status (0, or 1 when some input could not be read)."""
+    """Run the command line; returns the exit status (0, or 1 when some input could not be read).
+    Raises a `UserError` for a bad config, dataset, weights file, results file or argument."""
     args = argument_parser().parse_args(argv)
     if not logging.getLogger().handlers and not logger.handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -367,4 +371,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with exit_on_user_error():
+        sys.exit(main())

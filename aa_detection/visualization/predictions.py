@@ -17,6 +17,7 @@ from detectron2.utils.colormap import colormap
 from detectron2.utils.visualizer import Visualizer
 
 from ..checkpoint import AACheckpointer
+from ..errors import InputError
 from ..safe_io import atomic_write
 
 __all__ = [
@@ -26,10 +27,6 @@ __all__ = [
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _PALETTE = colormap(rgb=True, maximum=1)
-
-
-class InputError(Exception):
-    """An input image that cannot be read (missing, not an image, truncated); the message names it."""
 
 
 def read_image(path, fmt="BGR"):
