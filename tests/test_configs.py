@@ -112,3 +112,14 @@ def test_relative_tables_cover_the_largest_padded_map():
             assert conv.rel_h.shape[0] == conv.rel_w.shape[0] == 2 * side - 1
     assert bottom_up.res3[0].conv2.attention_downsample == 2  # MODEL.AA.DOWNSAMPLE_STAGES default
     assert torch.is_tensor(bottom_up.res5[0].conv2.rel_h)
+
+
+@pytest.mark.parametrize("opts, message", [
+    (["MODEL.AA.STAGES", "['res2', 'res3']"], r"MODEL\.AA\.STAGES.*res2.*MODEL\.BACKBONE\.FREEZE_AT.*=2 freezes"),
+    (["MODEL.AA.DOWNSAMPLE_STAGES", "['res6']"], r"MODEL\.AA\.DOWNSAMPLE_STAGES.*res6.*allowed"),
+])
+def test_recipe_keys_are_checked_before_the_model_is_built(opts, message):
+    from aa_detection.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        setup_cfg(os.path.join(CONFIG_DIR, "retinanet_AA_R_50_FPN_1x.yaml"), opts)
