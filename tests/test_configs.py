@@ -13,7 +13,8 @@ from aa_detection.config import setup_cfg  # noqa: E402
 from aa_detection.layers import AAConv2d  # noqa: E402
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
-CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
+CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "**", "*.yaml"), recursive=True))
+COCO_CONFIGS = [p for p in CONFIGS if os.path.dirname(p) == CONFIG_DIR]
 SHIPPED = ["retinanet_R_50_FPN_1x", "retinanet_AA_R_50_FPN_1x", "retinanet_R_50_FPN_3x",
            "retinanet_AA_R_50_FPN_3x", "retinanet_R_101_FPN_3x", "retinanet_AA_R_101_FPN_3x"]
 
@@ -33,7 +34,7 @@ def test_all_shipped_configs_exist():
     assert set(SHIPPED) <= names
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+@pytest.mark.parametrize("path", COCO_CONFIGS, ids=os.path.basename)
 def test_config_parses_and_builds_on_cpu(path):
     cfg = setup_cfg(path, ["MODEL.DEVICE", "cpu"])
     model = build_model(cfg)
@@ -54,7 +55,7 @@ def test_config_parses_and_builds_on_cpu(path):
 def test_aa_twin_differs_from_baseline_only_in_backbone(name):
     aa = _flat(setup_cfg(os.path.join(CONFIG_DIR, name + ".yaml")))
     base = _flat(setup_cfg(os.path.join(CONFIG_DIR, name.replace("_AA_", "_") + ".yaml")))
-    assert {k for k in aa if aa[k] != base[k]} == {"MODEL.BACKBONE.NAME"}
+    assert {k for k in aa if aa[k] != base[k]} == {"MODEL.BACKBONE.NAME", "OUTPUT_DIR"}
 
 
 def test_schedules_and_depths():
@@ -84,6 +85,15 @@ def test_no_key_repeats_a_value_its_bases_set(path):
     for key, value in own.items():
         inherited = next((a[key] for a in ancestors if key in a), None)
         assert inherited != value, f"{os.path.basename(path)} repeats {key}={value!r} from a _BASE_ file"
+
+
+def test_every_config_has_its_own_output_dir():
+    """Runs of two configs never share checkpoints or metrics.json: one OUTPUT_DIR per trainable config."""
+    trainable = [p for p in CONFIGS if not os.path.basename(p).startswith("Base-")]
+    dirs = {p: setup_cfg(p).OUTPUT_DIR for p in trainable}
+    assert len(set(dirs.values())) == len(trainable), dirs
+    for path, out in dirs.items():
+        assert os.path.basename(out) in os.path.basename(path), (path, out)
 
 
 def test_aa_defaults_and_stage_validation():

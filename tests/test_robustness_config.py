@@ -141,3 +141,16 @@ def test_tools_print_a_user_error_once_and_exit_2(tmp_path, tool, args, expected
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert expected.format(tmp=tmp_path) in proc.stderr and proc.stderr.count("ERROR") == 1
     assert "Traceback" not in proc.stderr
+
+
+def test_a_run_never_starts_in_another_configs_output_dir(tmp_path):
+    from aa_detection.engine.trainer import check_output_dir
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "synthetic")
+    out = ["OUTPUT_DIR", str(tmp_path)]
+    baseline = setup_cfg(os.path.join(root, "retinanet_R_18_FPN_synthetic.yaml"), out)
+    (tmp_path / "config.yaml").write_text(baseline.dump())  # what a started run leaves
+    check_output_dir(setup_cfg(os.path.join(root, "retinanet_R_18_FPN_synthetic.yaml"),
+                               out + ["MODEL.WEIGHTS", "model_final.pth"]))  # the same config: evaluate, resume
+    with pytest.raises(ConfigError, match=r"holds the run of another config \(MODEL\.BACKBONE\.NAME differ"):
+        check_output_dir(setup_cfg(os.path.join(root, "retinanet_AA_R_18_FPN_synthetic.yaml"), out))

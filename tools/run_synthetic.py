@@ -1,66 +1,42 @@
 #!/usr/bin/env python
 """Train and evaluate the baseline and the AA RetinaNet on the synthetic shapes, then compare them.
 
-    python tools/run_synthetic.py
+    python tools/run_synthetic.py              # one run per model, SEED 1 (the quick start)
+    python tools/run_synthetic.py --seeds 3    # SEED 1, 2, 3 per model: mean, spread, per-seed values
 
-Generates the dataset under $DETECTRON2_DATASETS/synthetic (datasets/synthetic) if it is missing,
-trains each config with tools/train_net.py (one after the other, each in its own process), then prints
-the side-by-side table of tools/compare_runs.py and writes the loss / AP plot.
+Generates the dataset under $DETECTRON2_DATASETS/synthetic (datasets/synthetic) if it is missing, trains
+each config once per seed (OUTPUT/<model>/seed<N>, each run in its own process), then prints the table
+of tools/compare_runs.py and writes the loss / AP plot.
 """
 import argparse
 import os
-import subprocess
 import sys
-import time
 
-from aa_detection.config import setup_cfg
 from aa_detection.engine.compare import format_table, load_run, plot_runs
+from aa_detection.engine.runs import train_seeds
 from aa_detection.errors import exit_on_user_error
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-CONFIGS = (
-    os.path.join(ROOT, "configs/synthetic/retinanet_R_18_FPN_synthetic.yaml"),
-    os.path.join(ROOT, "configs/synthetic/retinanet_AA_R_18_FPN_synthetic.yaml"),
-)
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "synthetic")
+CONFIGS = [os.path.join(CONFIG_DIR, f"retinanet_{m}_FPN_synthetic.yaml") for m in ("R_18", "AA_R_18")]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), help="config files to train")
+    p.add_argument("--configs", nargs="+", default=CONFIGS, help="config files to train")
+    p.add_argument("--seeds", type=int, default=1, help="runs per config, with SEED 1..N")
     p.add_argument("--output", default="output/synthetic", help="parent of the runs' output folders")
     p.add_argument("--plot", default=None, help="plot path (default: OUTPUT/loss_ap.png)")
     p.add_argument("--eval-only", action="store_true", help="only compare existing runs")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every run")
     args = p.parse_args(argv)
-
-    run_dirs, failed = [], []
-    for config in args.configs:
-        name = os.path.splitext(os.path.basename(config))[0].replace("_synthetic", "")
-        out = os.path.join(args.output, name)
-        opts = list(args.opts) + ["OUTPUT_DIR", out]
-        setup_cfg(config, opts, prepare_data=True)  # fails early on a bad config; generates, checks the data
-        if not args.eval_only:
-            cmd = [sys.executable, os.path.join(ROOT, "tools/train_net.py"), "--config-file", config] + opts
-            print(">>", " ".join(cmd), flush=True)
-            start = time.perf_counter()
-            rc = subprocess.call(cmd, env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")))
-            print(f">> {name}: exit code {rc} after {time.perf_counter() - start:.0f} s", flush=True)
-            if rc != 0:
-                failed.append(name)
-                continue
-        run_dirs.append((out, name))
-
-    runs = [load_run(d, n) for d, n in run_dirs if os.path.isdir(d)]
+    runs, failed = train_seeds(args.configs, range(1, args.seeds + 1), args.output, args.opts, not args.eval_only)
+    runs = [load_run(run) for run in runs]
     if runs:
-        print()
-        print(format_table(runs))
-        plot = args.plot or os.path.join(args.output, "loss_ap.png")
-        print("plot:", plot_runs(runs, plot))
+        print("\n" + format_table(runs))
+        print("plot:", plot_runs(runs, args.plot or os.path.join(args.output, "loss_ap.png")))
     if failed:
         print("failed:", ", ".join(failed), file=sys.stderr)
-        return 1
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

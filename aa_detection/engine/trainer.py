@@ -15,6 +15,7 @@ import time
 import weakref
 
 import torch
+import yaml
 from detectron2.data import build_detection_test_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup
 from detectron2.engine import defaults as d2_defaults
@@ -28,7 +29,7 @@ from ..checkpoint import AACheckpointer
 from ..analysis import count_parameters, flop_count
 from ..config import load_cfg, setup_cfg, validate_cfg
 from ..data import prepare_datasets, register_datasets
-from ..errors import launch_reporting_user_errors
+from ..errors import ConfigError, launch_reporting_user_errors
 from .resilience import MetricsWriter
 
 __all__ = ["Trainer", "argument_parser", "setup", "main", "launch_main", "RESULTS_FILE",
@@ -208,11 +209,44 @@ def argument_parser():
     return parser
 
 
+def check_output_dir(cfg) -> None:
+    """ConfigError when cfg.OUTPUT_DIR holds the run of another model: its config.yaml (written at every
+    start) differs in MODEL (weights and device aside) or DATASETS.TRAIN, so checkpoints, metrics.json and
+    `--resume` would mix two runs."""
+    path = os.path.join(cfg.OUTPUT_DIR, "config.yaml")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        previous = yaml.safe_load(f) or {}
+
+    def identity(node, prefix=""):
+        """{dotted key: value} of the MODEL leaves (weights and device aside) and DATASETS.TRAIN."""
+        if not prefix:
+            leaves = identity(node.get("MODEL", {}), "MODEL.")
+            leaves["DATASETS.TRAIN"] = list(node.get("DATASETS", {}).get("TRAIN", []))
+            return leaves
+        leaves = {}
+        for key, value in node.items():
+            if isinstance(value, dict):
+                leaves.update(identity(value, f"{prefix}{key}."))
+            elif f"{prefix}{key}" not in ("MODEL.WEIGHTS", "MODEL.DEVICE"):
+                leaves[f"{prefix}{key}"] = value
+        return leaves
+
+    old, new = identity(previous), identity(yaml.safe_load(cfg.dump()))
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if keys:
+        raise ConfigError(f"OUTPUT_DIR {cfg.OUTPUT_DIR} holds the run of another config ({', '.join(keys)} "
+                          f"differ from its {path}): set another OUTPUT_DIR, or remove that folder")
+
+
 def setup(args):
     """The frozen config of a training or evaluation run: `aa_detection.config.setup_cfg`'s steps, with the
-    datasets prepared (synthetic data generated if missing, datasets checked) once logging is set up."""
+    datasets prepared (synthetic data generated if missing, datasets checked) once logging is set up.
+    A run never starts in the OUTPUT_DIR of another config's run (`check_output_dir`)."""
     cfg, origins = load_cfg(args.config_file, args.opts, datasets=args.dataset)
     validate_cfg(cfg, origins)
+    check_output_dir(cfg)
     # the project's own messages (dataset checks, metrics repair) to the console and OUTPUT_DIR/log.txt
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="aa_detection", abbrev_name="aa")
     prepare_datasets(cfg)
