@@ -1,6 +1,21 @@
 """Attention Augmented Convolutional Networks (Bello et al., ICCV 2019) for detectron2.
 
-`aa_detection.layers` needs only torch. The detectron2 parts (config, backbones, tools) live in
-`aa_detection.config` and `aa_detection.modeling`.
+`import aa_detection` is all detectron2's own tools need: with detectron2 installed it registers the
+AA-ResNet backbones in BACKBONE_REGISTRY and the compiled attention operator, and adds the project's
+keys (MODEL.AA, DATASETS.*, ...) to detectron2's default config; `aa_detection.add_aa_config(cfg)`
+adds them to a config of one's own.
+`aa_detection.layers` needs only torch.
 """
 __version__ = "0.1.0"
+
+from . import layers  # noqa: F401  (the attention operator torch.ops.aa_detection.*)
+
+try:
+    import detectron2  # noqa: F401
+except ImportError:  # torch-only use of aa_detection.layers
+    pass
+else:
+    from . import modeling  # noqa: F401  (registers the backbones)
+    from .config import add_aa_config, add_aa_defaults
+
+    add_aa_defaults()  # detectron2's get_cfg() knows MODEL.AA and the project's other keys

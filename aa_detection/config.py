@@ -32,8 +32,8 @@ from .errors import ConfigError
 from .layers.relative_attention import IMPLS
 from .modeling.backbone import check_aa_stages
 
-__all__ = ["ConfigError", "add_aa_config", "load_cfg", "validate_cfg", "setup_cfg", "BAD_IMAGE_POLICIES",
-           "OPTIMIZERS", "AA_BACKBONES"]
+__all__ = ["ConfigError", "add_aa_config", "add_aa_defaults", "load_cfg", "validate_cfg", "setup_cfg",
+           "BAD_IMAGE_POLICIES", "OPTIMIZERS", "AA_BACKBONES"]
 
 # Backbones built from MODEL.AA.
 AA_BACKBONES = ("build_aa_resnet_backbone", "build_retinanet_aa_resnet_fpn_backbone")
@@ -179,6 +179,19 @@ def _merge_mapping(cfg, mapping, where, origins, prefix=""):
         else:
             _set(cfg, full_key, value, where)
             origins[full_key] = where
+
+
+def add_aa_defaults() -> None:
+    """Add the project's keys to detectron2's default config, so `get_cfg()` in detectron2's own tools
+    (demo, analyze_model, export) knows them after `import aa_detection` (which calls this).
+
+    detectron2 has no hook for extending its defaults: `get_cfg()` returns a clone of
+    `detectron2.config.defaults._C`, so the keys are added there, once; tests/test_configs.py fails if
+    detectron2 stops building configs that way."""
+    from detectron2.config import defaults
+
+    if "AA" not in defaults._C.MODEL:
+        add_aa_config(defaults._C)
 
 
 def load_cfg(config_file=None, opts=(), datasets=()):
