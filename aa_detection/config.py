@@ -96,18 +96,43 @@ def add_aa_config(cfg):
 
 
 # ------------------------------------------------------------------------------------------ loading
-def _read_yaml(path, referrer=None):
-    """The mapping in one YAML config file, read with safe loading; ConfigError naming the file."""
+def model_zoo_config_dir() -> str:
+    """The folder of the installed detectron2's model-zoo configs (its own files, trusted as code)."""
+    from detectron2 import model_zoo
+
+    return os.path.join(os.path.dirname(os.path.abspath(model_zoo.__file__)), "configs")
+
+
+def _is_trusted(path, trusted):
+    real = os.path.realpath(path)
+    zoo = os.path.realpath(model_zoo_config_dir())
+    return real.startswith(zoo + os.sep) or real in {os.path.realpath(t) for t in trusted}
+
+
+def _resolve(path, folder="."):
+    """A config path as given (relative to `folder`), else the model-zoo config of that name
+    (e.g. "COCO-Detection/retinanet_R_50_FPN_1x.yaml")."""
+    local = os.path.join(folder, os.path.expanduser(path))
+    zoo = os.path.join(model_zoo_config_dir(), path)
+    return os.path.abspath(zoo if not os.path.isfile(local) and os.path.isfile(zoo) else local)
+
+
+def _read_yaml(path, referrer=None, trusted=()):
+    """The mapping in one YAML config file, read with safe loading (the installed detectron2's model-zoo
+    files and the files in `trusted` with full loading, as detectron2 reads them); ConfigError naming the
+    file."""
     if not os.path.isfile(path):
         where = f" (the _BASE_ of {referrer})" if referrer else ""
         raise ConfigError(f"config file not found: {path}{where}")
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            data = yaml.unsafe_load(f) if _is_trusted(path, trusted) else yaml.safe_load(f)
     except yaml.constructor.ConstructorError as e:
         raise ConfigError(
             f"{path}: refusing an unsafe YAML tag ({e.problem.strip() if e.problem else e}): configs are read "
-            "with safe loading, which allows plain values, lists and mappings only (no !!python tags)") from e
+            "with safe loading, which allows plain values, lists and mappings only (no !!python tags); "
+            "detectron2's own model-zoo configs are trusted, and a file you trust can be named with "
+            "--trust-config") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     except OSError as e:
@@ -119,20 +144,17 @@ def _read_yaml(path, referrer=None):
     return data
 
 
-def _config_chain(path, referrer=None, seen=()):
-    """[(file, mapping without _BASE_)] of `path` and its _BASE_ files (a path or a list), bases first."""
-    path = os.path.abspath(os.path.expanduser(path))
+def _config_chain(path, referrer=None, seen=(), trusted=()):
+    """[(file, mapping without _BASE_)] of `path` and its _BASE_ files (a path or a list, relative to the
+    file or a model-zoo name), bases first."""
     if path in seen:
         raise ConfigError(f"{referrer}: _BASE_ cycle through {path}")
-    data = _read_yaml(path, referrer)
+    data = _read_yaml(path, referrer, trusted)
     bases = data.pop("_BASE_", [])
     bases = [bases] if isinstance(bases, str) else list(bases)
     chain = []
     for base in bases:
-        base = os.path.expanduser(base)
-        if not os.path.isabs(base):
-            base = os.path.join(os.path.dirname(path), base)
-        chain += _config_chain(base, path, seen + (path,))
+        chain += _config_chain(_resolve(base, os.path.dirname(path)), path, seen + (path,), trusted)
     return chain + [(path, data)]
 
 
@@ -194,7 +216,7 @@ def add_aa_defaults() -> None:
         add_aa_config(defaults._C)
 
 
-def load_cfg(config_file=None, opts=(), datasets=()):
+def load_cfg(config_file=None, opts=(), datasets=(), trusted=()):
     """(config, origins): detectron2's defaults, the AA keys, `config_file` (and its _BASE_ files), then
     the `opts` KEY VALUE overrides; `datasets` (name, json_file, image_root) triples are appended to
     DATASETS.REGISTER. `origins` maps each key set by a file or override to that file's path or
@@ -202,13 +224,14 @@ def load_cfg(config_file=None, opts=(), datasets=()):
 
     A missing or unreadable file, invalid YAML, an unsafe YAML tag, an unknown key (with its close
     matches and the keys allowed in its node) and a value of the wrong type raise ConfigError naming
-    the file that sets it, or the override.
+    the file that sets it, or the override. `config_file` may be a detectron2 model-zoo name; the
+    model-zoo files and the files in `trusted` may hold Python tags (detectron2's Base-RetinaNet.yaml does).
     """
     cfg = add_aa_config(get_cfg())
     version = cfg.VERSION
     origins = {}
     if config_file:
-        for path, mapping in _config_chain(config_file):
+        for path, mapping in _config_chain(_resolve(config_file), trusted=trusted):
             _merge_mapping(cfg, mapping, path, origins)
             if cfg.VERSION != version:
                 raise ConfigError(f"{path}: VERSION {cfg.VERSION}: only detectron2 configs of version {version} "
@@ -336,7 +359,7 @@ def validate_cfg(cfg, origins=None):
     return cfg
 
 
-def setup_cfg(config_file=None, opts=(), datasets=(), prepare_data=False):
+def setup_cfg(config_file=None, opts=(), datasets=(), prepare_data=False, trusted=()):
     """A frozen config: `load_cfg`, `validate_cfg`, then `aa_detection.data.register_datasets` (which
     sets MODEL.RETINANET.NUM_CLASSES from the training datasets); with `prepare_data`,
     `aa_detection.data.prepare_datasets` first (generates the synthetic dataset when it is named and
@@ -347,7 +370,7 @@ def setup_cfg(config_file=None, opts=(), datasets=(), prepare_data=False):
     """
     from .data import prepare_datasets, register_datasets
 
-    cfg, origins = load_cfg(config_file, opts, datasets)
+    cfg, origins = load_cfg(config_file, opts, datasets, trusted)
     validate_cfg(cfg, origins)
     if prepare_data:
         prepare_datasets(cfg)

@@ -156,3 +156,27 @@ def test_a_dumped_run_config_loads_in_detectron2s_own_tools_after_one_import(tmp
     from detectron2.config import defaults, get_cfg
 
     assert get_cfg().MODEL.AA == defaults._C.MODEL.AA  # get_cfg still clones the defaults we extend
+
+
+def test_detectron2_model_zoo_configs_are_bases_by_path_and_by_name(tmp_path):
+    """detectron2's own RetinaNet configs (whose Base-RetinaNet.yaml holds a Python tag) are read, as the
+    installed package's files; the same tag in any other file is refused unless that file is trusted."""
+    from aa_detection.config import model_zoo_config_dir
+    from aa_detection.errors import ConfigError
+
+    zoo_file = os.path.join(model_zoo_config_dir(), "COCO-Detection", "retinanet_R_50_FPN_1x.yaml")
+    by_name = tmp_path / "by_name.yaml"
+    by_name.write_text('_BASE_: "COCO-Detection/retinanet_R_50_FPN_1x.yaml"\n'
+                       'MODEL:\n  BACKBONE:\n    NAME: "build_retinanet_aa_resnet_fpn_backbone"\n')
+    by_path = tmp_path / "by_path.yaml"
+    by_path.write_text(f'_BASE_: "{zoo_file}"\n')
+    for path in (by_name, by_path):
+        cfg = setup_cfg(str(path))
+        assert cfg.MODEL.ANCHOR_GENERATOR.SIZES[0] == pytest.approx([32, 32 * 2 ** (1 / 3), 32 * 2 ** (2 / 3)])
+    assert setup_cfg("COCO-Detection/retinanet_R_50_FPN_1x.yaml").MODEL.META_ARCHITECTURE == "RetinaNet"
+    copied = tmp_path / "copied.yaml"
+    with open(os.path.join(model_zoo_config_dir(), "Base-RetinaNet.yaml")) as f:
+        copied.write_text(f.read())
+    with pytest.raises(ConfigError, match=r"copied\.yaml: refusing an unsafe YAML tag.*--trust-config"):
+        setup_cfg(str(copied))
+    assert setup_cfg(str(copied), trusted=[str(copied)]).MODEL.META_ARCHITECTURE == "RetinaNet"

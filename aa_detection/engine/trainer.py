@@ -206,6 +206,10 @@ def argument_parser():
     parser.add_argument(
         "--dataset", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"),
         help="register a COCO-format dataset (repeatable); name it in DATASETS.TRAIN / DATASETS.TEST")
+    parser.add_argument(
+        "--trust-config", action="append", default=[], metavar="FILE",
+        help="read this config file (a --config-file or a _BASE_) even if it holds Python tags, which run code "
+             "(repeatable; detectron2's own model-zoo configs are always read)")
     return parser
 
 
@@ -244,7 +248,7 @@ def setup(args):
     """The frozen config of a training or evaluation run: `aa_detection.config.setup_cfg`'s steps, with the
     datasets prepared (synthetic data generated if missing, datasets checked) once logging is set up.
     A run never starts in the OUTPUT_DIR of another config's run (`check_output_dir`)."""
-    cfg, origins = load_cfg(args.config_file, args.opts, datasets=args.dataset)
+    cfg, origins = load_cfg(args.config_file, args.opts, datasets=args.dataset, trusted=args.trust_config)
     validate_cfg(cfg, origins)
     check_output_dir(cfg)
     # the project's own messages (dataset checks, metrics repair) to the console and OUTPUT_DIR/log.txt
@@ -294,6 +298,6 @@ def launch_main(args):
     read the cached dataset checks), and one raised later in a worker is raised here, once."""
     if args.num_gpus * args.num_machines > 1:
         setup_logger(name="aa_detection", abbrev_name="aa")
-        setup_cfg(args.config_file, args.opts, datasets=args.dataset, prepare_data=True)
+        setup_cfg(args.config_file, args.opts, datasets=args.dataset, prepare_data=True, trusted=args.trust_config)
     launch_reporting_user_errors(main, args.num_gpus, num_machines=args.num_machines,
                                  machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
