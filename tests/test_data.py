@@ -104,3 +104,17 @@ def test_aa_config_only_changes_the_backbone(tmp_path):
         c.defrost()
         c.MODEL.BACKBONE.NAME = c.OUTPUT_DIR = ""
     assert a.dump() == b.dump()
+
+
+def test_num_classes_follows_a_dataset_registered_in_user_code(tmp_path):
+    """register_coco_instances leaves thing_classes unset until the dataset loads: NUM_CLASSES still
+    follows its JSON's categories; a dataset whose classes nothing tells stops with a message."""
+    from detectron2.data.datasets import register_coco_instances
+
+    _coco(tmp_path / "four.json", ["w", "x", "y", "z"], tmp_path / "img")
+    register_coco_instances("user_four", {}, str(tmp_path / "four.json"), str(tmp_path / "img"))
+    cfg = setup_cfg(SYN_CFG, ["DATASETS.TRAIN", "('user_four',)", "DATASETS.TEST", "('user_four',)"])
+    assert cfg.MODEL.RETINANET.NUM_CLASSES == 4
+    DatasetCatalog.register("user_unknown_classes", lambda: [])
+    with pytest.raises(DatasetError, match=r"DATASETS\.TRAIN.*'user_unknown_classes'.*MODEL\.RETINANET\.NUM_CLASSES"):
+        setup_cfg(SYN_CFG, ["DATASETS.TRAIN", "('user_unknown_classes',)", "DATASETS.TEST", "()"])

@@ -12,6 +12,7 @@ training datasets. `prepare_datasets(cfg)`, which training calls before it, gene
 dataset when it is named and missing, and checks every dataset the config names for training or
 testing (on the first process of each machine; the others wait, then read the cached result).
 """
+import json
 import logging
 import os
 
@@ -101,8 +102,15 @@ def _register_synthetic(name, json_file, image_root, *options):
 
 
 def dataset_classes(name):
-    """The class names of a registered dataset, or None when its metadata does not say."""
-    classes = MetadataCatalog.get(name).get("thing_classes")
+    """The class names of a registered dataset: its metadata's thing_classes or, for a COCO-format dataset
+    registered without them (detectron2's register_coco_instances), its JSON's categories in id order,
+    as detectron2's loader names them; None when neither says."""
+    metadata = MetadataCatalog.get(name)
+    classes = metadata.get("thing_classes")
+    if classes is None and os.path.isfile(metadata.get("json_file", "")):
+        with open(metadata.json_file) as f:
+            categories = json.load(f).get("categories") or []
+        classes = [c["name"] for c in sorted(categories, key=lambda c: c["id"])] or None
     return list(classes) if classes is not None else None
 
 
@@ -130,7 +138,10 @@ def register_datasets(cfg):
     for name in cfg.DATASETS.TRAIN:
         classes = dataset_classes(name)
         if classes is None:
-            continue
+            raise DatasetError(
+                f"DATASETS.TRAIN: the classes of '{name}' are unknown (its MetadataCatalog entry has neither "
+                "thing_classes nor a COCO json_file), so MODEL.RETINANET.NUM_CLASSES cannot follow them: set "
+                f"MetadataCatalog.get('{name}').thing_classes when registering it")
         if train_classes is not None and classes != train_classes:
             raise DatasetError(f"the training datasets {list(cfg.DATASETS.TRAIN)} disagree on their classes: "
                                f"'{name}' has {classes}, the ones before it {train_classes}")
