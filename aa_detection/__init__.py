@@ -16,6 +16,6 @@ except ImportError:  # torch-only use of aa_detection.layers
     pass
 else:
     from . import modeling  # noqa: F401  (registers the backbones)
-    from .config import add_aa_config, add_aa_defaults
+    from .config import add_aa_config, add_aa_defaults  # noqa: F401  (add_aa_config: the public name)
 
     add_aa_defaults()  # detectron2's get_cfg() knows MODEL.AA and the project's other keys

@@ -15,30 +15,32 @@ Files are read and written defensively:
 
 - .pth/.pt (and any other non-.pkl file) load with torch's weights-only loading; a file holding other
   objects raises `UnsafePickleError` naming it.
-- .pkl files go through a restricted unpickler that admits only tensors, arrays and plain containers,
-  unless the checkpointer is built with `allow_unsafe_pickle=True` (config key
-  MODEL.WEIGHTS_ALLOW_UNSAFE_PICKLE).
-- `save` writes the checkpoint to a temporary file, fsyncs and renames it, then rewrites the
-  `last_checkpoint` tag the same way, so a run killed at any moment leaves the tag naming a complete
-  checkpoint. A model with non-finite parameters or buffers is not saved (the last good checkpoint stays
-  the one `--resume` loads).
+- .pkl files are first read by a restricted unpickler that admits only tensors, arrays and plain
+  containers, then handed to detectron2's reader; unless the checkpointer is built with
+  `allow_unsafe_pickle=True` (config key MODEL.WEIGHTS_ALLOW_UNSAFE_PICKLE), which skips the check.
+- fvcore's `save` writes through `AtomicWritePathManager`: a checkpoint and the `last_checkpoint` tag in
+  a local directory go to a temporary file that is fsynced and renamed, so a run killed at any moment
+  leaves the tag naming a complete checkpoint; other paths (a registered iopath handler) are written by
+  detectron2's PathManager as before. A model with non-finite parameters or buffers is not saved (the
+  last good checkpoint stays the one `--resume` loads).
 """
-import glob
+import fnmatch
 import logging
 import os
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
-from fvcore.common.checkpoint import _strip_prefix_if_present
 import torch
 
 from .layers import AAConv2d
-from .safe_io import atomic_write, load_pickle_weights, load_torch_weights
+from .safe_io import AtomicWritePathManager, load_pickle_weights, load_torch_weights
 
 __all__ = ["AACheckpointer", "ATTENTION_PARAMETERS"]
 
 # Parameters of an AAConv2d that no ResNet checkpoint has.
 ATTENTION_PARAMETERS = ("qkv", "attn_out", "rel_h", "rel_w")
+# Names of the temporary files `atomic_write` leaves when a save is killed.
+PARTIAL_FILES = (".*.pth.*.tmp", ".last_checkpoint.*.tmp")
 
 logger = logging.getLogger(__name__)
 
@@ -53,69 +55,45 @@ class AACheckpointer(DetectionCheckpointer):
 
     def __init__(self, model, save_dir="", *, allow_unsafe_pickle=False, **kwargs):
         super().__init__(model, save_dir, **kwargs)
+        self.path_manager = AtomicWritePathManager(self.path_manager)
         self.allow_unsafe_pickle = bool(allow_unsafe_pickle)
         self.last_load_report = None
 
     # ---- reading untrusted files -------------------------------------------------------------------
     def _load_file(self, filename):
-        if not filename.endswith(".pkl"):
-            return super()._load_file(filename)  # detectron2's formats; torch files via _torch_load below
-        data = load_pickle_weights(filename, allow_unsafe=self.allow_unsafe_pickle)
-        if not isinstance(data, dict):
-            raise ValueError(f"{filename}: a .pkl weight file must hold a dict, got {type(data).__name__}")
-        if "model" in data and "__author__" in data:  # detectron2 model-zoo layout
-            self.logger.info("Reading a file from '{}'".format(data["__author__"]))
-            return data
-        blobs = data.get("blobs", data)  # Caffe2 / Detectron1 layout: detection models keep "blobs"
-        weights = {k: v for k, v in blobs.items() if not k.endswith("_momentum")}
-        return {"model": weights, "__author__": "Caffe2", "matching_heuristics": True}
+        if filename.endswith(".pkl") and not self.allow_unsafe_pickle:
+            load_pickle_weights(filename)  # raises UnsafePickleError naming the file and the object
+        return super()._load_file(filename)
 
     def _torch_load(self, f):
         return load_torch_weights(f)
 
-    # ---- writing checkpoints atomically ------------------------------------------------------------
-    def _non_finite_entries(self):
-        return [k for k, v in self.model.state_dict().items()
-                if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
-
+    # ---- writing checkpoints -----------------------------------------------------------------------
     def save(self, name, **kwargs):
-        """Write `name`.pth atomically, then the `last_checkpoint` tag; skip a model that is not finite."""
-        if not self.save_dir or not self.save_to_disk:
-            return
-        bad = self._non_finite_entries()
+        """fvcore's save, skipped (with an error naming the entries) when the model is not finite."""
+        bad = [k for k, v in self.model.state_dict().items()
+               if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             self.logger.error(
                 "Not saving checkpoint '%s': %d model entries hold NaN or Inf (%s%s); the last good checkpoint "
                 "stays %s", name, len(bad), ", ".join(bad[:5]), ", ..." if len(bad) > 5 else "",
                 self.get_checkpoint_file() or "(none)")
             return
-        data = {"model": self.model.state_dict()}
-        for key, obj in self.checkpointables.items():
-            data[key] = obj.state_dict()
-        data.update(kwargs)
-        basename = f"{name}.pth"
-        save_file = os.path.join(self.save_dir, basename)
-        self.logger.info("Saving checkpoint to {}".format(save_file))
-        with atomic_write(save_file, "wb") as f:
-            torch.save(data, f)
-        self.tag_last_checkpoint(basename)
-
-    def tag_last_checkpoint(self, last_filename_basename):
-        with atomic_write(os.path.join(self.save_dir, "last_checkpoint"), "w") as f:
-            f.write(last_filename_basename)
+        super().save(name, **kwargs)
 
     def remove_partial_files(self):
-        """Delete temporary files a killed save left in save_dir; returns their paths."""
-        if not self.save_dir or not self.save_to_disk:
+        """Delete the temporary files a killed save left in save_dir; returns their paths."""
+        if not self.save_dir or not self.save_to_disk or not self.path_manager.isdir(self.save_dir):
             return []
-        stale = glob.glob(os.path.join(self.save_dir, ".*.pth.*.tmp"))
-        stale += glob.glob(os.path.join(self.save_dir, ".last_checkpoint.*.tmp"))
+        stale = [os.path.join(self.save_dir, name) for name in self.path_manager.ls(self.save_dir)
+                 if any(fnmatch.fnmatch(name, pattern) for pattern in PARTIAL_FILES)]
         for path in stale:
-            os.remove(path)
+            self.path_manager.rm(path)
         if stale:
             self.logger.info("Removed %d partial files of an interrupted save: %s", len(stale), stale)
         return stale
 
+    # ---- ResNet weights into AAConv2d --------------------------------------------------------------
     def _aa_conv_shapes(self):
         """{state-dict key of each AAConv2d's conv-branch weight: full (Fout, Cin, k, k) pretrained shape}."""
         return {
@@ -125,27 +103,24 @@ class AACheckpointer(DetectionCheckpointer):
         }
 
     def _load_model(self, checkpoint):
+        """Slice pretrained (Fout, Cin, k, k) kernels to the AAConv2d conv branches, then detectron2's load.
+
+        detectron2's name matching (checkpoints with `matching_heuristics`) skips keys whose shapes
+        differ from the model's, so it runs here against the model's keys with the AA conv weights at
+        their pretrained shape.
+        """
         full_shapes = self._aa_conv_shapes()
-        state = checkpoint["model"]
-        self._convert_ndarray_to_tensor(state)
-        _strip_prefix_if_present(state, "module.")
-        if checkpoint.pop("matching_heuristics", False):
-            # Name matching drops shape-mismatched keys: show it the AA conv weights at their pretrained shape.
-            model_state = dict(self.model.state_dict())
-            for key, shape in full_shapes.items():
-                model_state[key] = torch.empty(shape, device="meta")
-            state = align_and_update_state_dicts(
-                model_state, state, c2_conversion=checkpoint.get("__author__", None) == "Caffe2"
-            )
-        sliced = {}
         model_state = self.model.state_dict()
+        state = checkpoint["model"]
+        if checkpoint.pop("matching_heuristics", False):
+            pretrained_view = {**model_state, **{k: torch.empty(s, device="meta") for k, s in full_shapes.items()}}
+            state = align_and_update_state_dicts(
+                pretrained_view, state, c2_conversion=checkpoint.get("__author__", None) == "Caffe2")
+        sliced = {}
         for key, full_shape in full_shapes.items():
-            value = state.get(key)
-            if value is None:
-                continue
             target = tuple(model_state[key].shape)
-            if tuple(value.shape) == full_shape and full_shape != target:
-                state[key] = value[: target[0]].clone()
+            if key in state and tuple(state[key].shape) == full_shape != target:
+                state[key] = state[key][: target[0]]
                 sliced[key] = (full_shape, target)
         checkpoint["model"] = state
         incompatible = super()._load_model(checkpoint)

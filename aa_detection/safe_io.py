@@ -9,7 +9,8 @@ import torch
 
 from .errors import UnsafePickleError
 
-__all__ = ["UnsafePickleError", "atomic_write", "load_pickle_weights", "load_torch_weights"]
+__all__ = ["AtomicWritePathManager", "UnsafePickleError", "atomic_write", "load_pickle_weights",
+           "load_torch_weights"]
 
 # What weight pickles need: numpy arrays and scalars, plain containers, and tensors.
 _SAFE_GLOBALS = {
@@ -92,3 +93,23 @@ def atomic_write(path, mode="wb"):
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+class AtomicWritePathManager:
+    """An iopath PathManager whose `open(path, "w" or "wb")` of a local path goes through `atomic_write`.
+
+    Everything else (reading, other modes, paths of a registered handler such as "s3://..." or
+    "detectron2://...", exists, ls, rm, get_local_path) is the wrapped PathManager's: iopath's `mv`
+    refuses to replace an existing file, so only local files can be replaced atomically.
+    """
+
+    def __init__(self, path_manager):
+        self.wrapped = path_manager
+
+    def open(self, path, mode="r", **kwargs):
+        if mode in ("w", "wb") and "://" not in path and not kwargs:
+            return atomic_write(path, mode)
+        return self.wrapped.open(path, mode, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.wrapped, name)

@@ -2,6 +2,7 @@ import importlib.util
 import os
 import pickle
 import re
+import uuid
 
 import pytest
 
@@ -11,6 +12,9 @@ import torchvision  # noqa: E402
 from detectron2.layers import ShapeSpec  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.modeling.backbone import build_resnet_backbone  # noqa: E402
+from detectron2.utils.file_io import PathManager  # noqa: E402
+from iopath.common.file_io import NativePathHandler, PathHandler  # noqa: E402
+from torch import nn  # noqa: E402
 
 from aa_detection.checkpoint import AACheckpointer  # noqa: E402
 from aa_detection.config import setup_cfg  # noqa: E402
@@ -150,3 +154,55 @@ def test_aa_checkpoint_resumes_without_slicing(tmp_path):
     assert checkpointer.last_load_report["sliced"] == {}
     for key, value in source.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
+
+
+class _DirectoryStore(PathHandler):
+    """Paths "PREFIX://key" kept under a local directory: a stand-in for a remote store registered
+    with detectron2's PathManager."""
+
+    def __init__(self, prefix, root):
+        super().__init__()
+        self.prefix, self.root, self.native = prefix, root, NativePathHandler()
+
+    def _get_supported_prefixes(self):
+        return [self.prefix]
+
+    def _local(self, path):
+        return os.path.join(self.root, path[len(self.prefix):])
+
+    def _open(self, path, mode="r", **kwargs):
+        return self.native._open(self._local(path), mode, **kwargs)
+
+    def _get_local_path(self, path, force=False, **kwargs):
+        return self._local(path)
+
+    def _exists(self, path, **kwargs):
+        return self.native._exists(self._local(path), **kwargs)
+
+    def _isfile(self, path, **kwargs):
+        return self.native._isfile(self._local(path), **kwargs)
+
+    def _isdir(self, path, **kwargs):
+        return self.native._isdir(self._local(path), **kwargs)
+
+    def _ls(self, path, **kwargs):
+        return self.native._ls(self._local(path), **kwargs)
+
+    def _mkdirs(self, path, **kwargs):
+        return self.native._mkdirs(self._local(path), **kwargs)
+
+
+def test_checkpoints_save_and_resume_through_a_registered_path_handler(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    prefix = f"aastore{uuid.uuid4().hex[:8]}://"
+    PathManager.register_handler(_DirectoryStore(prefix, str(tmp_path / "store")))
+    PathManager.mkdirs(prefix + "run")
+    model = nn.Linear(2, 2)
+    AACheckpointer(model, prefix + "run").save("model_0000001", iteration=1)
+    assert sorted(os.listdir(tmp_path)) == ["store"]  # nothing written to a local path named like the URL
+    assert sorted(os.listdir(tmp_path / "store" / "run")) == ["last_checkpoint", "model_0000001.pth"]
+
+    resumed = AACheckpointer(nn.Linear(2, 2), prefix + "run")
+    assert resumed.get_checkpoint_file() == prefix + "run/model_0000001.pth"
+    assert resumed.resume_or_load("", resume=True)["iteration"] == 1
+    assert torch.equal(resumed.model.weight, model.weight)

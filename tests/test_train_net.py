@@ -7,8 +7,9 @@ import pytest
 pytest.importorskip("detectron2", reason="detectron2 is not installed; see README.md, Install")
 
 import torch  # noqa: E402
-from detectron2.engine import HookBase, launch  # noqa: E402
+from detectron2.engine import DefaultTrainer, HookBase, create_ddp_model, launch  # noqa: E402
 
+from aa_detection.checkpoint import AACheckpointer  # noqa: E402
 from aa_detection.engine.compare import read_metrics  # noqa: E402
 from aa_detection.engine.trainer import RESULTS_FILE, Trainer, argument_parser, main, setup  # noqa: E402
 
@@ -118,3 +119,23 @@ def test_two_processes_on_cpu(tiny_data, tmp_path):
     assert BOX_KEYS <= set(res["results"]["synthetic_val"]["bbox"])
     with open(os.path.join(tmp_path, "last_checkpoint")) as f:
         assert f.read().strip() == "model_final.pth"
+
+
+def _wrap_a_cpu_module_as_detectron2_does():
+    with pytest.raises(ValueError, match="device_ids"):
+        create_ddp_model(torch.nn.Linear(2, 2), broadcast_buffers=False)
+
+
+def test_detectron2_still_passes_device_ids_for_cpu_models():
+    # Trainer.__init__ is overridden for this alone (and the checkpointer): once this fails, detectron2
+    # wraps CPU models itself and DefaultTrainer.__init__ can be used again.
+    launch(_wrap_a_cpu_module_as_detectron2_does, 2, num_machines=1, machine_rank=0, dist_url="auto")
+
+
+def test_trainer_sets_what_default_trainer_sets(tiny_data, tmp_path):
+    upstream = DefaultTrainer(setup(_args(tiny_data, tmp_path / "upstream")))
+    ours = Trainer(setup(_args(tiny_data, tmp_path / "ours")))
+    assert set(vars(upstream)) <= set(vars(ours))
+    assert isinstance(ours.checkpointer, AACheckpointer) and ours.checkpointer.save_dir == str(tmp_path / "ours")
+    assert ours.eval_results is None and ours.eval_seconds == 0.0
+    assert ours.metrics_writer.json_file == os.path.join(str(tmp_path / "ours"), "metrics.json")

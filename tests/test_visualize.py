@@ -1,7 +1,9 @@
 """Pictures of detections, results files, attention maps and comparisons (tiny random-weight models)."""
+import datetime
 import json
 import logging
 import os
+import pickle
 
 import pytest
 
@@ -14,6 +16,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 
 from aa_detection.config import setup_cfg  # noqa: E402
+from aa_detection.safe_io import UnsafePickleError  # noqa: E402
 from aa_detection.visualization import (  # noqa: E402
     ModelRunner, compute_attention, draw_predictions, find_aa_layer, query_cell, read_image,
 )
@@ -154,6 +157,17 @@ def test_missing_and_corrupt_inputs_are_named_and_others_exported(setup, tmp_pat
     assert status == 1
     assert "corrupt.jpg" in caplog.text and "missing.png" in caplog.text and "2 input(s)" in caplog.text
     assert sorted(os.listdir(tmp_path / "out")) == [good.stem + ".jpg"]
+
+
+def test_runner_loads_weights_through_the_safe_checkpointer(setup, tmp_path):
+    path = tmp_path / "weights.pkl"
+    path.write_bytes(pickle.dumps({"model": {}, "__author__": "x", "extra": datetime.date(2019, 4, 22)}))
+    with pytest.raises(UnsafePickleError, match="weights.pkl"):
+        ModelRunner(setup_cfg(BASE_CFG, setup["opts"]), str(path))
+    runner = ModelRunner(setup_cfg(BASE_CFG, setup["opts"]), setup["weights"]["base"])
+    saved = torch.load(setup["weights"]["base"], weights_only=True)["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in runner.model.state_dict().items())
+    assert not runner.model.training
 
 
 def test_query_cell_mapping():

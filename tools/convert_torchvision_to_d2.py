@@ -3,6 +3,10 @@
 
     python tools/convert_torchvision_to_d2.py resnet50.pth R-50-torchvision.pkl
 
+detectron2's tools/convert-torchvision-to-d2.py renames the same way, but a pip install of detectron2
+does not ship it and it cannot be imported; this one can (tests use `convert`), and it also unwraps a
+checkpoint holding the state dict under "state_dict" or "model".
+
 Names map to detectron2's ResNet (stem, res2..res5); the classifier `fc` is dropped. The output is
 {"model": {name: ndarray}, "__author__": "torchvision", "matching_heuristics": True}, so detectron2 and
 aa_detection.checkpoint.AACheckpointer match it to backbone keys by suffix. Models using it need RGB input,
@@ -12,11 +16,8 @@ MODEL.RESNETS.STRIDE_IN_1X1 False.
 import argparse
 import pickle
 import re
-import sys
 
 import torch
-
-__all__ = ["convert_torchvision_names", "convert"]
 
 
 def _rename(key):
@@ -62,4 +63,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -50,8 +50,8 @@ def repair_metrics_file(path, keep_before=None):
 class MetricsWriter(JSONWriter):
     """JSONWriter whose file can be repaired (see the module docstring) before training writes to it."""
 
-    def __init__(self, json_file, window_size=20):
-        super().__init__(json_file, window_size)
+    def __init__(self, json_file, **kwargs):
+        super().__init__(json_file, **kwargs)
         self.json_file = json_file
 
     def repair(self, keep_before=None):

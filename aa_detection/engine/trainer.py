@@ -6,19 +6,19 @@ Besides detectron2's usual outputs (checkpoints, `metrics.json`, `inference/`), 
 metrics of each test dataset, the iteration, the model's parameters and GFLOPs, the inference time
 per image and the training wall time.
 """
-import contextlib
 import json
 import logging
 import os
-import tempfile
 import time
 import weakref
 
 import torch
 import yaml
 from detectron2.data import build_detection_test_loader
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup
-from detectron2.engine import defaults as d2_defaults
+from detectron2.engine import (
+    AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, default_argument_parser,
+    default_setup, hooks,
+)
 from detectron2.evaluation import COCOEvaluator
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
@@ -30,6 +30,7 @@ from ..analysis import count_parameters, flop_count
 from ..config import load_cfg, setup_cfg, validate_cfg
 from ..data import prepare_datasets, register_datasets
 from ..errors import ConfigError, launch_reporting_user_errors
+from ..safe_io import atomic_write
 from .resilience import MetricsWriter
 
 __all__ = ["Trainer", "argument_parser", "setup", "main", "launch_main", "RESULTS_FILE",
@@ -40,71 +41,87 @@ logger = logging.getLogger("aa_detection")
 RESULTS_FILE = "eval_results.json"
 
 
-@contextlib.contextmanager
-def _cpu_ddp():
-    """Let DefaultTrainer wrap a CPU model in DistributedDataParallel.
-
-    detectron2's `create_ddp_model` passes `device_ids=[local_rank]`, which DistributedDataParallel
-    rejects for a CPU module; CPU modules need `device_ids=None`. This swaps in a wrapper for the
-    duration of DefaultTrainer's constructor only; GPU models are wrapped exactly as before.
-    """
-    original = d2_defaults.create_ddp_model
-
-    def create_ddp_model(model, **kwargs):
-        if next(model.parameters()).device.type == "cpu":
-            kwargs.setdefault("device_ids", None)
-        return original(model, **kwargs)
-
-    d2_defaults.create_ddp_model = create_ddp_model
-    try:
-        yield
-    finally:
-        d2_defaults.create_ddp_model = original
-
-
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with the COCO evaluator, CPU multi-process support and a swappable checkpointer."""
+    """DefaultTrainer with the project's checkpointer, the COCO box evaluator, CPU multi-process training,
+    a repairable metrics.json, and the results and wall time of its evaluations.
 
-    # The one place that decides how checkpoints and pretrained weights are loaded: safe loading of
-    # untrusted files, atomic saves, AA-ResNet weights from ResNet checkpoints.
-    checkpointer_class = AACheckpointer
+    Attributes beyond DefaultTrainer's:
+        eval_results: the results of the latest evaluation during `train` (None before the first);
+            on processes other than the main one an empty dict.
+        eval_seconds: wall time spent in those evaluations.
+        metrics_writer: the MetricsWriter of OUTPUT_DIR/metrics.json (main process; None elsewhere).
+
+    detectron2's TEST.EXPECTED_RESULTS check (DefaultTrainer.train) is not supported: it reads the
+    results DefaultTrainer's own EvalHook keeps, and `evaluate` replaces that hook's function.
+    """
 
     def __init__(self, cfg):
-        with _cpu_ddp():
-            super().__init__(cfg)
+        """DefaultTrainer.__init__, with the two things it hard-codes replaced:
+
+        - the checkpointer is `build_checkpointer`'s (AACheckpointer) instead of a DetectionCheckpointer;
+        - a CPU model of a multi-process run is wrapped in DistributedDataParallel with
+          `device_ids=None`: detectron2's `create_ddp_model` passes `device_ids=[local_rank]`, which
+          DistributedDataParallel rejects for CPU modules, and DefaultTrainer offers no hook for it.
+          tests/test_train_net.py checks that upstream still does so and that this constructor sets
+          every attribute DefaultTrainer's sets.
+        """
+        TrainerBase.__init__(self)
+        cfg = self.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        model = create_ddp_model(model, broadcast_buffers=False, **({"device_ids": None} if on_cpu else {}))
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = self.build_checkpointer(model, cfg.OUTPUT_DIR, cfg, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.eval_results = None
+        self.eval_seconds = 0.0
+        self.metrics_writer = None
+        self.register_hooks(self.build_hooks())
 
     @classmethod
     def build_checkpointer(cls, model, save_dir, cfg=None, **kwargs):
+        """An AACheckpointer; with a cfg, .pkl files load with plain pickle only if
+        MODEL.WEIGHTS_ALLOW_UNSAFE_PICKLE."""
         if cfg is not None:
             kwargs.setdefault("allow_unsafe_pickle", cfg.MODEL.WEIGHTS_ALLOW_UNSAFE_PICKLE)
-        return cls.checkpointer_class(model, save_dir, **kwargs)
+        return AACheckpointer(model, save_dir, **kwargs)
 
     def build_hooks(self):
-        # DefaultTrainer.__init__ sets self.checkpointer just before calling build_hooks.
-        self.checkpointer = self.build_checkpointer(
-            self._trainer.model, self.cfg.OUTPUT_DIR, self.cfg, trainer=weakref.proxy(self))
-        return super().build_hooks()
+        """DefaultTrainer's hooks, its EvalHook evaluating through `evaluate` (same period)."""
+        built = super().build_hooks()
+        return [hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self.evaluate) if isinstance(h, hooks.EvalHook) else h
+                for h in built]
+
+    def evaluate(self):
+        """`test` on the current model, keeping its results in `eval_results` and adding its wall time
+        to `eval_seconds`."""
+        start = time.perf_counter()
+        self.eval_results = self.test(self.cfg, self.model)
+        self.eval_seconds += time.perf_counter() - start
+        return self.eval_results
 
     def build_writers(self):
-        # metrics.json through a writer that can drop a torn last line and superseded records on resume
+        """detectron2's writers, metrics.json written by a MetricsWriter (repairable on resume)."""
         writers = super().build_writers()
-        for i, w in enumerate(writers):
-            if type(w) is JSONWriter:
-                w.close()
-                writers[i] = MetricsWriter(w._file_handle.name, w._window_size)
+        for i, writer in enumerate(writers):
+            if type(writer) is JSONWriter:
+                writer.close()
+                self.metrics_writer = writers[i] = MetricsWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"))
         return writers
 
     def resume_or_load(self, resume=True):
         """detectron2's resume_or_load, after removing partial files of a killed checkpoint save, and
         followed by the repair of metrics.json (records from `start_iter` on are dropped on resume)."""
-        if comm.is_main_process() and hasattr(self.checkpointer, "remove_partial_files"):
+        if comm.is_main_process():
             self.checkpointer.remove_partial_files()
         super().resume_or_load(resume=resume)
-        if comm.is_main_process():
-            for hook in self._hooks:
-                for writer in getattr(hook, "_writers", ()):
-                    if isinstance(writer, MetricsWriter):
-                        writer.repair(keep_before=self.start_iter if resume else None)
+        if self.metrics_writer is not None:
+            self.metrics_writer.repair(keep_before=self.start_iter if resume else None)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -117,16 +134,6 @@ class Trainer(DefaultTrainer):
             bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR, weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS)
         adamw = maybe_add_gradient_clipping(cfg, torch.optim.AdamW)
         return adamw(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
-
-    eval_seconds = 0.0  # wall time spent in `test`, to report training time without evaluation
-
-    @classmethod
-    def test(cls, cfg, model, evaluators=None):
-        start = time.perf_counter()
-        try:
-            return super().test(cfg, model, evaluators)
-        finally:
-            cls.eval_seconds += time.perf_counter() - start
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -168,13 +175,6 @@ def inference_seconds_per_image(cfg, model, num_images=30, warmup=3):
     return total / max(count, 1)
 
 
-def _write_json_atomic(path, data):
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path) or ".")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-
-
 def save_results(cfg, model, results, iteration, train_seconds=None, wall_seconds=None, config_file=None):
     """Write OUTPUT_DIR/eval_results.json; call on every process, only the main one writes."""
     if not comm.is_main_process():
@@ -196,7 +196,8 @@ def save_results(cfg, model, results, iteration, train_seconds=None, wall_second
         "train_seconds": train_seconds,  # training wall time without the periodic evaluations
         "train_wall_seconds": wall_seconds,  # with them
     }
-    _write_json_atomic(os.path.join(cfg.OUTPUT_DIR, RESULTS_FILE), data)
+    with atomic_write(os.path.join(cfg.OUTPUT_DIR, RESULTS_FILE), "w") as f:
+        json.dump(data, f, indent=2)
     logger.info("wrote %s", os.path.join(cfg.OUTPUT_DIR, RESULTS_FILE))
     return data
 
@@ -274,22 +275,20 @@ def main(args):
 
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    Trainer.eval_seconds = 0.0
     start = time.perf_counter()
     try:
-        results = trainer.train()
+        trainer.train()
     except FloatingPointError as e:
         last = trainer.checkpointer.get_checkpoint_file() if trainer.checkpointer.has_checkpoint() else None
         raise FloatingPointError(
             f"{e}\nTraining stopped. The last good checkpoint is {last or '(none saved yet)'}; lower "
             "SOLVER.BASE_LR or enable SOLVER.CLIP_GRADIENTS before resuming (--resume).") from e
     wall_seconds = time.perf_counter() - start
-    # DefaultTrainer's EvalHook has evaluated the final model (on the main process the results are
-    # complete; the others hold empty dicts, and save_results writes on the main process only).
-    results = getattr(trainer, "_last_eval_results", results)
-    save_results(cfg, trainer.model, results, trainer.iter, wall_seconds - Trainer.eval_seconds,
+    # the EvalHook has evaluated the final model: complete results on the main process, empty dicts on
+    # the others (save_results writes on the main process only)
+    save_results(cfg, trainer.model, trainer.eval_results, trainer.iter, wall_seconds - trainer.eval_seconds,
                  wall_seconds, config_file=args.config_file)
-    return results
+    return trainer.eval_results
 
 
 def launch_main(args):

@@ -112,10 +112,9 @@ def _auto_queries(instances, top_k, threshold, names, to_cell):
     return queries, labels
 
 
-@torch.no_grad()
 def compute_attention(runner, image, queries=None, layer=None, top_k=3, threshold=0.3):
-    """Run `runner` (a ModelRunner) once on `image` (model input format) with the chosen AA layer
-    keeping its softmax weights, and return an AttentionResult.
+    """Run `runner` (a ModelRunner) once on `image` (HxWx3 BGR, as DefaultPredictor takes it) with the
+    chosen AA layer keeping its softmax weights, and return an AttentionResult.
 
     `queries`: [(x, y)] in original-image pixels; None picks the box centres of the `top_k`
     highest-scoring detections scoring at least `threshold`, skipping a detection whose centre falls in
@@ -123,26 +122,29 @@ def compute_attention(runner, image, queries=None, layer=None, top_k=3, threshol
     """
     model = runner.model
     name, module = find_aa_layer(model, layer)
-    inputs, resized_size = runner.preprocess(image)
     captured = {}
 
-    def grab_input(_mod, args):
+    def grab_resized(_mod, args):
+        captured["resized"] = tuple(args[0][0]["image"].shape[-2:])  # the test transform's output
+
+    def grab_padded(_mod, args):
         captured["padded"] = tuple(args[0].shape[-2:])
 
-    hook = model.backbone.register_forward_pre_hook(grab_input)
+    hooks = [model.register_forward_pre_hook(grab_resized), model.backbone.register_forward_pre_hook(grab_padded)]
     module.keep_attention = True
     try:
-        instances = model([inputs])[0]["instances"].to("cpu")
+        instances = runner(image)["instances"].to("cpu")
         attention = module.last_attention
     finally:
         module.keep_attention = False
         module.last_attention = None
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     if attention is None:
         raise RuntimeError(f"layer {name} did not run in the forward")
     attention = attention[0].float().cpu()  # (Nh, H', W', H', W')
     grid = tuple(attention.shape[1:3])
-    padded = captured["padded"]
+    padded, resized_size = captured["padded"], captured["resized"]
     stride = (padded[0] / grid[0], padded[1] / grid[1])
     image_size = tuple(image.shape[:2])
 
@@ -159,7 +161,7 @@ def compute_attention(runner, image, queries=None, layer=None, top_k=3, threshol
             labels = ["image centre (no detection)"]
     cells = [to_cell(x, y) for x, y in queries]
     maps = torch.stack([attention[:, r, c] for r, c in cells]).numpy().astype(np.float32)
-    return AttentionResult(name, maps, queries, cells, labels, image_size, tuple(resized_size), padded,
+    return AttentionResult(name, maps, queries, cells, labels, image_size, resized_size, padded,
                            grid, stride, instances)
 
 

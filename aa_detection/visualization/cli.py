@@ -133,9 +133,9 @@ def cmd_predict(args):
     names = _dataset_names(args, runner.class_names)
 
     def export(item, path):
-        image = read_image(item.path, runner.input_format)
-        rgb = to_rgb(image, runner.input_format)
-        pred = draw_predictions(rgb, runner(image), names, args.threshold, args.scale)
+        image = read_image(item.path, "BGR")
+        rgb = to_rgb(image, "BGR")
+        pred = draw_predictions(rgb, runner(image)["instances"], names, args.threshold, args.scale)
         if item.record is not None and not args.no_gt:
             gt = draw_ground_truth(rgb, item.record, names, args.scale)
             pred = side_by_side([gt, pred], ["ground truth", f"prediction (score >= {args.threshold:g})"])
@@ -219,9 +219,9 @@ def cmd_attention(args):
     logger.info("attention of %s", layer)
 
     def export(item, path):
-        image = read_image(item.path, runner.input_format)
+        image = read_image(item.path, "BGR")
         result = compute_attention(runner, image, args.query, layer, args.top_k, args.threshold)
-        grid = attention_grid(to_rgb(image, runner.input_format), result, args.tile_size, args.cmap, args.alpha)
+        grid = attention_grid(to_rgb(image, "BGR"), result, args.tile_size, args.cmap, args.alpha)
         stem = os.path.splitext(path)[0]
         if args.save_maps:
             with atomic_write(stem + ".npy") as f:
@@ -278,11 +278,10 @@ def cmd_compare(args):
 
     def export(item, path):
         panels, captions = [], []
-        rgb = None
+        image = read_image(item.path, "BGR")
+        rgb = to_rgb(image, "BGR")
         for runner, title in zip(runners, titles):
-            image = read_image(item.path, runner.input_format)
-            rgb = to_rgb(image, runner.input_format)
-            inst = runner(image)
+            inst = runner(image)["instances"]
             n = int((inst.scores >= args.threshold).sum())
             panels.append(draw_predictions(rgb, inst, names, args.threshold, args.scale))
             if item.record is not None:

@@ -1,4 +1,4 @@
-"""Drawing detections and ground truth with detectron2's Visualizer, and running a model on one image.
+"""Drawing detections and ground truth with detectron2's Visualizer, and a DefaultPredictor for one image.
 
 Colours are fixed per class (detectron2's colour map indexed by the class id), so the same class has
 the same colour in a prediction, in the ground truth beside it and in another model's picture.
@@ -7,11 +7,9 @@ import os
 
 import cv2
 import numpy as np
-import torch
 from detectron2.data import MetadataCatalog
 from detectron2.data import detection_utils
-from detectron2.data import transforms as T
-from detectron2.modeling import build_model
+from detectron2.engine import DefaultPredictor
 from detectron2.structures import BoxMode
 from detectron2.utils.colormap import colormap
 from detectron2.utils.visualizer import Visualizer
@@ -44,7 +42,7 @@ def read_image(path, fmt="BGR"):
 
 
 def to_rgb(image, fmt):
-    """An image in the model's input format (cfg.INPUT.FORMAT, "BGR" or "RGB") as RGB."""
+    """An HxWx3 image in `fmt` ("BGR" or "RGB") as RGB."""
     return image[:, :, ::-1] if fmt == "BGR" else image
 
 
@@ -159,40 +157,24 @@ def side_by_side(images, titles=None, gap=6):
     return canvas
 
 
-class ModelRunner:
-    """A model in eval mode with its weights, run on single images preprocessed as detectron2's
-    DefaultPredictor does: the input format of the config, resized by its test transform
-    (ResizeShortestEdge to INPUT.MIN_SIZE_TEST, at most INPUT.MAX_SIZE_TEST).
+class ModelRunner(DefaultPredictor):
+    """detectron2's DefaultPredictor (an HxWx3 BGR image in, the model's outputs for it out: a dict with
+    "instances" in the image's own pixels), its weights loaded by AACheckpointer (restricted .pkl
+    unpickling, pretrained 3x3 kernels into AA convolutions), with `class_names` of the config's datasets.
 
     `weights` defaults to cfg.MODEL.WEIGHTS; empty means random initial weights.
     """
 
     def __init__(self, cfg, weights=None):
-        self.cfg = cfg
-        self.model = build_model(cfg)
-        self.model.eval()
         weights = cfg.MODEL.WEIGHTS if weights is None else weights
-        if weights:
-            if not os.path.isfile(weights) and "://" not in weights:
-                raise FileNotFoundError(f"weights file not found: {weights}")
-            AACheckpointer(self.model).load(weights)
+        if weights and not os.path.isfile(weights) and "://" not in weights:
+            raise FileNotFoundError(f"weights file not found: {weights}")
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.MODEL.WEIGHTS = ""  # DefaultPredictor's DetectionCheckpointer loads nothing; AACheckpointer does
+        super().__init__(cfg)
+        AACheckpointer(self.model).load(weights)
         self.weights = weights
-        self.input_format = cfg.INPUT.FORMAT
-        self.resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST],
-                                           cfg.INPUT.MAX_SIZE_TEST)
-        names = [n for n in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)]
+        names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
         meta = MetadataCatalog.get(names[0]) if names else None
         self.class_names = class_names(meta, cfg.MODEL.RETINANET.NUM_CLASSES)
-
-    def preprocess(self, image):
-        """An image in the model's input format (HxWx3) -> (model input dict, resized (h, w))."""
-        height, width = image.shape[:2]
-        resized = self.resize.get_transform(image).apply_image(image)
-        tensor = torch.as_tensor(np.ascontiguousarray(resized.astype("float32").transpose(2, 0, 1)))
-        return {"image": tensor.to(self.cfg.MODEL.DEVICE), "height": height, "width": width}, resized.shape[:2]
-
-    @torch.no_grad()
-    def __call__(self, image):
-        """Instances (in the image's own pixels) for an image in the model's input format."""
-        inputs, _ = self.preprocess(image)
-        return self.model([inputs])[0]["instances"].to("cpu")
