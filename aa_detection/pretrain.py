@@ -41,7 +41,8 @@ logger = logging.getLogger("aa_detection.pretrain")
 
 # Model keyword arguments settable from the command line (MODEL.AA's meanings; None keeps the model default).
 MODEL_OPTIONS = ("aa_stages", "num_heads", "kappa", "upsilon", "relative", "impl", "attention_norm", "zero_init",
-                 "downsample_stages", "stride_in_1x1", "norm")
+                 "downsample_stages", "stride_in_1x1", "norm", "stem_out_channels", "res2_out_channels",
+                 "width_per_group")
 
 
 def build_argument_parser() -> argparse.ArgumentParser:
@@ -87,6 +88,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
     g.add_argument("--downsample-stages", nargs="*", default=None)
     g.add_argument("--stride-in-1x1", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--norm", default=None, help="block norm (default BN)")
+    g.add_argument("--stem-out-channels", type=int, default=None, help="MODEL.RESNETS.STEM_OUT_CHANNELS")
+    g.add_argument("--res2-out-channels", type=int, default=None, help="MODEL.RESNETS.RES2_OUT_CHANNELS")
+    g.add_argument("--width-per-group", type=int, default=None, help="MODEL.RESNETS.WIDTH_PER_GROUP")
     return p
 
 
