@@ -67,6 +67,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-lr", type=float, default=1e-6)
     p.add_argument("--min-lr", type=float, default=0.0)
     p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    p.add_argument("--no-aug", action="store_true", help="train on resized centre crops (no random augmentation)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="float16 autocast + GradScaler (CUDA only)")
     p.add_argument("--ema", action="store_true", help="keep an exponential moving average of the weights")
@@ -154,7 +155,7 @@ def _loaders(args, data_config, train_set, val_set, device, distributed):
                   mean=data_config["mean"], std=data_config["std"], crop_pct=data_config["crop_pct"],
                   num_workers=args.workers, distributed=distributed, device=device,
                   use_prefetcher=device.type == "cuda", pin_memory=device.type == "cuda")
-    train = create_loader(train_set, batch_size=args.batch_size, is_training=True, **common)
+    train = create_loader(train_set, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug, **common)
     val = create_loader(val_set, batch_size=args.batch_size, is_training=False, **common)
     return train, val
 

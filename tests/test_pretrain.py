@@ -38,7 +38,7 @@ def _args(data, output, *extra):
     return build_argument_parser().parse_args(
         ["--data", data, "--output", output, "--img-size", "32", "--batch-size", "16", "--workers", "0",
          "--lr", "0.02", "--warmup-epochs", "0", "--opt", "adamw", "--weight-decay", "0.0", "--smoothing", "0",
-         "--log-interval", "5", *TINY, *extra])
+         "--log-interval", "5", "--no-aug", *TINY, *extra])
 
 
 def _metrics(output):
