@@ -25,8 +25,8 @@ def main(argv=None):
                         help="longest padded image side the relative tables cover, without --config-file")
     parser.add_argument("--weights", choices=("auto", "ema", "model"), default="auto",
                         help="which weights of a classifier checkpoint (auto: EMA when present)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
-    args = parser.parse_args(argv)
+    parser.add_argument("opts", nargs="*", help="config overrides KEY VALUE ... (with --config-file)")
+    args = parser.parse_intermixed_args(argv)
     with exit_on_user_error():
         cfg = None
         if args.config_file:
