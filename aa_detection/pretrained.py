@@ -253,7 +253,9 @@ def check_weights_format(cfg, path: str) -> None:
     """ConfigError naming both values when a converted file (convert_pretrained) does not fit `cfg`:
     MODEL.PIXEL_MEAN, MODEL.PIXEL_STD or INPUT.FORMAT other than the weights', a backbone of another
     architecture, or relative tables sized for another image size. Files without the metadata (other
-    weights) are not checked."""
+    weights, .pkl files) are not checked."""
+    if not path.endswith(".pth"):
+        return
     data = load_torch_weights(path)
     metadata = data.get(METADATA_KEY) if isinstance(data, dict) else None
     if metadata is None:
