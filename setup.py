@@ -43,7 +43,7 @@ setup(
     packages=find_packages(include=["aa_detection", "aa_detection.*"]),
     python_requires=">=3.9",
     install_requires=["torch>=2.1", "torchvision", "pycocotools>=2.0.2", "fvcore>=0.1.5"],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest"], "timm": ["timm>=1.0"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

