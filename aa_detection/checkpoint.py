@@ -33,6 +33,7 @@ from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 import torch
 
 from .layers import AAConv2d
+from .layers.relative_attention import resize_relative_table
 from .safe_io import AtomicWritePathManager, load_pickle_weights, load_torch_weights
 
 __all__ = ["AACheckpointer", "ATTENTION_PARAMETERS"]
@@ -122,10 +123,24 @@ class AACheckpointer(DetectionCheckpointer):
             if key in state and tuple(state[key].shape) == full_shape != target:
                 state[key] = state[key][: target[0]]
                 sliced[key] = (full_shape, target)
+        self._resize_relative_tables(state, model_state)
         checkpoint["model"] = state
         incompatible = super()._load_model(checkpoint)
         self._report(sliced, incompatible)
         return incompatible
+
+    def _resize_relative_tables(self, state, model_state):
+        """Relative tables of another size than the model's (weights made for other image sizes) resized
+        exactly under the clipping rule (`resize_relative_table`), with a log line: never dropped."""
+        resized = []
+        for key, value in state.items():
+            if (key.endswith((".rel_h", ".rel_w")) and key in model_state and value.dim() == 2
+                    and value.shape[1] == model_state[key].shape[1] and value.shape[0] != model_state[key].shape[0]):
+                state[key] = resize_relative_table(torch.as_tensor(value), model_state[key].shape[0])
+                resized.append(f"{key} {value.shape[0]} -> {model_state[key].shape[0]} rows")
+        if resized:
+            logger.info("Relative tables resized to the model's (offsets beyond the smaller table repeat its "
+                        "edge rows, a larger one keeps its centre): %s", "; ".join(resized))
 
     def _report(self, sliced, incompatible):
         loaded_shapes = {k for k, _, _ in incompatible.incorrect_shapes}

@@ -335,8 +335,8 @@ def _backbone_error(cfg, error, origin):
 def validate_cfg(cfg, origins=None):
     """ConfigError unless `cfg` can be used: the choice keys (SOLVER.OPTIMIZER, MODEL.AA.IMPL,
     DATASETS.BAD_IMAGES, DATASETS.CHECK_IMAGES, MODEL.BACKBONE.NAME), MODEL.AA.STAGES and
-    MODEL.RESNETS.DEPTH, DATASETS.REGISTER entries, and the backbone itself, built on the meta device
-    by its builder. `origins` (from `load_cfg`) names where each key was set; keys not in it are
+    MODEL.RESNETS.DEPTH, DATASETS.REGISTER entries, the backbone itself, built on the meta device
+    by its builder, and a converted MODEL.WEIGHTS file against the config (`check_weights_format`). `origins` (from `load_cfg`) names where each key was set; keys not in it are
     reported as "default"."""
     origins = origins or {}
 
@@ -356,6 +356,10 @@ def validate_cfg(cfg, origins=None):
     error = _builds_on_meta(cfg)
     if error is not None:
         raise _backbone_error(cfg, error, origin) from error
+    if os.path.isfile(cfg.MODEL.WEIGHTS):  # weights that say what they need (pixel format, architecture)
+        from .pretrained import check_weights_format
+
+        check_weights_format(cfg, cfg.MODEL.WEIGHTS)
     return cfg
 
 

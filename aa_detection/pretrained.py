@@ -16,7 +16,8 @@ metadata goes to `dst` with a .json suffix.
 
 Relative tables are resized at conversion (exactly, under the clipping rule, with
 `resize_relative_table`) to the rows of the target backbone: the one `cfg` builds (the config's
-longest padded image side), or without a config the one `max_input_size` gives. A config whose
+longest padded image side), or without a config the one `max_input_size` gives; the checkpointer
+resizes them the same way when a config asks for other image sizes later. A config whose
 backbone differs (depth, widths, stride placement, attention stages, heads, dk/dv) is refused with the
 differences named. `check_weights_format(cfg, path)` makes the same checks, plus MODEL.PIXEL_MEAN,
 MODEL.PIXEL_STD and INPUT.FORMAT, for a converted file before it is loaded.
@@ -269,11 +270,5 @@ def check_weights_format(cfg, path: str) -> None:
         problems.append(f"INPUT.FORMAT is {cfg.INPUT.FORMAT!r}, the weights need {metadata['input_format']!r}")
     target, _ = _config_backbone(cfg)
     problems += architecture_differences(metadata["description"], describe_resnet(target))
-    target_state = target.state_dict()
-    resized = [f"{k}: {rows} rows in the weights, {target_state[k].shape[0]} in the model"
-               for k, rows in metadata["relative_rows"].items() if k in target_state and target_state[k].shape[0] != rows]
-    if resized:
-        problems.append(f"relative tables sized for another image size ({resized[0]}, ...): convert again with "
-                        "this config (tools/convert_pretrained_to_d2.py --config-file)")
     if problems:
         raise ConfigError(f"{path} does not fit the config: " + "; ".join(problems))
