@@ -9,7 +9,7 @@ Every AAConv2d keeps the name of the 3x3 convolution it replaces, so pretrained 
   random initialisation; the checkpointer logs it and keeps the lists in `last_load_report`.
 
 It works for plain state dicts (.pth, detectron2 checkpoints), detectron2-format .pkl files such as
-tools/convert_torchvision_to_d2.py writes, and Caffe2-named MSRA ImageNet .pkl files.
+tools/convert_pretrained_to_d2.py writes, and Caffe2-named MSRA ImageNet .pkl files.
 
 Files are read and written defensively:
 

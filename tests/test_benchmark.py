@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import os
 
@@ -9,15 +8,9 @@ from aa_detection.benchmark import attention, report
 from aa_detection.benchmark.common import compare_times, format_table, run_in_turns
 from aa_detection.layers.relative_attention import kernel_available
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
+from common import load_tool  # noqa: E402
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is missing")
 
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _summary(runs):
@@ -135,7 +128,7 @@ def test_differences_are_empty_without_an_independent_reference():
 
 def test_attention_tool_smoke_run(tmp_path, capsys):
     out = tmp_path / "attention.json"
-    results = _tool("benchmark_attention").main(
+    results = load_tool("benchmark_attention").main(
         ["--sizes", "res5", "--batch", "1", "--repeats", "1", "--no-train", "--paths", "naive,fused",
          "--naive-max-gib", "0", "--json", str(out)])
     (row,) = json.loads(out.read_text())["rows"]
@@ -148,7 +141,7 @@ def test_attention_tool_smoke_run(tmp_path, capsys):
 def test_model_tool_smoke_run(tmp_path, capsys):
     pytest.importorskip("detectron2")
     out = tmp_path / "bench.json"
-    _tool("benchmark").main(["--size", "64", "96", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+    load_tool("benchmark").main(["--size", "64", "96", "--repeats", "1", "--warmup", "0", "--device", "cpu",
                              "--json", str(out), "--opts", "MODEL.RESNETS.DEPTH", "18",
                              "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.AA.STAGES", "['res4','res5']"])
     text = capsys.readouterr().out
@@ -168,7 +161,7 @@ def test_make_benchmarks_renders_kept_results_without_measuring(tmp_path):
     for name, text in kept.items():
         (folder / name).write_text(text)
     out = tmp_path / "B.md"
-    _tool("make_benchmarks").main(["--reuse", "--skip-attention", "--keep-json", str(folder), "--out", str(out)])
+    load_tool("make_benchmarks").main(["--reuse", "--skip-attention", "--keep-json", str(folder), "--out", str(out)])
     text = out.read_text()
     assert {name: (folder / name).read_text() for name in os.listdir(folder)} == kept  # nothing measured
     for variant in report.VARIANTS:
@@ -203,7 +196,7 @@ def test_one_table_format():
 def test_cuda_without_a_gpu_is_a_clear_error(tool, tmp_path, capsys):
     argv = ["--device", "cuda"] + (["--out", str(tmp_path / "B.md")] if tool == "make_benchmarks" else [])
     with pytest.raises(SystemExit) as exit_info:
-        _tool(tool).main(argv)
+        load_tool(tool).main(argv)
     assert exit_info.value.code == 2
     assert "CUDA is not available" in capsys.readouterr().err
     assert not (tmp_path / "B.md").exists()

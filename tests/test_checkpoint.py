@@ -1,4 +1,3 @@
-import importlib.util
 import os
 import pickle
 import re
@@ -27,14 +26,6 @@ BASELINE = os.path.join(ROOT, "configs", "retinanet_R_50_FPN_1x.yaml")
 SMALL = ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.RESNETS.WIDTH_PER_GROUP", "16"]
 PREFIX = "backbone.bottom_up."
 ATTENTION = ("qkv", "attn_out", "rel_h", "rel_w")
-
-
-def _converter():
-    spec = importlib.util.spec_from_file_location(
-        "convert_torchvision_to_d2", os.path.join(ROOT, "tools", "convert_torchvision_to_d2.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _randomize_norms(module):
@@ -111,18 +102,20 @@ def test_msra_caffe2_pkl_loads_into_aa_resnet(tmp_path):
     _check_loaded(model, before, expected, checkpointer)
 
 
-def test_torchvision_converted_pkl_loads_into_aa_resnet(tmp_path):
+def test_torchvision_converted_weights_load_into_aa_resnet(tmp_path):
+    from aa_detection.pretrained import convert_pretrained
+
     tv = torchvision.models.resnet50(weights=None, width_per_group=16)
     _randomize_norms(tv)
-    pth, pkl = str(tmp_path / "resnet50.pth"), str(tmp_path / "resnet50.pkl")
+    pth, converted = str(tmp_path / "resnet50.pth"), str(tmp_path / "resnet50_d2.pth")
     torch.save(tv.state_dict(), pth)
-    converted = _converter().convert(pth, pkl)
-    expected = {k: torch.from_numpy(v) for k, v in converted.items()}
+    convert_pretrained(pth, converted)
+    expected = {k[len(PREFIX):]: v for k, v in torch.load(converted)["model"].items()}
 
     model = _aa_model(False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     checkpointer = AACheckpointer(model)
-    checkpointer.load(pkl)
+    checkpointer.load(converted)
     _check_loaded(model, before, expected, checkpointer)
 
 

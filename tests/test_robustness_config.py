@@ -154,3 +154,18 @@ def test_a_run_never_starts_in_another_configs_output_dir(tmp_path):
                                out + ["MODEL.WEIGHTS", "model_final.pth"]))  # the same config: evaluate, resume
     with pytest.raises(ConfigError, match=r"holds the run of another config \(MODEL\.BACKBONE\.NAME differ"):
         check_output_dir(setup_cfg(os.path.join(root, "retinanet_AA_R_18_FPN_synthetic.yaml"), out))
+
+
+def test_the_evaluator_follows_the_datasets_evaluator_type():
+    from detectron2.data import MetadataCatalog
+    from detectron2.evaluation import PascalVOCDetectionEvaluator
+
+    from aa_detection.engine.trainer import Trainer
+
+    cfg = setup_cfg(AA_CFG)
+    MetadataCatalog.get("voc_like_test").set(evaluator_type="pascal_voc", dirname="/nonexistent/VOC2007",
+                                             year=2007, split="test", thing_classes=["a", "b"])
+    assert isinstance(Trainer.build_evaluator(cfg, "voc_like_test"), PascalVOCDetectionEvaluator)
+    MetadataCatalog.get("odd_type_test").set(evaluator_type="cityscapes_instance")
+    with pytest.raises(ConfigError, match=r"'odd_type_test' has evaluator_type 'cityscapes_instance'.*'coco'"):
+        Trainer.build_evaluator(cfg, "odd_type_test")

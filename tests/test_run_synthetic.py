@@ -9,8 +9,6 @@ import pytest
 
 pytest.importorskip("detectron2", reason="detectron2 is not installed; see README.md, Install")
 
-from aa_detection.data import ensure_synthetic_dataset  # noqa: E402
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs/synthetic/retinanet_R_18_FPN_synthetic.yaml")
 
@@ -18,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 
 def _run(tmp_path, data, output, seeds):
-    opts = ["DATASETS.SYNTHETIC.ROOT", data, "DATASETS.SYNTHETIC.NUM_TRAIN", "16", "DATASETS.SYNTHETIC.NUM_VAL", "4",
+    opts = ["DATASETS.SYNTHETIC.ROOT", data, "DATASETS.SYNTHETIC.NUM_TRAIN", "32", "DATASETS.SYNTHETIC.NUM_VAL", "6",
             "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96", "INPUT.MIN_SIZE_TEST", "64",
             "INPUT.MAX_SIZE_TEST", "96", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "20",
             "SOLVER.WARMUP_ITERS", "2", "SOLVER.STEPS", "()", "TEST.EVAL_PERIOD", "10",
@@ -34,9 +32,8 @@ def _losses(run):
         return [(r["iteration"], r.get("total_loss"), r.get("bbox/AP")) for r in map(json.loads, f)]
 
 
-def test_seeds_are_separate_runs_and_a_seed_repeats_exactly(tmp_path):
-    data = str(tmp_path / "data")
-    ensure_synthetic_dataset(data, num_train=16, num_val=4, image_size=(64, 96))
+def test_seeds_are_separate_runs_and_a_seed_repeats_exactly(tmp_path, tiny_synthetic):
+    data = tiny_synthetic
     first = _run(tmp_path, data, str(tmp_path / "a"), seeds=2)
     assert first.returncode == 0, first.stderr[-3000:]
     runs = {s: str(tmp_path / "a" / "retinanet_R_18_FPN" / f"seed{s}") for s in (1, 2)}

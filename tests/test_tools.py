@@ -1,62 +1,18 @@
-import importlib.util
 import math
 import os
-import pickle
 
 import pytest
 
 pytest.importorskip("detectron2", reason="detectron2 is not installed; see README.md, Install")
 import torch  # noqa: E402
-import torchvision  # noqa: E402
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.layers import ShapeSpec  # noqa: E402
-from detectron2.modeling.backbone import build_resnet_backbone  # noqa: E402
 
 from aa_detection.analysis import count_parameters, flop_count  # noqa: E402
 from aa_detection.layers.relative_attention import kernel_available  # noqa: E402
 from aa_detection.config import setup_cfg  # noqa: E402
 from aa_detection.layers import AAConv2d  # noqa: E402
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
+from common import ROOT, load_tool  # noqa: E402
 
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.mark.parametrize("depth", [18, 50])
-def test_torchvision_conversion_round_trip(tmp_path, depth):
-    tv = getattr(torchvision.models, f"resnet{depth}")(weights=None).eval()
-    g = torch.Generator().manual_seed(0)
-    for m in tv.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):  # non-trivial statistics, as in trained weights
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g))
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g))
-    pth, pkl = str(tmp_path / "tv.pth"), str(tmp_path / "tv.pkl")
-    torch.save(tv.state_dict(), pth)
-    _tool("convert_torchvision_to_d2").main([pth, pkl])
-    with open(pkl, "rb") as f:
-        data = pickle.load(f)
-    assert data["__author__"] == "torchvision" and data["matching_heuristics"]
-    assert not any(k.startswith("fc.") or "num_batches_tracked" in k for k in data["model"])
-
-    opts = ["MODEL.RESNETS.DEPTH", str(depth), "MODEL.RESNETS.STRIDE_IN_1X1", "False",
-            "MODEL.RESNETS.OUT_FEATURES", "['res5']"]
-    if depth < 50:
-        opts += ["MODEL.RESNETS.RES2_OUT_CHANNELS", "64"]
-    d2 = build_resnet_backbone(setup_cfg(None, opts), ShapeSpec(channels=3)).eval()
-    DetectionCheckpointer(d2).load(pkl)
-    loaded = d2.state_dict()
-    assert all(torch.equal(loaded[k], torch.from_numpy(v)) for k, v in data["model"].items())
-    x = torch.randn(1, 3, 70, 90)  # RGB, torchvision's normalisation
-    with torch.no_grad():
-        expected = torch.nn.Sequential(*list(tv.children())[:-2])(x)
-        assert torch.allclose(d2(x)["res5"], expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("impl", ["naive", "fused", "kernel"])
@@ -78,7 +34,7 @@ def test_flop_count_counts_attention_matmuls_by_real_widths(impl):
 def test_analyze_model_prints_params_and_flops(capsys):
     configs = [os.path.join(ROOT, "configs", f) for f in ("retinanet_R_50_FPN_1x.yaml",
                                                           "retinanet_AA_R_50_FPN_1x.yaml")]
-    rows = _tool("analyze_model").main(["--config-file", *configs, "--size", "64", "96",
+    rows = load_tool("analyze_model").main(["--config-file", *configs, "--size", "64", "96",
                                         "--opts", "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64"])
     out = capsys.readouterr().out
     assert "params (M)" in out and "GFLOPs" in out and "params x" in out

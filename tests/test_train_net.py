@@ -18,15 +18,6 @@ CFG = os.path.join(ROOT, "configs/synthetic/retinanet_R_18_FPN_synthetic.yaml")
 BOX_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl"}
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    from aa_detection.data import ensure_synthetic_dataset
-
-    root = str(tmp_path_factory.mktemp("data") / "synthetic")
-    ensure_synthetic_dataset(root, num_train=32, num_val=6, image_size=(64, 96))
-    return root
-
-
 def _args(data_root, out, *extra, max_iter=40, flags=()):
     opts = [
         "DATASETS.SYNTHETIC.ROOT", data_root, "DATASETS.SYNTHETIC.NUM_TRAIN", "32",
@@ -45,9 +36,9 @@ def _results(out):
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_data, tmp_path_factory):
+def trained(tiny_synthetic, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    main(_args(tiny_data, out))
+    main(_args(tiny_synthetic, out))
     return out
 
 
@@ -63,9 +54,9 @@ def test_training_lowers_loss_and_evaluates(trained):
     assert os.path.isfile(os.path.join(trained, "model_final.pth"))
 
 
-def test_eval_only_reproduces_metrics(trained, tiny_data, tmp_path):
+def test_eval_only_reproduces_metrics(trained, tiny_synthetic, tmp_path):
     weights = os.path.join(trained, "model_final.pth")
-    main(_args(tiny_data, tmp_path, "MODEL.WEIGHTS", weights, flags=["--eval-only"]))
+    main(_args(tiny_synthetic, tmp_path, "MODEL.WEIGHTS", weights, flags=["--eval-only"]))
     again, first = _results(tmp_path), _results(trained)
     assert again["iteration"] == first["iteration"]
     a, b = again["results"]["synthetic_val"]["bbox"], first["results"]["synthetic_val"]["bbox"]
@@ -86,8 +77,8 @@ class _InterruptAt(HookBase):
             raise _Interrupt()
 
 
-def test_resume_continues_from_last_checkpoint(tiny_data, tmp_path):
-    args = _args(tiny_data, tmp_path, max_iter=30, flags=["--resume"])
+def test_resume_continues_from_last_checkpoint(tiny_synthetic, tmp_path):
+    args = _args(tiny_synthetic, tmp_path, max_iter=30, flags=["--resume"])
     trainer = Trainer(setup(args))
     trainer.resume_or_load(resume=True)
     trainer.register_hooks([_InterruptAt(24)])
@@ -110,8 +101,8 @@ def test_resume_continues_from_last_checkpoint(tiny_data, tmp_path):
     assert os.path.isfile(os.path.join(tmp_path, "model_final.pth"))
 
 
-def test_two_processes_on_cpu(tiny_data, tmp_path):
-    args = _args(tiny_data, tmp_path, max_iter=6, flags=["--num-gpus", "2"])
+def test_two_processes_on_cpu(tiny_synthetic, tmp_path):
+    args = _args(tiny_synthetic, tmp_path, max_iter=6, flags=["--num-gpus", "2"])
     args.dist_url = "auto"
     launch(main, args.num_gpus, num_machines=1, machine_rank=0, dist_url="auto", args=(args,))
     res = _results(tmp_path)
@@ -132,9 +123,9 @@ def test_detectron2_still_passes_device_ids_for_cpu_models():
     launch(_wrap_a_cpu_module_as_detectron2_does, 2, num_machines=1, machine_rank=0, dist_url="auto")
 
 
-def test_trainer_sets_what_default_trainer_sets(tiny_data, tmp_path):
-    upstream = DefaultTrainer(setup(_args(tiny_data, tmp_path / "upstream")))
-    ours = Trainer(setup(_args(tiny_data, tmp_path / "ours")))
+def test_trainer_sets_what_default_trainer_sets(tiny_synthetic, tmp_path):
+    upstream = DefaultTrainer(setup(_args(tiny_synthetic, tmp_path / "upstream")))
+    ours = Trainer(setup(_args(tiny_synthetic, tmp_path / "ours")))
     assert set(vars(upstream)) <= set(vars(ours))
     assert isinstance(ours.checkpointer, AACheckpointer) and ours.checkpointer.save_dir == str(tmp_path / "ours")
     assert ours.eval_results is None and ours.eval_seconds == 0.0

@@ -14,12 +14,12 @@ import weakref
 
 import torch
 import yaml
-from detectron2.data import build_detection_test_loader
+from detectron2.data import MetadataCatalog, build_detection_test_loader
 from detectron2.engine import (
     AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, default_argument_parser,
     default_setup, hooks,
 )
-from detectron2.evaluation import COCOEvaluator
+from detectron2.evaluation import COCOEvaluator, LVISEvaluator, PascalVOCDetectionEvaluator
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
 from detectron2.utils.events import JSONWriter
@@ -137,9 +137,19 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """The box evaluator of the dataset's `evaluator_type` metadata: "coco" (also when unset),
+        "lvis" or "pascal_voc"; ConfigError naming the dataset for another type."""
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return COCOEvaluator(dataset_name, tasks=("bbox",), output_dir=output_folder)
+        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
+        if evaluator_type == "coco":
+            return COCOEvaluator(dataset_name, tasks=("bbox",), output_dir=output_folder)
+        if evaluator_type == "lvis":
+            return LVISEvaluator(dataset_name, tasks=("bbox",), output_dir=output_folder)
+        if evaluator_type == "pascal_voc":
+            return PascalVOCDetectionEvaluator(dataset_name)
+        raise ConfigError(f"DATASETS.TEST: dataset '{dataset_name}' has evaluator_type {evaluator_type!r}, which has "
+                          "no box evaluator here: allowed values are 'coco', 'lvis' and 'pascal_voc'")
 
 
 def model_complexity(cfg, model):

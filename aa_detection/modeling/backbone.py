@@ -133,7 +133,7 @@ def aa_resnet(
     impl: str = "auto",
     attention_norm: str = "",
     zero_init: bool = False,
-    downsample_stages=(),
+    downsample_stages=("res3",),
     max_input_size: int = 1344,
     num_classes: Optional[int] = None,
 ) -> ResNet:
