@@ -9,8 +9,10 @@ pytest.importorskip("detectron2", reason="detectron2 is not installed; see READM
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT  # noqa: E402
+
 CONFIG = os.path.join(ROOT, "configs/synthetic/retinanet_AA_R_18_FPN_synthetic.yaml")
+pytestmark = pytest.mark.slow  # each test runs the tool in its own processes
 
 
 def _demo(tmp_path, *args):

@@ -203,7 +203,8 @@ def test_attention_maps_are_the_layer_softmax(setup, aa_runner, tmp_path):
 
     # a stride-2 layer of another stage: grid = its output size
     res3 = compute_attention(aa_runner, image, queries=[(30, 30)], layer="backbone.bottom_up.res3.0.conv1")
-    assert res3.stride == (8.0, 8.0) and res3.maps.shape[1:] == (8, *res3.grid)
+    # res3 attends over its output pooled 2x2 once more (MODEL.AA.DOWNSAMPLE_STAGES): stride 8 * 2
+    assert res3.stride == (16.0, 16.0) and res3.maps.shape[1:] == (8, *res3.grid)
 
 
 def test_attention_command_exports_grid_and_maps(setup, tmp_path):

@@ -261,11 +261,11 @@ def setup(args):
     A run never starts in the OUTPUT_DIR of another config's run (`check_output_dir`)."""
     cfg, origins = load_cfg(args.config_file, args.opts, datasets=args.dataset, trusted=args.trust_config)
     validate_cfg(cfg, origins)
-    check_output_dir(cfg)
     # the project's own messages (dataset checks, metrics repair) to the console and OUTPUT_DIR/log.txt
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="aa_detection", abbrev_name="aa")
     prepare_datasets(cfg)
     register_datasets(cfg)
+    check_output_dir(cfg)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
