@@ -126,6 +126,7 @@ def test_differences_are_empty_without_an_independent_reference():
     assert any("no path has an independent reference" in s for s in sentences)
 
 
+@pytest.mark.slow
 def test_attention_tool_smoke_run(tmp_path, capsys):
     out = tmp_path / "attention.json"
     results = load_tool("benchmark_attention").main(
@@ -138,6 +139,7 @@ def test_attention_tool_smoke_run(tmp_path, capsys):
     assert "naive          | skipped" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_model_tool_smoke_run(tmp_path, capsys):
     pytest.importorskip("detectron2")
     out = tmp_path / "bench.json"
@@ -169,6 +171,7 @@ def test_make_benchmarks_renders_kept_results_without_measuring(tmp_path):
     assert "## GPU" in text and "No GPU measurements" in text
 
 
+@pytest.mark.slow
 def test_a_benchmark_runs_in_its_own_process(tmp_path):
     out = tmp_path / "attention.json"
     report.run_isolated("attention", ["--sizes", "res5", "--batch", "1", "--repeats", "1", "--no-train",

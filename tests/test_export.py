@@ -18,7 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AA_CONFIG = os.path.join(ROOT, "configs/synthetic/retinanet_AA_R_18_FPN_synthetic.yaml")
 TRACE_SIZE, OTHER_SIZES = (160, 224), [(128, 192), (150, 250)]
 
-pytestmark = pytest.mark.skipif(not kernel_available(), reason="the default CPU path is the compiled kernel")
+pytestmark = [pytest.mark.skipif(not kernel_available(), reason="the default CPU path is the compiled kernel"),
+              pytest.mark.slow]  # export, reload in a fresh process
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ from detectron2.modeling import build_model  # noqa: E402
 
 from aa_detection.config import setup_cfg  # noqa: E402
 
+pytestmark = pytest.mark.slow  # RetinaNets built twice
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAZY = sorted(glob.glob(os.path.join(ROOT, "configs", "lazy", "*.py")))
 

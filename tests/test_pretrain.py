@@ -19,6 +19,8 @@ from aa_detection.layers import AAConv2d  # noqa: E402
 from aa_detection.pretrain import build_argument_parser, pretrain  # noqa: E402
 from aa_detection.pretrained import check_weights_format, convert_pretrained  # noqa: E402
 
+pytestmark = pytest.mark.slow  # pretraining runs
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 AA_CONFIG = os.path.join(ROOT, "configs", "synthetic", "retinanet_AA_R_18_FPN_synthetic.yaml")
 PLAIN_CONFIG = os.path.join(ROOT, "configs", "synthetic", "retinanet_R_18_FPN_synthetic.yaml")

@@ -20,6 +20,8 @@ from aa_detection.checkpoint import AACheckpointer  # noqa: E402
 from aa_detection.engine.resilience import repair_metrics_file  # noqa: E402
 from aa_detection.engine.trainer import RESULTS_FILE, argument_parser, main  # noqa: E402
 
+pytestmark = pytest.mark.slow  # trainings killed and resumed
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = os.path.join(ROOT, "configs/synthetic/retinanet_R_18_FPN_synthetic.yaml")
 MAX_ITER = 8

@@ -13,6 +13,8 @@ from aa_detection.checkpoint import AACheckpointer  # noqa: E402
 from aa_detection.engine.compare import read_metrics  # noqa: E402
 from aa_detection.engine.trainer import RESULTS_FILE, Trainer, argument_parser, main, setup  # noqa: E402
 
+pytestmark = pytest.mark.slow  # trainings
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = os.path.join(ROOT, "configs/synthetic/retinanet_R_18_FPN_synthetic.yaml")
 BOX_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl"}

@@ -22,6 +22,8 @@ from aa_detection.visualization import (  # noqa: E402
 )
 from aa_detection.visualization.cli import main  # noqa: E402
 
+pytestmark = pytest.mark.slow  # trained models and whole-tool runs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AA_CFG = os.path.join(ROOT, "configs/synthetic/retinanet_AA_R_18_FPN_synthetic.yaml")
 BASE_CFG = os.path.join(ROOT, "configs/synthetic/retinanet_R_18_FPN_synthetic.yaml")
