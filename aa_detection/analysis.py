@@ -7,6 +7,7 @@ real shapes (`AAConv2d.attention_flops`: q.k, the relative logits q.r^H, q.r^W, 
 whatever matmul-like ops the traced path emitted inside the layer, so every path counts the same.
 """
 from collections import Counter
+from typing import Dict, Tuple
 
 import torch
 
@@ -18,7 +19,7 @@ __all__ = ["count_parameters", "flop_count"]
 _ATTENTION_OPS = ("einsum", "matmul", "bmm", "scaled_dot_product_attention")
 
 
-def count_parameters(model):
+def count_parameters(model: torch.nn.Module) -> Dict[str, int]:
     """{"total": all parameters, "trainable": those with requires_grad} of a module."""
     params = list(model.parameters())
     return {
@@ -27,7 +28,7 @@ def count_parameters(model):
     }
 
 
-def flop_count(model, inputs):
+def flop_count(model: torch.nn.Module, inputs: tuple) -> Tuple[int, Counter]:
     """fvcore FlopCountAnalysis of a detectron2 model (or any module), attention cores counted exactly.
 
     `inputs` is the tuple of positional arguments of model.forward (for a detectron2 meta-architecture,

@@ -27,6 +27,7 @@ Files are read and written defensively:
 import fnmatch
 import logging
 import os
+from typing import List
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
@@ -70,7 +71,7 @@ class AACheckpointer(DetectionCheckpointer):
         return load_torch_weights(f)
 
     # ---- writing checkpoints -----------------------------------------------------------------------
-    def save(self, name, **kwargs):
+    def save(self, name: str, **kwargs) -> None:
         """fvcore's save, skipped (with an error naming the entries) when the model is not finite."""
         bad = [k for k, v in self.model.state_dict().items()
                if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
@@ -82,7 +83,7 @@ class AACheckpointer(DetectionCheckpointer):
             return
         super().save(name, **kwargs)
 
-    def remove_partial_files(self):
+    def remove_partial_files(self) -> List[str]:
         """Delete the temporary files a killed save left in save_dir; returns their paths."""
         if not self.save_dir or not self.save_to_disk or not self.path_manager.isdir(self.save_dir):
             return []

@@ -14,7 +14,7 @@ res3-res5, 8 heads, kappa 0.2, upsilon 0.1, relative positions, res3 attention d
 norm is trainable BatchNorm ("BN") and `max_input_size` (which sizes the relative tables) is the
 training image size, 224. timm is an optional dependency of aa_detection: only this module needs it.
 """
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Set
 
 import torch
 from torch import nn
@@ -96,14 +96,14 @@ class AAResNetClassifier(nn.Module):
             self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
             self.linear = nn.Identity()
 
-    def no_weight_decay(self):
+    def no_weight_decay(self) -> Set[str]:
         """Relative position tables, like timm's position embeddings, are not weight-decayed."""
         return {n for n, _ in self.named_parameters() if n.endswith((".rel_h", ".rel_w"))}
 
     def get_classifier(self) -> nn.Module:
         return self.linear
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         if global_pool not in (None, "avg"):
             raise ValueError(f"global_pool={global_pool!r}: AA-ResNet classifiers pool with 'avg' only")
         self.num_classes = num_classes
@@ -146,48 +146,48 @@ def _create(variant: str, depth: int, pretrained: bool, **kwargs) -> AAResNetCla
 
 
 @register_model
-def aa_resnet18(pretrained=False, **kwargs) -> AAResNetClassifier:
+def aa_resnet18(pretrained: bool = False, **kwargs) -> AAResNetClassifier:
     """AA-ResNet-18 (both 3x3 convolutions of res3-res5 blocks attention-augmented)."""
     return _create("aa_resnet18", 18, pretrained, **kwargs)
 
 
 @register_model
-def aa_resnet34(pretrained=False, **kwargs) -> AAResNetClassifier:
+def aa_resnet34(pretrained: bool = False, **kwargs) -> AAResNetClassifier:
     """AA-ResNet-34."""
     return _create("aa_resnet34", 34, pretrained, **kwargs)
 
 
 @register_model
-def aa_resnet50(pretrained=False, **kwargs) -> AAResNetClassifier:
+def aa_resnet50(pretrained: bool = False, **kwargs) -> AAResNetClassifier:
     """AA-ResNet-50 (the 3x3 convolution of res3-res5 bottlenecks attention-augmented)."""
     return _create("aa_resnet50", 50, pretrained, **kwargs)
 
 
 @register_model
-def aa_resnet101(pretrained=False, **kwargs) -> AAResNetClassifier:
+def aa_resnet101(pretrained: bool = False, **kwargs) -> AAResNetClassifier:
     """AA-ResNet-101."""
     return _create("aa_resnet101", 101, pretrained, **kwargs)
 
 
 @register_model
-def d2_resnet18(pretrained=False, **kwargs) -> AAResNetClassifier:
+def d2_resnet18(pretrained: bool = False, **kwargs) -> AAResNetClassifier:
     """Plain ResNet-18 with detectron2's names: the baseline of aa_resnet18."""
     return _create("d2_resnet18", 18, pretrained, **kwargs)
 
 
 @register_model
-def d2_resnet34(pretrained=False, **kwargs) -> AAResNetClassifier:
+def d2_resnet34(pretrained: bool = False, **kwargs) -> AAResNetClassifier:
     """Plain ResNet-34 with detectron2's names: the baseline of aa_resnet34."""
     return _create("d2_resnet34", 34, pretrained, **kwargs)
 
 
 @register_model
-def d2_resnet50(pretrained=False, **kwargs) -> AAResNetClassifier:
+def d2_resnet50(pretrained: bool = False, **kwargs) -> AAResNetClassifier:
     """Plain ResNet-50 with detectron2's names: the baseline of aa_resnet50."""
     return _create("d2_resnet50", 50, pretrained, **kwargs)
 
 
 @register_model
-def d2_resnet101(pretrained=False, **kwargs) -> AAResNetClassifier:
+def d2_resnet101(pretrained: bool = False, **kwargs) -> AAResNetClassifier:
     """Plain ResNet-101 with detectron2's names: the baseline of aa_resnet101."""
     return _create("d2_resnet101", 101, pretrained, **kwargs)

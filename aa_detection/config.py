@@ -20,6 +20,7 @@ walking the config.
 import difflib
 import os
 import re
+from typing import Dict, Optional, Sequence, Tuple
 
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
@@ -42,7 +43,7 @@ OPTIMIZERS = ("SGD", "ADAMW")
 OVERRIDE = "command-line override"
 
 
-def add_aa_config(cfg):
+def add_aa_config(cfg: CN) -> CN:
     """Add the MODEL.AA node (attention augmentation of the ResNet backbone) to a detectron2 config."""
     cfg.MODEL.AA = CN()
     # Stages whose 3x3 convolutions are attention-augmented. The paper augments from the last
@@ -216,7 +217,8 @@ def add_aa_defaults() -> None:
         add_aa_config(defaults._C)
 
 
-def load_cfg(config_file=None, opts=(), datasets=(), trusted=()):
+def load_cfg(config_file: Optional[str] = None, opts: Sequence[str] = (), datasets: Sequence[Sequence[str]] = (),
+             trusted: Sequence[str] = ()) -> Tuple[CN, Dict[str, str]]:
     """(config, origins): detectron2's defaults, the AA keys, `config_file` (and its _BASE_ files), then
     the `opts` KEY VALUE overrides; `datasets` (name, json_file, image_root) triples are appended to
     DATASETS.REGISTER. `origins` maps each key set by a file or override to that file's path or
@@ -332,7 +334,7 @@ def _backbone_error(cfg, error, origin):
                        f"from this config: {error}")
 
 
-def validate_cfg(cfg, origins=None):
+def validate_cfg(cfg: CN, origins: Optional[Dict[str, str]] = None) -> CN:
     """ConfigError unless `cfg` can be used: the choice keys (SOLVER.OPTIMIZER, MODEL.AA.IMPL,
     DATASETS.BAD_IMAGES, DATASETS.CHECK_IMAGES, MODEL.BACKBONE.NAME), MODEL.AA.STAGES and
     MODEL.RESNETS.DEPTH, DATASETS.REGISTER entries, the backbone itself, built on the meta device
@@ -340,7 +342,7 @@ def validate_cfg(cfg, origins=None):
     reported as "default"."""
     origins = origins or {}
 
-    def origin(key):
+    def origin(key: str) -> str:
         return origins.get(key, "default")
 
     _check_choice(cfg, "SOLVER.OPTIMIZER", OPTIMIZERS, origin, any_case=True)
@@ -363,7 +365,8 @@ def validate_cfg(cfg, origins=None):
     return cfg
 
 
-def setup_cfg(config_file=None, opts=(), datasets=(), prepare_data=False, trusted=()):
+def setup_cfg(config_file: Optional[str] = None, opts: Sequence[str] = (), datasets: Sequence[Sequence[str]] = (),
+              prepare_data: bool = False, trusted: Sequence[str] = ()) -> CN:
     """A frozen config: `load_cfg`, `validate_cfg`, then `aa_detection.data.register_datasets` (which
     sets MODEL.RETINANET.NUM_CLASSES from the training datasets); with `prepare_data`,
     `aa_detection.data.prepare_datasets` first (generates the synthetic dataset when it is named and

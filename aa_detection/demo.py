@@ -4,7 +4,7 @@
 """
 import glob
 import os
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple, Union
 
 import cv2
 import numpy as np
@@ -90,7 +90,7 @@ class Demo:
             done.append((path, len(instances)))
         return done
 
-    def write_video(self, source, output: str, max_frames: Optional[int] = None) -> int:
+    def write_video(self, source: Union[str, int], output: str, max_frames: Optional[int] = None) -> int:
         """Draw the frames of `source` (a video file, or a camera index) into the video `output`
         (mp4v codec); the number of frames written."""
         capture = cv2.VideoCapture(source)

@@ -18,6 +18,7 @@ is reported the same way; `USER_ERRORS` lists what is.
 import contextlib
 import pickle
 import sys
+from typing import Callable, Iterator, Optional, TextIO
 
 __all__ = ["UserError", "ConfigError", "DatasetError", "WeightsError", "UnsafePickleError", "InputError",
            "UsageError", "USER_ERRORS", "exit_on_user_error", "launch_reporting_user_errors"]
@@ -55,7 +56,7 @@ USER_ERRORS = (UserError, FloatingPointError)
 
 
 @contextlib.contextmanager
-def exit_on_user_error(stream=None):
+def exit_on_user_error(stream: Optional[TextIO] = None) -> Iterator[None]:
     """Print a user error's message (no traceback) and exit with status 2; other errors pass through."""
     try:
         yield
@@ -79,8 +80,8 @@ class _SendUserErrors:
             sys.exit(2)
 
 
-def launch_reporting_user_errors(main_func, num_processes_per_machine, num_machines=1, machine_rank=0,
-                                 dist_url=None, args=()):
+def launch_reporting_user_errors(main_func: Callable, num_processes_per_machine: int, num_machines: int = 1,
+                                 machine_rank: int = 0, dist_url: Optional[str] = None, args: tuple = ()) -> None:
     """detectron2's `launch(main_func, ...)`; when it spawns workers, the first user error raised in
     any of them is raised again here, once, instead of a traceback per worker.
 

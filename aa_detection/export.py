@@ -15,6 +15,7 @@ import json
 import os
 from typing import Callable, Dict, Optional
 
+from detectron2.config import CfgNode
 from detectron2.data import build_detection_test_loader
 from detectron2.data.detection_utils import read_image
 from detectron2.data.transforms import ResizeShortestEdge
@@ -66,7 +67,7 @@ def load_torchscript(path: str) -> Callable[[torch.Tensor], Dict[str, torch.Tens
     with PathManager.open(path, "rb") as f:
         traced = torch.jit.load(f)
 
-    def run(image):
+    def run(image: torch.Tensor) -> Dict[str, torch.Tensor]:
         with torch.no_grad():
             outputs = dict(zip(names, traced(image)))
         return {name: outputs[name] for name in FIELDS}
@@ -99,7 +100,7 @@ def output_path(output_dir: str, export_format: str) -> str:
     return os.path.join(output_dir, {"torchscript": "model.ts", "export": "backbone.pt2"}[export_format])
 
 
-def sample_image(cfg, path: Optional[str] = None) -> torch.Tensor:
+def sample_image(cfg: CfgNode, path: Optional[str] = None) -> torch.Tensor:
     """(3, H, W) image to trace with, resized as the test loader does: `path`, or the first image of
     DATASETS.TEST[0]."""
     if path is None:
@@ -110,7 +111,8 @@ def sample_image(cfg, path: Optional[str] = None) -> torch.Tensor:
     return torch.as_tensor(image.astype("float32").transpose(2, 0, 1))
 
 
-def export_model(cfg, output_dir: str, export_format: str = "torchscript", image_path: Optional[str] = None) -> str:
+def export_model(cfg: CfgNode, output_dir: str, export_format: str = "torchscript",
+                 image_path: Optional[str] = None) -> str:
     """Build the model of `cfg`, load MODEL.WEIGHTS and export it in `export_format` into `output_dir`."""
     if export_format not in FORMATS:
         raise ValueError(f"export format {export_format!r}: allowed values are {list(FORMATS)}")

@@ -26,7 +26,7 @@ import logging
 import os
 import random
 import time
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
@@ -95,7 +95,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
     return p
 
 
-def model_kwargs(args) -> dict:
+def model_kwargs(args: argparse.Namespace) -> dict:
     """The model keyword arguments the command line sets; the relative tables cover --img-size."""
     kwargs = {k: getattr(args, k) for k in MODEL_OPTIONS if getattr(args, k) is not None}
     kwargs["max_input_size"] = args.img_size
@@ -202,7 +202,7 @@ def _train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, ema
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = False) -> dict:
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: bool = False) -> dict:
     """{"top1", "top5"} in % over the loader (all processes), top-5 as top-k with k = min(5, classes)."""
     model.eval()
     correct1 = correct5 = total = 0
@@ -239,7 +239,7 @@ def _write_metrics(path, records):
         f.writelines(json.dumps(r) + "\n" for r in records)
 
 
-def pretrain(args) -> dict:
+def pretrain(args: argparse.Namespace) -> dict:
     """Train `args.model` on `args.data` as the command line describes; returns the last epoch's record."""
     import timm
     from timm.data import resolve_data_config

@@ -29,8 +29,9 @@ attention at its initialisation (see `aa_detection.checkpoint`).
 import json
 import os
 import re
-from typing import Optional
+from typing import Iterable, List, Optional
 
+from detectron2.config import CfgNode
 import torch
 from torch import nn
 
@@ -89,7 +90,7 @@ def architecture_differences(weights: dict, model: dict) -> list:
     if not weights["attention"] or diffs:
         return diffs
 
-    def stages(layers):
+    def stages(layers: Iterable[str]) -> List[str]:
         return sorted({name.split(".")[0] for name in layers})
 
     if stages(weights["attention"]) != stages(model["attention"]):
@@ -200,7 +201,7 @@ def _check_fits(describe_weights: dict, resnet: nn.Module, where: str):
         raise ConfigError(f"the pretrained weights do not fit the backbone {where} builds: " + "; ".join(diffs))
 
 
-def convert_pretrained(src: str, dst: str, cfg=None, max_input_size: int = 1344,
+def convert_pretrained(src: str, dst: str, cfg: Optional[CfgNode] = None, max_input_size: int = 1344,
                        prefix: Optional[str] = None, weights: str = "auto") -> dict:
     """Write `src` as detectron2 weights `dst` (.pth) and `dst` .json metadata; returns the metadata.
 
@@ -250,7 +251,7 @@ def _is_attention(key):
     return key.split(".")[-2] in ("qkv", "attn_out") or key.endswith(("rel_h", "rel_w"))
 
 
-def check_weights_format(cfg, path: str) -> None:
+def check_weights_format(cfg: CfgNode, path: str) -> None:
     """ConfigError naming both values when a converted file (convert_pretrained) does not fit `cfg`:
     MODEL.PIXEL_MEAN, MODEL.PIXEL_STD or INPUT.FORMAT other than the weights', a backbone of another
     architecture, or relative tables sized for another image size. Files without the metadata (other

@@ -4,6 +4,7 @@ import io
 import os
 import pickle
 import tempfile
+from typing import IO, Any, Iterator, Union
 
 import torch
 
@@ -40,7 +41,7 @@ class _WeightsUnpickler(pickle.Unpickler):
         super().__init__(file, encoding="latin1")
         self.path = path
 
-    def find_class(self, module, name):
+    def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _SAFE_GLOBALS or (module in _NUMPY_DTYPE_MODULES and name.endswith("DType")):
             return super().find_class(module, name)
         if (module, name) == ("torch.storage", "_load_from_bytes"):
@@ -52,7 +53,7 @@ class _WeightsUnpickler(pickle.Unpickler):
         )
 
 
-def load_pickle_weights(path, allow_unsafe=False):
+def load_pickle_weights(path: str, allow_unsafe: bool = False) -> Any:
     """Unpickle a weight file (.pkl); objects other than tensors, arrays and containers raise
     UnsafePickleError naming the file, unless allow_unsafe."""
     with open(path, "rb") as f:
@@ -61,7 +62,7 @@ def load_pickle_weights(path, allow_unsafe=False):
         return _WeightsUnpickler(f, path).load()
 
 
-def load_torch_weights(path, map_location="cpu"):
+def load_torch_weights(path: str, map_location: Union[str, torch.device] = "cpu") -> Any:
     """torch.load with weights-only loading; the error names the file."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
@@ -76,7 +77,7 @@ def _umask():
 
 
 @contextlib.contextmanager
-def atomic_write(path, mode="wb"):
+def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside `path` and move it onto `path` only once the block succeeds,
     so readers and resumed runs never see a partial file."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -106,7 +107,7 @@ class AtomicWritePathManager:
     def __init__(self, path_manager):
         self.wrapped = path_manager
 
-    def open(self, path, mode="r", **kwargs):
+    def open(self, path: str, mode: str = "r", **kwargs) -> IO:
         if mode in ("w", "wb") and "://" not in path and not kwargs:
             return atomic_write(path, mode)
         return self.wrapped.open(path, mode, **kwargs)

@@ -28,7 +28,7 @@ import argparse
 import json
 import math
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -101,7 +101,8 @@ def paths_for(device: torch.device, wanted: Sequence[str], naive_estimate: float
     return [p for p in PATHS if p in wanted and runs_here[p]]
 
 
-def make_inputs(B, Nh, H, W, dkh, dvh, device, seed=0):
+def make_inputs(B: int, Nh: int, H: int, W: int, dkh: int, dvh: int, device: torch.device,
+                seed: int = 0) -> Tuple[Tuple[torch.Tensor, ...], torch.Tensor]:
     """((q, k (B, Nh, H, W, dkh), v (B, Nh, H, W, dvh), rel_h (2H-1, dkh), rel_w (2W-1, dkh)), grad_out)."""
     g = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(B, Nh, H, W, dkh, generator=g) for _ in range(2))
@@ -112,13 +113,14 @@ def make_inputs(B, Nh, H, W, dkh, dvh, device, seed=0):
     return tuple(t.to(device) for t in (q, k, v, rel_h, rel_w)), grad_out.to(device)
 
 
-def to_qkv(q, k, v):
+def to_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """(B, Nh, H, W, d) q, k, v -> the qkv convolution's layout (B, 2 dk + dv, H, W)."""
     B, Nh, H, W, _ = q.shape
     return torch.cat([t.permute(0, 1, 4, 2, 3).reshape(B, -1, H, W) for t in (q, k, v)], 1)
 
 
-def attention_step(inputs, grad_out, impl, train, device, amp=None):
+def attention_step(inputs: Sequence[torch.Tensor], grad_out: torch.Tensor, impl: str, train: bool,
+                   device: torch.device, amp: Optional[str] = None) -> Tuple[Callable, Callable]:
     """A callable running one call of the path; it returns (out, gradients or None) in the
     (B, Nh, H, W, d) layout. The kernel path is called as the layer calls it, on the qkv layout
     (B, 2 dk + dv, H, W) through `relative_attention_qkv`; the mapping back is outside the call."""
@@ -132,13 +134,13 @@ def attention_step(inputs, grad_out, impl, train, device, amp=None):
     else:
         tensors, grad = list(inputs), grad_out
 
-    def attend(leaves):
+    def attend(leaves: Sequence[torch.Tensor]) -> torch.Tensor:
         with autocast(device, amp):
             if qkv_layout:
                 return relative_attention_qkv(leaves[0], Nh, Nh * dkh, Nh * dvh, leaves[1], leaves[2], impl=impl)
             return relative_attention_2d(*leaves, impl=impl)
 
-    def step():
+    def step() -> Tuple[torch.Tensor, Optional[Tuple[torch.Tensor, ...]]]:
         leaves = [t.detach().requires_grad_(train) for t in tensors]
         if train:
             out = attend(leaves)
@@ -149,7 +151,8 @@ def attention_step(inputs, grad_out, impl, train, device, amp=None):
             grads = None
         return out.detach(), grads
 
-    def in_common_layout(result):
+    def in_common_layout(result: Tuple[torch.Tensor, Optional[Tuple[torch.Tensor, ...]]]
+                         ) -> Tuple[torch.Tensor, Optional[Tuple[torch.Tensor, ...]]]:
         out, grads = result
         if qkv_layout:
             out = out.reshape(B, Nh, dvh, H, W).permute(0, 1, 3, 4, 2)
@@ -235,7 +238,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def floor_work(B, Nh, H, W, dkh, dvh) -> Dict[str, tuple]:
+def floor_work(B: int, Nh: int, H: int, W: int, dkh: int, dvh: int) -> Dict[str, tuple]:
     """Unavoidable (FLOPs, exps) of the forward pass and of forward+backward; see the module docstring."""
     HW = H * W
     pairs = B * Nh * HW * HW
@@ -255,7 +258,8 @@ def _max_diff(a, b):
     return (a.double() - b.double()).abs().max().item()
 
 
-def bench_size(name, args, device, rates, factors) -> Dict:
+def bench_size(name: str, args: argparse.Namespace, device: torch.device, rates: Dict[str, Dict],
+               factors: Dict[str, float]) -> Dict:
     """Times and peaks of every path on one map; factors: naive peak / dense logits bytes per mode."""
     H, W, fout = SIZES[name]
     dk, dv = attention_depths(fout, args.heads, args.kappa, args.upsilon)
@@ -304,7 +308,7 @@ def _path_figures(runs, result, reference, floor, is_reference) -> Dict:
     return figures
 
 
-def table_rows(rows: List[Dict], mode: str):
+def table_rows(rows: List[Dict], mode: str) -> Tuple[List[str], List[List[str]]]:
     """(header, rows) of the table of one mode; difference columns are empty ("-") for the reference
     itself and where no reference ran."""
     with_cores = any(r["paths"][p][mode]["time"].get("cores_used") is not None for r in rows for p in r["paths"])
@@ -357,7 +361,7 @@ def rates_line(meta: Dict) -> str:
     return "; ".join(parts) + f"; floor at {meta['compute_dtype']}"
 
 
-def warm_up(device, amp):
+def warm_up(device: torch.device, amp: Optional[str]) -> None:
     """One call of each path and mode on a small map (thread pools, caches, first-call costs)."""
     inputs, grad_out = make_inputs(2, 8, 12, 20, 13, 6, device)
     for train in (False, True):
@@ -366,7 +370,7 @@ def warm_up(device, amp):
         run_in_turns(steps, device, repeats=1)
 
 
-def sweep(args, device) -> Dict:
+def sweep(args: argparse.Namespace, device: torch.device) -> Dict:
     """Naive against the other paths on small maps at the res5 widths: where "auto" should switch."""
     B, Nh = args.batch, args.heads
     dk, dv = attention_depths(SIZES["res5"][2], Nh, args.kappa, args.upsilon)
@@ -405,7 +409,7 @@ def main(args: argparse.Namespace) -> Dict:
     return results
 
 
-def run(args, device, sizes) -> Dict:
+def run(args: argparse.Namespace, device: torch.device, sizes: Sequence[str]) -> Dict:
     """{"meta": environment, rates and flags, "rows": one bench_size row per map}, smallest map first."""
     modes = MODES[:1] if args.no_train else MODES
     dtypes = [torch.float32] + ([AMP_DTYPES[args.amp]] if args.amp else [])

@@ -7,7 +7,7 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -35,7 +35,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def autocast(device: torch.device, amp: Optional[str]):
+def autocast(device: torch.device, amp: Optional[str]) -> ContextManager:
     """torch.autocast to the --amp dtype ("bf16" or "fp16") on the device, or nothing for amp None."""
     if amp is None:
         return contextlib.nullcontext()
@@ -71,8 +71,8 @@ class Runs:
         }
 
 
-def run_in_turns(steps: Mapping[str, Callable[[], Any]], device="cpu", repeats: int = 3, warmup: int = 0,
-                 long_call: float = math.inf) -> Dict[str, Runs]:
+def run_in_turns(steps: Mapping[str, Callable[[], Any]], device: Union[str, torch.device] = "cpu", repeats: int = 3,
+                 warmup: int = 0, long_call: float = math.inf) -> Dict[str, Runs]:
     """Times the steps in turns (warm-up calls first, then `repeats` rounds of one call of each); a step
     whose first timed call took longer than `long_call` seconds is not called again. Each timed call is
     bracketed by torch.cuda.synchronize on a GPU, and its peak memory is measured around it
@@ -119,7 +119,7 @@ def fmt_bytes(n: float) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / (1 << 20):.1f} MiB"
 
 
-def environment(device="cpu") -> Dict[str, Any]:
+def environment(device: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
     """{field: value} naming the machine, library versions, threads and date of a measurement."""
     device = torch.device(device)
     env = {

@@ -15,8 +15,9 @@ models' forward passes under torch.autocast (bf16 or fp16).
 import argparse
 import json
 import statistics
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence, Tuple
 
+from detectron2.config import CfgNode
 import torch
 
 from ..analysis import count_parameters, flop_count
@@ -49,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def build(config_file, opts, device):
+def build(config_file: str, opts: Sequence[str], device: torch.device) -> Tuple[CfgNode, torch.nn.Module]:
     from detectron2.modeling import build_model
 
     cfg = setup_cfg(config_file, [*opts, "MODEL.WEIGHTS", "", "MODEL.DEVICE", str(device)])
@@ -57,7 +58,8 @@ def build(config_file, opts, device):
     return cfg, build_model(cfg)
 
 
-def random_batch(size, batch, device, num_classes, boxes_per_image=8) -> List[Dict]:
+def random_batch(size: Tuple[int, int], batch: int, device: torch.device, num_classes: int,
+                 boxes_per_image: int = 8) -> List[Dict]:
     """`batch` detectron2 inputs of (3, H, W) random images, with random ground-truth boxes."""
     from detectron2.structures import Boxes, Instances
 
@@ -75,13 +77,13 @@ def random_batch(size, batch, device, num_classes, boxes_per_image=8) -> List[Di
     return batch_inputs
 
 
-def inference_step(model, inputs, device, amp):
+def inference_step(model: torch.nn.Module, inputs: List[Dict], device: torch.device, amp: Optional[str]) -> None:
     model.eval()
     with torch.inference_mode(), autocast(device, amp):
         model(inputs)
 
 
-def training_step(model, inputs, device, amp):
+def training_step(model: torch.nn.Module, inputs: List[Dict], device: torch.device, amp: Optional[str]) -> None:
     from detectron2.utils.events import EventStorage
 
     model.train()
@@ -91,7 +93,8 @@ def training_step(model, inputs, device, amp):
     model.zero_grad(set_to_none=True)
 
 
-def profile_inference(model, inputs, device, amp) -> Dict[str, float]:
+def profile_inference(model: torch.nn.Module, inputs: List[Dict], device: torch.device,
+                      amp: Optional[str]) -> Dict[str, float]:
     """{op name: self seconds} of one inference: CPU time on the CPU, device time on a GPU."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -103,7 +106,7 @@ def profile_inference(model, inputs, device, amp) -> Dict[str, float]:
     return {event.key: getattr(event, key) / 1e6 for event in prof.key_averages() if getattr(event, key) > 0}
 
 
-def extra_time_by_op(profile, rows=12):
+def extra_time_by_op(profile: Dict[str, Dict[str, float]], rows: int = 12) -> List[Tuple[str, float, float, float]]:
     """[(op, baseline s, AA s, AA - baseline s)] for the ops that account for most of the AA model's extra time."""
     base, aa = profile["baseline"], profile["aa"]
     ops = sorted(set(base) | set(aa), key=lambda op: -(aa.get(op, 0) - base.get(op, 0)))

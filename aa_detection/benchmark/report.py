@@ -66,7 +66,7 @@ def result_key(device: str, amp: Optional[str]) -> str:
     return device + (f"_{amp}" if amp else "")
 
 
-def jobs(args, key: str, folder: str) -> Dict[str, tuple]:
+def jobs(args: argparse.Namespace, key: str, folder: str) -> Dict[str, tuple]:
     """{JSON path: (benchmark, flags)} of the runs of one device and precision."""
     amp = ["--amp", args.amp] if args.amp else []
     found = {}
@@ -101,7 +101,7 @@ def run_isolated(benchmark: str, argv: List[str]) -> float:
     return time.perf_counter() - start
 
 
-def measure(args, folder: str) -> None:
+def measure(args: argparse.Namespace, folder: str) -> None:
     """Runs the benchmarks of args.device (and --amp) into the folder, skipping those kept there with --reuse."""
     resolve_device(args.device)
     for path, (benchmark, flags) in jobs(args, result_key(args.device, args.amp), folder).items():

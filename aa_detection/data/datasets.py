@@ -15,7 +15,9 @@ testing (on the first process of each machine; the others wait, then read the ca
 import json
 import logging
 import os
+from typing import List, Optional
 
+from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils import comm
 
@@ -31,7 +33,7 @@ logger = logging.getLogger(__name__)
 SYNTHETIC_SPLITS = {"synthetic_train": "train", "synthetic_val": "val"}
 
 
-def synthetic_root(cfg):
+def synthetic_root(cfg: CfgNode) -> str:
     root = cfg.DATASETS.SYNTHETIC.ROOT
     if not root:
         root = os.path.join(os.getenv("DETECTRON2_DATASETS", "datasets"), "synthetic")
@@ -76,7 +78,8 @@ def _register(name, json_file, image_root, classes, id_map, load):
                                   thing_classes=classes, thing_dataset_id_to_contiguous_id=id_map)
 
 
-def register_coco_dataset(name, json_file, image_root, bad_images="error", check_images="header", cache_dir=None):
+def register_coco_dataset(name: str, json_file: str, image_root: str, bad_images: str = "error",
+                          check_images: str = "header", cache_dir: Optional[str] = None) -> List[str]:
     """Register a COCO-format detection dataset under `name` (a name registered before is registered
     again on these files), its dicts from `load_checked_coco`, evaluated as COCO.
 
@@ -101,7 +104,7 @@ def _register_synthetic(name, json_file, image_root, *options):
               lambda: _load_synthetic(name, json_file, image_root, *options))
 
 
-def dataset_classes(name):
+def dataset_classes(name: str) -> Optional[List[str]]:
     """The class names of a registered dataset: its metadata's thing_classes or, for a COCO-format dataset
     registered without them (detectron2's register_coco_instances), its JSON's categories in id order,
     as detectron2's loader names them; None when neither says."""
@@ -114,7 +117,7 @@ def dataset_classes(name):
     return list(classes) if classes is not None else None
 
 
-def register_datasets(cfg):
+def register_datasets(cfg: CfgNode) -> CfgNode:
     """Register the datasets `cfg` asks for and set MODEL.RETINANET.NUM_CLASSES from its training
     datasets' classes; `cfg` must be mutable. Generates and loads nothing.
 
@@ -159,7 +162,7 @@ def register_datasets(cfg):
     return cfg
 
 
-def prepare_datasets(cfg):
+def prepare_datasets(cfg: CfgNode) -> None:
     """Make the datasets `cfg` trains and tests on ready: generate the synthetic dataset when it is named
     and missing, and check every project dataset named in DATASETS.TRAIN or DATASETS.TEST, raising
     DatasetError as loading would (bad images with DATASETS.BAD_IMAGES "error", no usable image).

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from typing import Optional, Tuple
 
 import cv2
 import numpy as np
@@ -129,8 +130,8 @@ def _make_image(rng, h, w, max_objects, min_size, max_size):
     return np.clip(img, 0, 255).astype(np.uint8), objects
 
 
-def generate_split(out_dir, split, num_images, seed=0, image_size=(128, 192), max_objects=8,
-                   min_size=10, max_size=None):
+def generate_split(out_dir: str, split: str, num_images: int, seed: int = 0, image_size: Tuple[int, int] = (128, 192),
+                   max_objects: int = 8, min_size: int = 10, max_size: Optional[int] = None) -> dict:
     """Write `num_images` images of one split to `out_dir/split/` and its COCO JSON to
     `out_dir/split.json`. Image sizes (h, w) are drawn from the multiples of 32 in `image_size`."""
     lo, hi = image_size
@@ -164,12 +165,13 @@ def generate_split(out_dir, split, num_images, seed=0, image_size=(128, 192), ma
     return coco
 
 
-def split_paths(root, split):
+def split_paths(root: str, split: str) -> Tuple[str, str]:
     """(json_file, image_root) of one split of a dataset generated under `root`."""
     return os.path.join(root, f"{split}.json"), os.path.join(root, split)
 
 
-def ensure_synthetic_dataset(root, num_train=800, num_val=200, seed=0, image_size=(128, 192)):
+def ensure_synthetic_dataset(root: str, num_train: int = 800, num_val: int = 200, seed: int = 0,
+                             image_size: Tuple[int, int] = (128, 192)) -> str:
     """Generate the train and val splits under `root` unless they are already there (idempotent).
 
     Generation happens in a temporary sibling folder renamed to `root` at the end, so concurrent or

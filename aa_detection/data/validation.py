@@ -46,6 +46,7 @@ import logging
 import math
 import os
 import time
+from typing import Dict, List, Optional, Tuple
 
 from detectron2.structures import BoxMode
 from PIL import Image, UnidentifiedImageError
@@ -70,7 +71,7 @@ def _is_int(x):
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def read_coco_json(json_file):
+def read_coco_json(json_file: str) -> dict:
     """The parsed COCO-format JSON, its structure checked (see the module docstring)."""
     if not os.path.isfile(json_file):
         raise DatasetError(f"{json_file}: annotation file not found")
@@ -142,7 +143,7 @@ def read_coco_json(json_file):
 _EXIF_ORIENTATION = 0x0112
 
 
-def check_image(path, width, height, check_images="header"):
+def check_image(path: str, width: int, height: int, check_images: str = "header") -> Optional[str]:
     """None when the image at `path` is usable and `width` x `height`, else what is wrong (a phrase).
 
     "header" reads the file's header only; "decode" also decodes the whole image (finds truncation)."""
@@ -225,7 +226,7 @@ def _check_boxes(record, warn, counts):
     record["annotations"] = kept
 
 
-def default_cache_dir():
+def default_cache_dir() -> str:
     """$XDG_CACHE_HOME/aa_detection/dataset_checks, ~/.cache/aa_detection/dataset_checks without it."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "aa_detection", "dataset_checks")
@@ -259,7 +260,8 @@ def _gc_paused():
             gc.enable()
 
 
-def cached_check(json_file, image_root, check_images="header", cache_dir=None, with_records=True):
+def cached_check(json_file: str, image_root: str, check_images: str = "header", cache_dir: Optional[str] = None,
+                 with_records: bool = True) -> Optional[Tuple[dict, Optional[List[dict]]]]:
     """(summary, dataset dicts or None) of the cached check of these files, or None when there is no
     cache file for their current version. `with_records=False` reads the summary line only."""
     try:
@@ -290,7 +292,9 @@ def _unpack(rows):
             for image_id, file_name, height, width, anns in rows]
 
 
-def check_coco_dataset(name, json_file, image_root, check_images="header", cache_dir=None, with_records=True):
+def check_coco_dataset(name: str, json_file: str, image_root: str, check_images: str = "header",
+                       cache_dir: Optional[str] = None, with_records: bool = True
+                       ) -> Tuple[dict, Optional[List[dict]]]:
     """(summary, dataset dicts of the usable images) of a COCO-format dataset: read from its cache file,
     else checked (see the module docstring) and written there. `name` is used in the messages only.
 
@@ -341,7 +345,8 @@ def _write_cache(path, summary, records):
         logger.warning("cannot write the dataset check cache %s (%s); the check runs again next time", path, e)
 
 
-def coco_categories(json_file, image_root, check_images="header", cache_dir=None):
+def coco_categories(json_file: str, image_root: str, check_images: str = "header",
+                    cache_dir: Optional[str] = None) -> Tuple[List[str], Dict[int, int]]:
     """(class names, {dataset category id: contiguous id}) of a COCO-format dataset, in increasing id
     order: from its cached check when there is one, else from the JSON (checked; DatasetError)."""
     cached = cached_check(json_file, image_root, check_images, cache_dir, with_records=False)
@@ -353,7 +358,7 @@ def coco_categories(json_file, image_root, check_images="header", cache_dir=None
     return [n for _, n in categories], {cat_id: i for i, (cat_id, _) in enumerate(categories)}
 
 
-def raise_unusable(name, json_file, summary, bad_images="error"):
+def raise_unusable(name: str, json_file: str, summary: dict, bad_images: str = "error") -> None:
     """DatasetError when the checked dataset has bad images and `bad_images` is "error", or no usable image."""
     bad = summary["bad_images"]
     if bad and bad_images == "error":
@@ -366,7 +371,8 @@ def raise_unusable(name, json_file, summary, bad_images="error"):
                            + (f" ({len(bad)} skipped as bad)" if bad else ""))
 
 
-def load_checked_coco(name, json_file, image_root, bad_images="error", check_images="header", cache_dir=None):
+def load_checked_coco(name: str, json_file: str, image_root: str, bad_images: str = "error",
+                      check_images: str = "header", cache_dir: Optional[str] = None) -> List[dict]:
     """detectron2's dataset dicts of a COCO-format dataset, after the checks of the module docstring
     (read from the cache file while the files are unchanged)."""
     if bad_images not in BAD_IMAGE_POLICIES:

@@ -12,6 +12,7 @@ import math
 import os
 import re
 import statistics
+from typing import Dict, List, Optional, Sequence
 
 import yaml
 
@@ -21,7 +22,7 @@ METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 RESULTS_FILE = "eval_results.json"
 
 
-def read_metrics(path):
+def read_metrics(path: str) -> List[dict]:
     """Records of a metrics.json; for an iteration logged twice (a resumed run) the last wins."""
     by_iter = {}
     if not os.path.isfile(path):
@@ -40,7 +41,7 @@ def read_metrics(path):
     return [by_iter[k] for k in sorted(by_iter)]
 
 
-def load_run(run_dir, name=None):
+def load_run(run_dir: str, name: Optional[str] = None) -> dict:
     """A dict describing one run: name, final bbox metrics, complexity, timings, curves."""
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"not a run folder: {run_dir}")
@@ -83,7 +84,7 @@ def _seed(run_dir):
     return None if seed is None or seed < 0 else seed
 
 
-def group_runs(runs):
+def group_runs(runs: Sequence[dict]) -> Dict[str, List[dict]]:
     """{name: [runs]} in order of first appearance: the seeds of one model under its name."""
     groups = {}
     for run in runs:
@@ -137,7 +138,7 @@ def _difference(reference, other, spec):
     return diff
 
 
-def format_table(runs):
+def format_table(runs: Sequence[dict]) -> str:
     """A Markdown table, one column per model (its seeds summarised: mean +- std and per-seed values), and
     with two models a column of the second minus the first."""
     groups = group_runs(runs)
@@ -159,7 +160,7 @@ def format_table(runs):
     return "\n".join(lines)
 
 
-def plot_runs(runs, path):
+def plot_runs(runs: Sequence[dict], path: str) -> str:
     """Write a two-panel plot: total_loss and COCO AP against the iteration, one line per run, one color
     per model."""
     import matplotlib

@@ -9,6 +9,7 @@
 import json
 import logging
 import os
+from typing import Optional, Tuple
 
 from detectron2.utils.events import JSONWriter
 
@@ -19,7 +20,7 @@ __all__ = ["MetricsWriter", "repair_metrics_file"]
 logger = logging.getLogger(__name__)
 
 
-def repair_metrics_file(path, keep_before=None):
+def repair_metrics_file(path: str, keep_before: Optional[int] = None) -> Tuple[int, int]:
     """Rewrite the JSON-lines file `path` keeping its complete records, and only those with
     iteration < keep_before when given. Returns (kept, dropped) record counts; (0, 0) if no file."""
     if not os.path.isfile(path):
@@ -54,7 +55,7 @@ class MetricsWriter(JSONWriter):
         super().__init__(json_file, **kwargs)
         self.json_file = json_file
 
-    def repair(self, keep_before=None):
+    def repair(self, keep_before: Optional[int] = None) -> Tuple[int, int]:
         self._file_handle.close()
         result = repair_metrics_file(self.json_file, keep_before)
         self._file_handle = open(self.json_file, "a")

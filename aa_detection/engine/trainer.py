@@ -6,23 +6,26 @@ Besides detectron2's usual outputs (checkpoints, `metrics.json`, `inference/`), 
 metrics of each test dataset, the iteration, the model's parameters and GFLOPs, the inference time
 per image and the training wall time.
 """
+import argparse
 import json
 import logging
 import os
 import time
 import weakref
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import yaml
+from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog, build_detection_test_loader
 from detectron2.engine import (
     AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, default_argument_parser,
     default_setup, hooks,
 )
-from detectron2.evaluation import COCOEvaluator, LVISEvaluator, PascalVOCDetectionEvaluator
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, LVISEvaluator, PascalVOCDetectionEvaluator
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
-from detectron2.utils.events import JSONWriter
+from detectron2.utils.events import EventWriter, JSONWriter
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import AACheckpointer
@@ -84,20 +87,21 @@ class Trainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     @classmethod
-    def build_checkpointer(cls, model, save_dir, cfg=None, **kwargs):
+    def build_checkpointer(cls, model: torch.nn.Module, save_dir: str, cfg: Optional[CfgNode] = None,
+                           **kwargs) -> AACheckpointer:
         """An AACheckpointer; with a cfg, .pkl files load with plain pickle only if
         MODEL.WEIGHTS_ALLOW_UNSAFE_PICKLE."""
         if cfg is not None:
             kwargs.setdefault("allow_unsafe_pickle", cfg.MODEL.WEIGHTS_ALLOW_UNSAFE_PICKLE)
         return AACheckpointer(model, save_dir, **kwargs)
 
-    def build_hooks(self):
+    def build_hooks(self) -> List[hooks.HookBase]:
         """DefaultTrainer's hooks, its EvalHook evaluating through `evaluate` (same period)."""
         built = super().build_hooks()
         return [hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self.evaluate) if isinstance(h, hooks.EvalHook) else h
                 for h in built]
 
-    def evaluate(self):
+    def evaluate(self) -> dict:
         """`test` on the current model, keeping its results in `eval_results` and adding its wall time
         to `eval_seconds`."""
         start = time.perf_counter()
@@ -105,7 +109,7 @@ class Trainer(DefaultTrainer):
         self.eval_seconds += time.perf_counter() - start
         return self.eval_results
 
-    def build_writers(self):
+    def build_writers(self) -> List[EventWriter]:
         """detectron2's writers, metrics.json written by a MetricsWriter (repairable on resume)."""
         writers = super().build_writers()
         for i, writer in enumerate(writers):
@@ -114,7 +118,7 @@ class Trainer(DefaultTrainer):
                 self.metrics_writer = writers[i] = MetricsWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"))
         return writers
 
-    def resume_or_load(self, resume=True):
+    def resume_or_load(self, resume: bool = True) -> None:
         """detectron2's resume_or_load, after removing partial files of a killed checkpoint save, and
         followed by the repair of metrics.json (records from `start_iter` on are dropped on resume)."""
         if comm.is_main_process():
@@ -124,7 +128,7 @@ class Trainer(DefaultTrainer):
             self.metrics_writer.repair(keep_before=self.start_iter if resume else None)
 
     @classmethod
-    def build_optimizer(cls, cfg, model):
+    def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
         if cfg.SOLVER.OPTIMIZER.upper() == "SGD":
             return super().build_optimizer(cfg, model)
         if cfg.SOLVER.OPTIMIZER.upper() != "ADAMW":
@@ -136,7 +140,7 @@ class Trainer(DefaultTrainer):
         return adamw(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
 
     @classmethod
-    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None) -> DatasetEvaluator:
         """The box evaluator of the dataset's `evaluator_type` metadata: "coco" (also when unset),
         "lvis" or "pascal_voc"; ConfigError naming the dataset for another type."""
         if output_folder is None:
@@ -152,7 +156,7 @@ class Trainer(DefaultTrainer):
                           "no box evaluator here: allowed values are 'coco', 'lvis' and 'pascal_voc'")
 
 
-def model_complexity(cfg, model):
+def model_complexity(cfg: CfgNode, model: torch.nn.Module) -> Tuple[int, float]:
     """(parameters, GFLOPs) of `model` on the first image of the first test dataset.
 
     GFLOPs count one fused multiply-add as one FLOP (fvcore's convention, the papers' one), attention
@@ -166,7 +170,7 @@ def model_complexity(cfg, model):
     return count_parameters(model)["total"], flops / 1e9
 
 
-def inference_seconds_per_image(cfg, model, num_images=30, warmup=3):
+def inference_seconds_per_image(cfg: CfgNode, model: torch.nn.Module, num_images: int = 30, warmup: int = 3) -> float:
     """Mean wall time of the model's forward pass (batch 1, no data loading) on test images."""
     loader = build_detection_test_loader(cfg, cfg.DATASETS.TEST[0])
     was_training = model.training
@@ -185,7 +189,9 @@ def inference_seconds_per_image(cfg, model, num_images=30, warmup=3):
     return total / max(count, 1)
 
 
-def save_results(cfg, model, results, iteration, train_seconds=None, wall_seconds=None, config_file=None):
+def save_results(cfg: CfgNode, model: torch.nn.Module, results: Optional[Dict], iteration: Optional[int],
+                 train_seconds: Optional[float] = None, wall_seconds: Optional[float] = None,
+                 config_file: Optional[str] = None) -> Optional[dict]:
     """Write OUTPUT_DIR/eval_results.json; call on every process, only the main one writes."""
     if not comm.is_main_process():
         return None
@@ -212,7 +218,7 @@ def save_results(cfg, model, results, iteration, train_seconds=None, wall_second
     return data
 
 
-def argument_parser():
+def argument_parser() -> argparse.ArgumentParser:
     parser = default_argument_parser()
     parser.add_argument(
         "--dataset", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"),
@@ -224,7 +230,7 @@ def argument_parser():
     return parser
 
 
-def check_output_dir(cfg) -> None:
+def check_output_dir(cfg: CfgNode) -> None:
     """ConfigError when cfg.OUTPUT_DIR holds the run of another model: its config.yaml (written at every
     start) differs in MODEL (weights and device aside) or DATASETS.TRAIN, so checkpoints, metrics.json and
     `--resume` would mix two runs."""
@@ -234,7 +240,7 @@ def check_output_dir(cfg) -> None:
     with open(path) as f:
         previous = yaml.safe_load(f) or {}
 
-    def identity(node, prefix=""):
+    def identity(node: dict, prefix: str = "") -> Dict[str, Any]:
         """{dotted key: value} of the MODEL leaves (weights and device aside) and DATASETS.TRAIN."""
         if not prefix:
             leaves = identity(node.get("MODEL", {}), "MODEL.")
@@ -255,7 +261,7 @@ def check_output_dir(cfg) -> None:
                           f"differ from its {path}): set another OUTPUT_DIR, or remove that folder")
 
 
-def setup(args):
+def setup(args: argparse.Namespace) -> CfgNode:
     """The frozen config of a training or evaluation run: `aa_detection.config.setup_cfg`'s steps, with the
     datasets prepared (synthetic data generated if missing, datasets checked) once logging is set up.
     A run never starts in the OUTPUT_DIR of another config's run (`check_output_dir`)."""
@@ -271,7 +277,7 @@ def setup(args):
     return cfg
 
 
-def main(args):
+def main(args: argparse.Namespace) -> Optional[dict]:
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
@@ -301,7 +307,7 @@ def main(args):
     return trainer.eval_results
 
 
-def launch_main(args):
+def launch_main(args: argparse.Namespace) -> None:
     """`main` in `--num-gpus` processes per machine. With several, the config and the datasets are
     checked here first, so a user error is reported once before any worker starts (the workers then
     read the cached dataset checks), and one raised later in a worker is raised here, once."""

@@ -1,5 +1,6 @@
 """The attention-augmented convolution: concat(Conv(X), MHA(X)) along channels."""
 import math
+from typing import Tuple
 
 import torch
 from torch import nn
@@ -10,14 +11,14 @@ from .relative_attention import IMPLS, attention_weights, relative_attention_qkv
 __all__ = ["AAConv2d", "attention_depths"]
 
 
-def attention_depths(out_channels, num_heads, kappa, upsilon):
+def attention_depths(out_channels: int, num_heads: int, kappa: float, upsilon: float) -> Tuple[int, int]:
     """Key and value depths (dk, dv) from the ratios kappa = dk / Fout and upsilon = dv / Fout.
 
     Rounding rule: each depth is the multiple of num_heads nearest to ratio * out_channels, and at
     least num_heads (one dimension per head). R-50 with Nh=8, kappa=0.2, upsilon=0.1 gives
     (24, 16) at Fout=128, (48, 24) at 256 and (104, 48) at 512.
     """
-    def depth(ratio):
+    def depth(ratio: float) -> int:
         return num_heads * max(1, round(ratio * out_channels / num_heads))
 
     return depth(kappa), depth(upsilon)
@@ -117,7 +118,7 @@ class AAConv2d(nn.Module):
         self.zero_init = zero_init
         self.reset_parameters()
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         """The convolution branch as nn.Conv2d initialises its weight; the output projection at zero with
         `zero_init`."""
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
@@ -126,15 +127,15 @@ class AAConv2d(nn.Module):
             nn.init.zeros_(self.attn_out.bias)
 
     @property
-    def relative(self):
+    def relative(self) -> bool:
         return self.rel_h is not None
 
-    def attention_size(self, height, width):
+    def attention_size(self, height: int, width: int) -> Tuple[int, int]:
         """(h, w) of the map the attention runs on for a convolution output of (height, width)."""
         d = self.attention_downsample
         return -(-height // d), -(-width // d)
 
-    def attention_flops(self, output):
+    def attention_flops(self, output: torch.Tensor) -> int:
         """Multiply-adds of the attention core for an output (B, Cout, H', W'): q.k and p.v over all
         (hw)^2 pairs of the attention map (h, w) = attention_size(H', W') and, with relative positions,
         the logits q.r^H and q.r^W."""
@@ -145,18 +146,18 @@ class AAConv2d(nn.Module):
         relative = hw * (H + W) * dkh if self.relative else 0
         return B * self.num_heads * (hw * hw * (dkh + dvh) + relative)
 
-    def split_heads(self, x):
+    def split_heads(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, Cin, H, W) at the output resolution -> q, k (B, Nh, H, W, dkh), v (B, Nh, H, W, dvh)."""
         return split_heads(self.qkv(x), self.num_heads, self.key_depth, self.value_depth)
 
-    def attention_input(self, x):
+    def attention_input(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, Cin, H, W) -> the input of the attention branch, of attention_size(convolution output size)."""
         for factor in (self.stride, self.attention_downsample):
             if factor == 2:  # 2x2 average pooling, ceil mode: the sizes of a strided 3x3 convolution
                 x = F.avg_pool2d(x, 2, 2, ceil_mode=True)
         return x
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
         a = self.attention_input(x)
         if self.keep_attention:
@@ -181,7 +182,7 @@ class AAConv2d(nn.Module):
             out = self.activation(out)
         return out
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"num_heads={self.num_heads}, dk={self.key_depth}, dv={self.value_depth}, "

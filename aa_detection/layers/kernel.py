@@ -6,6 +6,7 @@ operator where the layer calls the kernel. A saved TorchScript model or exported
 `import aa_detection` (or `torch.ops.load_library` of the `_C` file) before it is loaded.
 """
 import math
+from typing import Optional
 
 import torch
 
@@ -51,7 +52,8 @@ if _C is not None:
     torch.library.register_autograd("aa_detection::attention_forward", _backward, setup_context=_setup_context)
 
 
-def kernel_attention(qkv, num_heads, dk, dv, rel_h=None, rel_w=None):
+def kernel_attention(qkv: torch.Tensor, num_heads: int, dk: int, dv: int, rel_h: Optional[torch.Tensor] = None,
+                     rel_w: Optional[torch.Tensor] = None) -> torch.Tensor:
     """qkv (B, 2 dk + dv, H, W) -> (B, dv, H, W) through the compiled kernel, in fp32 (inputs of other
     dtypes, e.g. bfloat16 under autocast, are converted and the output converted back).
 

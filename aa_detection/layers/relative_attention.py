@@ -12,6 +12,7 @@ import contextlib
 from functools import lru_cache
 import logging
 import math
+from typing import Optional, Tuple
 import warnings
 
 import torch
@@ -106,7 +107,8 @@ def _relative_logits(q, rel_h, rel_w):
     return logits_h, logits_w
 
 
-def attention_weights(q, k, rel_h=None, rel_w=None, scale=None):
+def attention_weights(q: torch.Tensor, k: torch.Tensor, rel_h: Optional[torch.Tensor] = None,
+                      rel_w: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
     """The softmax weights, dense: q, k (B, Nh, H, W, dkh) -> (B, Nh, HW, HW), row i for query pixel
     i = y * W + x, summing to one over the keys; scale defaults to 1/sqrt(dkh). The naive path is
     these weights times v. fp16/bf16 inputs give fp32 weights."""
@@ -144,7 +146,7 @@ def fused_widths(key_width: int, value_width: int, device_type: str) -> tuple:
     CUDA the value keeps its own width (the memory-efficient kernel allows it); the CPU flash kernel wants
     one width for q, k and v, so there the narrower side is padded to the wider.
     """
-    def align(n):
+    def align(n: int) -> int:
         return -(-n // SDPA_ALIGNMENT) * SDPA_ALIGNMENT
 
     if device_type == "cuda":
@@ -231,7 +233,8 @@ def _flex(q, k, v, rel_h, rel_w, scale, layer="attention"):
             bias_h = (logits_h * scale).reshape(B, Nh, H * W, H)
             bias_w = (logits_w * scale).reshape(B, Nh, H * W, W)
 
-            def score_mod(score, b, h, query, key):
+            def score_mod(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, query: torch.Tensor,
+                          key: torch.Tensor) -> torch.Tensor:
                 return score + bias_h[b, h, query, key // W] + bias_w[b, h, query, key % W]
 
         if not compiled:
@@ -259,7 +262,7 @@ def _kernel(q, k, v, rel_h, rel_w, scale, layer="attention"):
     return out.reshape(B, Nh, dvh, H, W).permute(0, 1, 3, 4, 2).to(q.dtype)
 
 
-def split_heads(qkv, num_heads, dk, dv):
+def split_heads(qkv: torch.Tensor, num_heads: int, dk: int, dv: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """qkv (B, 2 dk + dv, H, W) -> q, k (B, Nh, H, W, dkh), v (B, Nh, H, W, dvh) (views)."""
     B, _, H, W = qkv.shape
     return tuple(t.reshape(B, num_heads, -1, H, W).permute(0, 1, 3, 4, 2) for t in qkv.split([dk, dk, dv], dim=1))
@@ -285,7 +288,9 @@ def choose_impl(device: torch.device, height: int, width: int, key_width: int, v
     return "fused"
 
 
-def relative_attention_qkv(qkv, num_heads, dk, dv, rel_h=None, rel_w=None, impl="auto", layer="attention"):
+def relative_attention_qkv(qkv: torch.Tensor, num_heads: int, dk: int, dv: int, rel_h: Optional[torch.Tensor] = None,
+                           rel_w: Optional[torch.Tensor] = None, impl: str = "auto",
+                           layer: str = "attention") -> torch.Tensor:
     """relative_attention_2d on the output of a qkv 1x1 convolution, (B, 2 dk + dv, H, W) -> (B, dv, H, W).
 
     Channels of qkv: the dk queries, the dk keys, then the dv values, head n holding channels
@@ -330,7 +335,9 @@ def _attend(impl, q, k, v, rel_h, rel_w, layer, auto=False):
     return out.reshape(v.shape)
 
 
-def relative_attention_2d(q, k, v, rel_h=None, rel_w=None, impl="auto", layer="attention"):
+def relative_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: Optional[torch.Tensor] = None,
+                          rel_w: Optional[torch.Tensor] = None, impl: str = "auto",
+                          layer: str = "attention") -> torch.Tensor:
     """Self-attention with 2D relative position logits.
 
     Args:

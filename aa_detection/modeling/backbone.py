@@ -4,8 +4,9 @@ Parameter names stay detectron2's (`stem`, `res2`..`res5`, `resX.Y.conv2.weight`
 so ImageNet ResNet weights load by name; see `aa_detection.checkpoint.AACheckpointer` for the conv branch.
 """
 import math
-from typing import Optional
+from typing import Optional, Sequence, Set
 
+from detectron2.config import CfgNode
 from detectron2.layers import ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
@@ -89,7 +90,7 @@ def relative_table_size(max_input_size: int, stride: int) -> int:
     return max(1, math.ceil(max_input_size / stride))
 
 
-def max_input_size(cfg, size_divisibility: int = 1) -> int:
+def max_input_size(cfg: CfgNode, size_divisibility: int = 1) -> int:
     """The longest image side the config can feed the backbone: the largest of INPUT.MAX_SIZE_TRAIN and
     INPUT.MAX_SIZE_TEST (ResizeShortestEdge caps the long side there), padded up to `size_divisibility`."""
     longest = max(cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TEST)
@@ -97,7 +98,7 @@ def max_input_size(cfg, size_divisibility: int = 1) -> int:
     return -(-longest // divisibility) * divisibility
 
 
-def check_aa_stages(cfg):
+def check_aa_stages(cfg: CfgNode) -> Set[str]:
     """The set of MODEL.AA.STAGES; ValueError naming the key and the allowed values if one is unknown."""
     stages = list(cfg.MODEL.AA.STAGES)
     bad = [s for s in stages if s not in STAGE_NAMES]
@@ -112,7 +113,7 @@ def check_aa_stages(cfg):
 def aa_resnet(
     *,
     depth: int = 50,
-    out_features=("res3", "res4", "res5"),
+    out_features: Sequence[str] = ("res3", "res4", "res5"),
     in_channels: int = 3,
     norm: str = "FrozenBN",
     stem_out_channels: int = 64,
@@ -121,11 +122,11 @@ def aa_resnet(
     num_groups: int = 1,
     stride_in_1x1: bool = False,
     res5_dilation: int = 1,
-    deform_on_per_stage=(False, False, False, False),
+    deform_on_per_stage: Sequence[bool] = (False, False, False, False),
     deform_modulated: bool = False,
     deform_num_groups: int = 1,
     freeze_at: int = 0,
-    aa_stages=("res3", "res4", "res5"),
+    aa_stages: Sequence[str] = ("res3", "res4", "res5"),
     num_heads: int = 8,
     kappa: float = 0.2,
     upsilon: float = 0.1,
@@ -133,7 +134,7 @@ def aa_resnet(
     impl: str = "auto",
     attention_norm: str = "",
     zero_init: bool = False,
-    downsample_stages=("res3",),
+    downsample_stages: Sequence[str] = ("res3",),
     max_input_size: int = 1344,
     num_classes: Optional[int] = None,
 ) -> ResNet:
@@ -215,7 +216,7 @@ def aa_resnet(
     return resnet
 
 
-def aa_resnet_arguments(cfg, input_shape: ShapeSpec, size_divisibility: int = 1) -> dict:
+def aa_resnet_arguments(cfg: CfgNode, input_shape: ShapeSpec, size_divisibility: int = 1) -> dict:
     """The `aa_resnet` arguments a YAML config gives (MODEL.RESNETS, MODEL.BACKBONE.FREEZE_AT, MODEL.AA, INPUT)."""
     check_aa_stages(cfg)
     r, aa = cfg.MODEL.RESNETS, cfg.MODEL.AA
@@ -232,14 +233,14 @@ def aa_resnet_arguments(cfg, input_shape: ShapeSpec, size_divisibility: int = 1)
 
 
 @BACKBONE_REGISTRY.register()
-def build_aa_resnet_backbone(cfg, input_shape):
+def build_aa_resnet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> ResNet:
     """detectron2's ResNet (MODEL.RESNETS.*: DEPTH, STRIDE_IN_1X1, NORM, widths, RES5_DILATION, OUT_FEATURES;
     MODEL.BACKBONE.FREEZE_AT) with the stages in MODEL.AA.STAGES attention-augmented."""
     return aa_resnet(**aa_resnet_arguments(cfg, input_shape))
 
 
 @BACKBONE_REGISTRY.register()
-def build_retinanet_aa_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
+def build_retinanet_aa_resnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
     """AA-ResNet + FPN with P6, P7 computed from res5 (P3-P7), as RetinaNet's ResNet-FPN backbone. The
     relative tables cover the FPN's padded sizes (multiples of the largest input feature's stride)."""
     strides = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}

@@ -14,6 +14,7 @@ block, so the block may also be timed; `measure_peak_memory` falls back to the f
 import ctypes
 import os
 import re
+from typing import Any, Callable, Union
 
 import torch
 
@@ -94,7 +95,7 @@ class PeakMemory:
         self.bytes = None
 
     @staticmethod
-    def supported(device="cpu") -> bool:
+    def supported(device: Union[str, torch.device] = "cpu") -> bool:
         """Whether the peak can be measured in this process on `device`."""
         device = _checked_device(device)
         return device.type == "cuda" or _reset_peak_rss()
@@ -127,7 +128,7 @@ def _checked_device(device) -> torch.device:
     return device
 
 
-def measure_peak_memory(fn, device="cpu"):
+def measure_peak_memory(fn: Callable[[], Any], device: Union[str, torch.device] = "cpu") -> int:
     """Peak memory, in bytes above what was in use before, while `fn()` runs.
 
     device: "cpu" (peak resident set size of the process, see the module docstring; Linux only) or a

@@ -20,6 +20,7 @@ padding) and resized to the original image. The keys in the padding are real key
 hold part of the mass of the full map (which sums to one) but lie outside the picture.
 """
 import dataclasses
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -27,7 +28,7 @@ import torch
 from matplotlib import colormaps
 
 from ..layers import AAConv2d
-from .predictions import instances_to_arrays, label_image, side_by_side
+from .predictions import ModelRunner, instances_to_arrays, label_image, side_by_side
 
 __all__ = [
     "AttentionResult", "aa_layer_names", "find_aa_layer", "query_cell", "cell_box", "compute_attention",
@@ -49,7 +50,7 @@ class AttentionResult:
     stride: tuple  # (sy, sx)
     instances: object = None  # the detections of the same forward (detectron2 Instances)
 
-    def metadata(self):
+    def metadata(self) -> Dict[str, Any]:
         """JSON-serialisable description of the maps (saved beside the .npy)."""
         return {
             "layer": self.layer, "shape": list(self.maps.shape), "queries_xy": [list(map(float, q)) for q in self.queries],
@@ -59,12 +60,12 @@ class AttentionResult:
         }
 
 
-def aa_layer_names(model):
+def aa_layer_names(model: torch.nn.Module) -> List[str]:
     """Names of the model's AAConv2d modules, in module order (shallowest first)."""
     return [name for name, m in model.named_modules() if isinstance(m, AAConv2d)]
 
 
-def find_aa_layer(model, name=None):
+def find_aa_layer(model: torch.nn.Module, name: Optional[str] = None) -> Tuple[str, AAConv2d]:
     """(name, module) of an AAConv2d. Default: the last one of the deepest augmented stage (for an
     AA-ResNet, the last block's 3x3 convolution, e.g. backbone.bottom_up.res5.2.conv2). A name that is
     not an AA convolution raises a KeyError listing the available names."""
@@ -80,7 +81,8 @@ def find_aa_layer(model, name=None):
     return name, dict(model.named_modules())[name]
 
 
-def query_cell(x, y, image_size, resized_size, stride, grid):
+def query_cell(x: float, y: float, image_size: Tuple[int, int], resized_size: Tuple[int, int], stride: Tuple[int, int],
+               grid: Tuple[int, int]) -> Tuple[int, int]:
     """(row, col) of the grid cell holding the original-image pixel (x, y); see the module docstring."""
     (h, w), (rh, rw), (sy, sx), (gh, gw) = image_size, resized_size, stride, grid
     col = int(np.floor(x * rw / w / sx))
@@ -88,7 +90,8 @@ def query_cell(x, y, image_size, resized_size, stride, grid):
     return min(max(row, 0), gh - 1), min(max(col, 0), gw - 1)
 
 
-def cell_box(cell, image_size, resized_size, stride):
+def cell_box(cell: Tuple[int, int], image_size: Tuple[int, int], resized_size: Tuple[int, int],
+             stride: Tuple[int, int]) -> Tuple[float, float, float, float]:
     """The (x0, y0, x1, y1) extent of a grid cell in original-image pixels."""
     (row, col), (h, w), (rh, rw), (sy, sx) = cell, image_size, resized_size, stride
     fx, fy = w / rw, h / rh
@@ -112,7 +115,8 @@ def _auto_queries(instances, top_k, threshold, names, to_cell):
     return queries, labels
 
 
-def compute_attention(runner, image, queries=None, layer=None, top_k=3, threshold=0.3):
+def compute_attention(runner: ModelRunner, image: np.ndarray, queries: Optional[Sequence[Tuple[float, float]]] = None,
+                      layer: Optional[str] = None, top_k: int = 3, threshold: float = 0.3) -> AttentionResult:
     """Run `runner` (a ModelRunner) once on `image` (HxWx3 BGR, as DefaultPredictor takes it) with the
     chosen AA layer keeping its softmax weights, and return an AttentionResult.
 
@@ -124,10 +128,10 @@ def compute_attention(runner, image, queries=None, layer=None, top_k=3, threshol
     name, module = find_aa_layer(model, layer)
     captured = {}
 
-    def grab_resized(_mod, args):
+    def grab_resized(_mod: torch.nn.Module, args: tuple) -> None:
         captured["resized"] = tuple(args[0][0]["image"].shape[-2:])  # the test transform's output
 
-    def grab_padded(_mod, args):
+    def grab_padded(_mod: torch.nn.Module, args: tuple) -> None:
         captured["padded"] = tuple(args[0].shape[-2:])
 
     hooks = [model.register_forward_pre_hook(grab_resized), model.backbone.register_forward_pre_hook(grab_padded)]
@@ -148,7 +152,7 @@ def compute_attention(runner, image, queries=None, layer=None, top_k=3, threshol
     stride = (padded[0] / grid[0], padded[1] / grid[1])
     image_size = tuple(image.shape[:2])
 
-    def to_cell(x, y):
+    def to_cell(x: float, y: float) -> Tuple[int, int]:
         return query_cell(x, y, image_size, resized_size, stride, grid)
 
     if queries:
@@ -165,14 +169,14 @@ def compute_attention(runner, image, queries=None, layer=None, top_k=3, threshol
                            grid, stride, instances)
 
 
-def attention_to_image(amap, result):
+def attention_to_image(amap: np.ndarray, result: AttentionResult) -> np.ndarray:
     """One map over the keys (H', W') -> an (h, w) float map aligned with the original image."""
     (h, w), (rh, rw), (hp, wp) = result.image_size, result.resized_size, result.padded_size
     up = cv2.resize(np.asarray(amap, np.float32), (wp, hp), interpolation=cv2.INTER_LINEAR)
     return cv2.resize(up[:rh, :rw], (w, h), interpolation=cv2.INTER_LINEAR)
 
 
-def colorize(image_rgb, heat, cmap="jet", alpha=0.6):
+def colorize(image_rgb: np.ndarray, heat: np.ndarray, cmap: str = "jet", alpha: float = 0.6) -> np.ndarray:
     """A [0, 1] heat map coloured by a matplotlib colormap and blended over the image."""
     colored = colormaps[cmap](np.clip(heat, 0, 1))[..., :3] * 255.0
     return (image_rgb.astype(np.float32) * (1 - alpha) + colored * alpha).clip(0, 255).astype(np.uint8)
@@ -189,7 +193,8 @@ def _mark(tile, x, y, box, scale):
     return tile
 
 
-def attention_grid(image_rgb, result, tile_size=192, cmap="jet", alpha=0.6, show_image=True):
+def attention_grid(image_rgb: np.ndarray, result: AttentionResult, tile_size: int = 192, cmap: str = "jet",
+                   alpha: float = 0.6, show_image: bool = True) -> np.ndarray:
     """One row per query, one column per head (after a first column with the image and the query when
     `show_image`), each head's map normalised to its maximum over the picture and coloured over the
     image, the query marked (cross) with its grid cell (white square). Returns an RGB image."""

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -28,6 +29,9 @@ from .predictions import (
     IMAGE_EXTENSIONS, _readable, ModelRunner, class_names, draw_ground_truth, draw_predictions, read_image,
     side_by_side, to_rgb, write_image,
 )
+
+if TYPE_CHECKING:
+    from detectron2.structures import Instances
 
 __all__ = ["argument_parser", "main", "matched_ground_truth"]
 
@@ -126,13 +130,13 @@ def _run(items, out_names, args, export, what):
 
 
 # --------------------------------------------------------------------------------------------- commands
-def cmd_predict(args):
+def cmd_predict(args: argparse.Namespace) -> int:
     cfg = _setup(args.config_file, args)
     runner = ModelRunner(cfg, args.weights)
     items = _items(args)
     names = _dataset_names(args, runner.class_names)
 
-    def export(item, path):
+    def export(item: Item, path: str) -> None:
         image = read_image(item.path, "BGR")
         rgb = to_rgb(image, "BGR")
         pred = draw_predictions(rgb, runner(image)["instances"], names, args.threshold, args.scale)
@@ -176,7 +180,7 @@ def _results_instances(dets, metadata):
             np.asarray(classes, np.int64)[order])
 
 
-def cmd_results(args):
+def cmd_results(args: argparse.Namespace) -> int:
     from detectron2.data import MetadataCatalog
     from detectron2.structures import Boxes, Instances
     import torch
@@ -193,7 +197,7 @@ def cmd_results(args):
     if unknown:
         logger.warning("%d image ids of %s are not in dataset %s", len(unknown), args.results, args.dataset)
 
-    def export(item, path):
+    def export(item: Item, path: str) -> None:
         rgb = read_image(item.path, "RGB")
         h, w = rgb.shape[:2]
         boxes, scores, classes = _results_instances(by_image.get(item.record["image_id"], []), metadata)
@@ -209,7 +213,7 @@ def cmd_results(args):
     return _run(items, _unique_names(items, args.format), args, export, "results")
 
 
-def cmd_attention(args):
+def cmd_attention(args: argparse.Namespace) -> int:
     from .attention import attention_grid, compute_attention, find_aa_layer
 
     cfg = _setup(args.config_file, args)
@@ -218,7 +222,7 @@ def cmd_attention(args):
     items = _items(args)
     logger.info("attention of %s", layer)
 
-    def export(item, path):
+    def export(item: Item, path: str) -> None:
         image = read_image(item.path, "BGR")
         result = compute_attention(runner, image, args.query, layer, args.top_k, args.threshold)
         grid = attention_grid(to_rgb(image, "BGR"), result, args.tile_size, args.cmap, args.alpha)
@@ -235,7 +239,7 @@ def cmd_attention(args):
     return _run(items, _unique_names(items, args.format, "_attention"), args, export, "attention")
 
 
-def matched_ground_truth(instances, record, threshold, iou=0.5):
+def matched_ground_truth(instances: "Instances", record: dict, threshold: float, iou: float = 0.5) -> int:
     """How many ground-truth objects of `record` a detection scoring >= threshold finds: same class,
     IoU >= `iou`, each detection matched at most once (greedily, highest score first)."""
     from detectron2.structures import Boxes, BoxMode, pairwise_iou
@@ -263,7 +267,7 @@ def _boxes(n):
     return f"{n} box" if n == 1 else f"{n} boxes"
 
 
-def cmd_compare(args):
+def cmd_compare(args: argparse.Namespace) -> int:
     if len(args.config_file) != 2 or len(args.weights) != 2:
         raise UsageError("compare: give two --config-file and two --weights (baseline first, then AA)")
     titles = args.names or [os.path.splitext(os.path.basename(c))[0] for c in args.config_file]
@@ -276,7 +280,7 @@ def cmd_compare(args):
     items = _items(args)
     names = _dataset_names(args, runners[0].class_names)
 
-    def export(item, path):
+    def export(item: Item, path: str) -> None:
         panels, captions = [], []
         image = read_image(item.path, "BGR")
         rgb = to_rgb(image, "BGR")
@@ -298,12 +302,12 @@ def cmd_compare(args):
 
 
 # ----------------------------------------------------------------------------------------------- parser
-def argument_parser():
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tools/visualize.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p, model=True, inputs=True):
+    def common(p: argparse.ArgumentParser, model: bool = True, inputs: bool = True) -> None:
         if inputs:
             p.add_argument("--input", nargs="+", metavar="PATH", help="image files or folders of images")
         p.add_argument("--dataset", metavar="NAME", help="a registered dataset (e.g. synthetic_val)")
@@ -356,7 +360,7 @@ def argument_parser():
     return parser
 
 
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status (0, or 1 when some input could not be read).
     Raises a `UserError` for a bad config, dataset, weights file, results file or argument."""
     args = argument_parser().parse_args(argv)

@@ -4,13 +4,14 @@ Colours are fixed per class (detectron2's colour map indexed by the class id), s
 the same colour in a prediction, in the ground truth beside it and in another model's picture.
 """
 import os
+from typing import List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
-from detectron2.data import MetadataCatalog
+from detectron2.data import Metadata, MetadataCatalog
 from detectron2.data import detection_utils
 from detectron2.engine import DefaultPredictor
-from detectron2.structures import BoxMode
+from detectron2.structures import BoxMode, Instances
 from detectron2.utils.colormap import colormap
 from detectron2.utils.visualizer import Visualizer
 
@@ -27,7 +28,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _PALETTE = colormap(rgb=True, maximum=1)
 
 
-def read_image(path, fmt="BGR"):
+def read_image(path: str, fmt: str = "BGR") -> np.ndarray:
     """The image at `path` as an HxWx3 uint8 array in `fmt` ("BGR" or "RGB"); InputError naming the file
     when it is missing or cannot be decoded."""
     if not os.path.isfile(path):
@@ -41,12 +42,12 @@ def read_image(path, fmt="BGR"):
     return np.ascontiguousarray(image)
 
 
-def to_rgb(image, fmt):
+def to_rgb(image: np.ndarray, fmt: str) -> np.ndarray:
     """An HxWx3 image in `fmt` ("BGR" or "RGB") as RGB."""
     return image[:, :, ::-1] if fmt == "BGR" else image
 
 
-def write_image(path, rgb, quality=92):
+def write_image(path: str, rgb: np.ndarray, quality: int = 92) -> str:
     """Encode an RGB uint8 image by the extension of `path` (.jpg/.jpeg/.png) and write it atomically."""
     ext = os.path.splitext(path)[1].lower()
     params = [cv2.IMWRITE_JPEG_QUALITY, quality] if ext in (".jpg", ".jpeg") else []
@@ -66,7 +67,7 @@ def _readable(path):
     os.chmod(path, 0o666 & ~umask)
 
 
-def class_names(metadata, num_classes=None):
+def class_names(metadata: Optional[Metadata], num_classes: Optional[int] = None) -> List[str]:
     """Class names from dataset metadata (`thing_classes`), else "class 0", "class 1", ..."""
     names = metadata.get("thing_classes", None) if metadata is not None else None
     if names:
@@ -85,7 +86,8 @@ def _fit(image, height, width):
     return image
 
 
-def draw_boxes(image_rgb, boxes, classes, names, scores=None, scale=1.0):
+def draw_boxes(image_rgb: np.ndarray, boxes: Sequence, classes: Sequence[int], names: Sequence[str],
+               scores: Optional[Sequence[float]] = None, scale: float = 1.0) -> np.ndarray:
     """Boxes (N, 4) XYXY in the image's pixels, labelled "<class> <score>%", drawn by detectron2's
     Visualizer. Returns an RGB uint8 image of round(scale * H) x round(scale * W)."""
     h, w = image_rgb.shape[:2]
@@ -103,7 +105,7 @@ def draw_boxes(image_rgb, boxes, classes, names, scores=None, scale=1.0):
     return _fit(out.get_image(), int(round(h * scale)), int(round(w * scale)))
 
 
-def instances_to_arrays(instances, threshold=0.0):
+def instances_to_arrays(instances: Instances, threshold: float = 0.0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(boxes (N, 4) XYXY, scores (N,), classes (N,)) of detectron2 Instances scoring >= threshold,
     highest score first."""
     instances = instances.to("cpu")
@@ -113,13 +115,15 @@ def instances_to_arrays(instances, threshold=0.0):
     return (instances.pred_boxes.tensor.numpy()[keep], scores[keep], instances.pred_classes.numpy()[keep])
 
 
-def draw_predictions(image_rgb, instances, names, threshold=0.5, scale=1.0):
+def draw_predictions(image_rgb: np.ndarray, instances: Instances, names: Sequence[str], threshold: float = 0.5,
+                     scale: float = 1.0) -> np.ndarray:
     """The detections of `instances` scoring at least `threshold`, with class names and scores."""
     boxes, scores, classes = instances_to_arrays(instances, threshold)
     return draw_boxes(image_rgb, boxes, classes, names, scores, scale=scale)
 
 
-def draw_ground_truth(image_rgb, dataset_dict, names, scale=1.0):
+def draw_ground_truth(image_rgb: np.ndarray, dataset_dict: dict, names: Sequence[str],
+                      scale: float = 1.0) -> np.ndarray:
     """The annotations of a detectron2 dataset dict (its `annotations` list), crowd boxes included."""
     annos = dataset_dict.get("annotations", [])
     boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos]
@@ -127,7 +131,7 @@ def draw_ground_truth(image_rgb, dataset_dict, names, scale=1.0):
     return draw_boxes(image_rgb, boxes, classes, names, None, scale=scale)
 
 
-def label_image(image_rgb, text, bar_height=None):
+def label_image(image_rgb: np.ndarray, text: str, bar_height: Optional[int] = None) -> np.ndarray:
     """The image with a white title bar above it holding `text`."""
     h, w = image_rgb.shape[:2]
     bar_height = bar_height or max(18, min(32, w // 12))
@@ -142,7 +146,7 @@ def label_image(image_rgb, text, bar_height=None):
     return np.concatenate([bar, image_rgb], axis=0)
 
 
-def side_by_side(images, titles=None, gap=6):
+def side_by_side(images: Sequence[np.ndarray], titles: Optional[Sequence[str]] = None, gap: int = 6) -> np.ndarray:
     """RGB images next to each other (top-aligned, white gap and padding), each under its title if given."""
     if titles is not None:
         bar = max(18, min(32, min(im.shape[1] for im in images) // 12))
