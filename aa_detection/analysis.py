@@ -7,13 +7,13 @@ real shapes (`AAConv2d.attention_flops`: q.k, the relative logits q.r^H, q.r^W, 
 whatever matmul-like ops the traced path emitted inside the layer, so every path counts the same.
 """
 from collections import Counter
-from typing import Dict, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
 import torch
 
 from .layers import AAConv2d
 
-__all__ = ["count_parameters", "flop_count"]
+__all__ = ["analyze_config", "count_parameters", "flop_count"]
 
 # fvcore operator names an attention path may emit; inside an AAConv2d they are the attention core.
 _ATTENTION_OPS = ("einsum", "matmul", "bmm", "scaled_dot_product_attention")
@@ -62,3 +62,24 @@ def flop_count(model: torch.nn.Module, inputs: tuple) -> Tuple[int, Counter]:
     by_operator = Counter({op: int(round(float(n))) for op, n in by_operator.items() if n > 0})
     by_operator["attention"] = sum(attention.values())
     return sum(by_operator.values()), by_operator
+
+
+def analyze_config(config_file: str, opts: Sequence[str] = (), size: Tuple[int, int] = (800, 1333),
+                   flops: bool = True) -> Dict[str, Any]:
+    """{"config", "params", "backbone_params"[, "gflops", "attention_gflops"]} of one config's model (random
+    weights, CPU), FLOPs for one image of `size` (H, W)."""
+    from detectron2.modeling import build_model
+
+    from .config import setup_cfg
+
+    cfg = setup_cfg(config_file, list(opts) + ["MODEL.DEVICE", "cpu"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    backbone = getattr(model.backbone, "bottom_up", model.backbone)
+    row = {"config": config_file, "params": count_parameters(model)["total"],
+           "backbone_params": count_parameters(backbone)["total"]}
+    if flops:
+        image = torch.rand(3, *size) * 255
+        total, by_op = flop_count(model, ([{"image": image, "height": size[0], "width": size[1]}],))
+        row["gflops"], row["attention_gflops"] = total / 1e9, by_op["attention"] / 1e9
+    return row

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from aa_detection.benchmark import attention, report
-from aa_detection.benchmark.common import compare_times, format_table, run_in_turns
+from aa_detection.benchmark.common import compare_times, run_in_turns
+from aa_detection.utils.table import format_table
 from aa_detection.layers.relative_attention import kernel_available
 
 from common import load_tool  # noqa: E402

@@ -9,47 +9,12 @@ attention matmuls included (aa_detection.analysis.flop_count); detectron2's post
 `--opts` apply to every config.
 """
 import argparse
-import sys
 
-import torch
-
-from aa_detection.analysis import count_parameters, flop_count
-from aa_detection.config import setup_cfg
+from aa_detection.analysis import analyze_config
+from aa_detection.utils.table import format_table
 from aa_detection.errors import exit_on_user_error
 
-__all__ = ["analyze", "main"]
-
-
-def analyze(config_file, opts=(), size=(800, 1333), flops=True):
-    """{"config", "params", "backbone_params", "gflops", "attention_gflops"} of one config's model."""
-    from detectron2.modeling import build_model
-
-    cfg = setup_cfg(config_file, list(opts) + ["MODEL.DEVICE", "cpu"])
-    torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    row = {
-        "config": config_file,
-        "params": count_parameters(model)["total"],
-        "backbone_params": count_parameters(model.backbone.bottom_up)["total"]
-        if hasattr(model.backbone, "bottom_up") else count_parameters(model.backbone)["total"],
-    }
-    if flops:
-        image = torch.rand(3, *size) * 255
-        total, by_op = flop_count(model, ([{"image": image, "height": size[0], "width": size[1]}],))
-        row["gflops"] = total / 1e9
-        row["attention_gflops"] = by_op["attention"] / 1e9
-    return row
-
-
-def format_table(rows):
-    header = ["config", "params (M)", "backbone params (M)", "GFLOPs", "attention matmul GFLOPs"]
-    lines = [" | ".join(header), " | ".join("---" for _ in header)]
-    for r in rows:
-        cells = [r["config"], f"{r['params'] / 1e6:.2f}", f"{r['backbone_params'] / 1e6:.2f}",
-                 f"{r['gflops']:.1f}" if "gflops" in r else "-",
-                 f"{r['attention_gflops']:.2f}" if "attention_gflops" in r else "-"]
-        lines.append(" | ".join(cells))
-    return "\n".join(lines)
+HEADER = ["config", "params (M)", "backbone params (M)", "GFLOPs", "attention matmul GFLOPs"]
 
 
 def main(argv=None):
@@ -60,19 +25,18 @@ def main(argv=None):
     parser.add_argument("--no-flops", action="store_true", help="count parameters only")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides for every config")
     args = parser.parse_args(argv)
-    rows = [analyze(f, args.opts, tuple(args.size), flops=not args.no_flops) for f in args.config_file]
+    rows = [analyze_config(f, args.opts, tuple(args.size), flops=not args.no_flops) for f in args.config_file]
     if not args.no_flops:
         print(f"input {args.size[0]}x{args.size[1]}, fvcore FLOPs (1 multiply-add = 1 flop)")
-    print(format_table(rows))
-    if len(rows) > 1:
-        base = rows[0]
-        for r in rows[1:]:
-            print(f"{r['config']} / {base['config']}: params x{r['params'] / base['params']:.4f}"
-                  + (f", FLOPs x{r['gflops'] / base['gflops']:.4f}" if "gflops" in r else ""))
+    print(format_table(HEADER, [[r["config"], f"{r['params'] / 1e6:.2f}", f"{r['backbone_params'] / 1e6:.2f}",
+                                 f"{r['gflops']:.1f}" if "gflops" in r else "-",
+                                 f"{r['attention_gflops']:.2f}" if "gflops" in r else "-"] for r in rows]))
+    for r in rows[1:]:
+        print(f"{r['config']} / {rows[0]['config']}: params x{r['params'] / rows[0]['params']:.4f}"
+              + (f", FLOPs x{r['gflops'] / rows[0]['gflops']:.4f}" if "gflops" in r else ""))
     return rows
 
 
 if __name__ == "__main__":
     with exit_on_user_error():  # a bad config: its message and exit status 2, no traceback
         main()
-    sys.exit(0)

@@ -37,7 +37,8 @@ from ..layers import kernel, relative_attention
 from ..layers.relative_attention import relative_attention_2d, relative_attention_qkv, split_heads
 from ..errors import ConfigError
 from ..safe_io import atomic_write
-from .common import AMP_DTYPES, GiB, autocast, environment, fmt_bytes, format_table, resolve_device, run_in_turns
+from ..utils.table import format_table
+from .common import AMP_DTYPES, GiB, autocast, environment, fmt_bytes, resolve_device, run_in_turns
 
 __all__ = ["PATHS", "SIZES", "add_arguments", "floor_seconds", "floor_work", "main", "measure_rates", "paths_for",
            "table_rows"]

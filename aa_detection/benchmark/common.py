@@ -7,14 +7,14 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional, Union
 
 import torch
 
 from ..errors import ConfigError
 from ..utils.memory import PeakMemory, measure_peak_memory
 
-__all__ = ["AMP_DTYPES", "Runs", "autocast", "compare_times", "environment", "fmt_bytes", "format_table",
+__all__ = ["AMP_DTYPES", "Runs", "autocast", "compare_times", "environment", "fmt_bytes",
            "resolve_device", "run_in_turns"]
 
 GiB = 1 << 30
@@ -104,15 +104,6 @@ def run_in_turns(steps: Mapping[str, Callable[[], Any]], device: Union[str, torc
         for name, step in steps.items():
             runs[name].peak_bytes = measure_peak_memory(step, device)
     return runs
-
-
-def format_table(header: Sequence, rows: Sequence[Sequence]) -> str:
-    """A Markdown table with columns padded to their widest cell."""
-    cells = [tuple(str(c) for c in header)] + [tuple(str(c) for c in row) for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
 
 
 def fmt_bytes(n: float) -> str:

@@ -23,7 +23,8 @@ import torch
 from ..analysis import count_parameters, flop_count
 from ..config import setup_cfg
 from ..safe_io import atomic_write
-from .common import AMP_DTYPES, GiB, autocast, environment, format_table, resolve_device, run_in_turns
+from ..utils.table import format_table
+from .common import AMP_DTYPES, GiB, autocast, environment, resolve_device, run_in_turns
 
 __all__ = ["CONFIGS", "add_arguments", "extra_time_by_op", "main", "report", "run"]
 

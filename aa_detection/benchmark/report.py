@@ -18,7 +18,8 @@ from typing import Dict, List, Optional
 
 from ..safe_io import atomic_write
 from . import attention, model
-from .common import compare_times, fmt_bytes, format_table, resolve_device
+from ..utils.table import format_table
+from .common import compare_times, fmt_bytes, resolve_device
 
 __all__ = ["VARIANTS", "add_arguments", "attention_targets", "main", "model_targets", "profile_summary", "render"]
 

@@ -16,6 +16,8 @@ from typing import Dict, List, Optional, Sequence
 
 import yaml
 
+from ..utils.table import format_table as markdown_table
+
 __all__ = ["load_run", "group_runs", "format_table", "plot_runs", "METRIC_KEYS"]
 
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -147,17 +149,15 @@ def format_table(runs: Sequence[dict]) -> str:
     two = len(names) == 2
     if two:
         header.append(f"{names[1]} - {names[0]}")
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    rows = []
     for label, get, spec in ROWS:
         cells = [label] + [_summary([get(r) for r in groups[n]], spec) for n in names]
         if two:
             paired = [[(r["seed"], get(r)) for r in groups[n]] for n in names]
             cells.append("-" if label == "iterations" else _difference(*paired, spec))
-        lines.append("| " + " | ".join(cells) + " |")
-    seeds = {n: [r["seed"] for r in groups[n]] for n in names}
-    lines.append("")
-    lines.append("seeds: " + "; ".join(f"{n}: {', '.join(str(s) for s in seeds[n])}" for n in names))
-    return "\n".join(lines)
+        rows.append(cells)
+    seeds = "; ".join(f"{n}: {', '.join(str(r['seed']) for r in groups[n])}" for n in names)
+    return markdown_table(header, rows) + f"\n\nseeds: {seeds}"
 
 
 def plot_runs(runs: Sequence[dict], path: str) -> str:
