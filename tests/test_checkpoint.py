@@ -20,6 +20,7 @@ from aa_detection.config import setup_cfg  # noqa: E402
 from aa_detection.layers import AAConv2d  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
+pytestmark = pytest.mark.slow  # R-50 RetinaNets saved and loaded
 CONFIG = os.path.join(ROOT, "configs", "retinanet_AA_R_50_FPN_1x.yaml")
 BASELINE = os.path.join(ROOT, "configs", "retinanet_R_50_FPN_1x.yaml")
 # R-50 with narrow bottlenecks (16, 32, 64, 128) keeps the test fast; names and structure are R-50's.

@@ -134,6 +134,7 @@ def test_recipe_keys_are_checked_before_the_model_is_built(opts, message):
         setup_cfg(os.path.join(CONFIG_DIR, "retinanet_AA_R_50_FPN_1x.yaml"), opts)
 
 
+@pytest.mark.slow  # runs the tools in their own processes
 def test_a_dumped_run_config_loads_in_detectron2s_own_tools_after_one_import(tmp_path):
     """What detectron2's demo/analyze_model/export tools do (get_cfg, merge_from_file, build_model), in a
     fresh process whose only project line is `import aa_detection`."""

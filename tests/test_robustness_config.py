@@ -115,6 +115,7 @@ def test_invalid_yaml_names_the_file(tmp_path):
     assert path in msg and "not valid YAML" in msg
 
 
+@pytest.mark.slow  # runs the tools in their own processes
 def test_train_net_prints_the_message_and_exits_nonzero_before_training(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
@@ -134,6 +135,7 @@ def test_train_net_prints_the_message_and_exits_nonzero_before_training(tmp_path
     ("analyze_model.py", ["--config-file", AA_CFG, "--no-flops", "--opts", "MODEL.AA.NUM_HEADZ", "4"],
      "ERROR (ConfigError): command-line override: unknown config key MODEL.AA.NUM_HEADZ"),
 ])
+@pytest.mark.slow  # runs the tools in their own processes
 def test_tools_print_a_user_error_once_and_exit_2(tmp_path, tool, args, expected):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", tool)]
                           + [a.format(tmp=tmp_path) for a in args],

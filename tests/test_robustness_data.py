@@ -246,6 +246,7 @@ def test_non_contiguous_category_ids_map_to_contiguous_classes(tmp_path):
     assert meta.thing_dataset_id_to_contiguous_id == {3: 0, 7: 1, 42: 2}
 
 
+@pytest.mark.slow  # runs the tools in their own processes
 def test_train_net_stops_before_training_on_a_bad_image(tmp_path, messy_images):
     import subprocess
     import sys
@@ -299,6 +300,7 @@ def _train_args(json_file, img, out, name):
             "SOLVER.MAX_ITER", "1", "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(out)]
 
 
+@pytest.mark.slow  # runs the tools in their own processes
 def test_two_processes_report_a_bad_dataset_once(tmp_path, messy_images):
     import subprocess
     import sys
@@ -313,6 +315,7 @@ def test_two_processes_report_a_bad_dataset_once(tmp_path, messy_images):
     assert "image id 2 (" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.slow  # runs the tools in their own processes
 def test_a_user_error_in_a_worker_is_raised_once_by_the_launching_process(tmp_path, messy_images):
     from aa_detection.engine.trainer import argument_parser, main
     from aa_detection.errors import launch_reporting_user_errors

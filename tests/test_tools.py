@@ -31,6 +31,7 @@ def test_flop_count_counts_attention_matmuls_by_real_widths(impl):
     assert total == convs + content + relative
 
 
+@pytest.mark.slow  # R-50 RetinaNets
 def test_analyze_model_prints_params_and_flops(capsys):
     configs = [os.path.join(ROOT, "configs", f) for f in ("retinanet_R_50_FPN_1x.yaml",
                                                           "retinanet_AA_R_50_FPN_1x.yaml")]
@@ -43,6 +44,7 @@ def test_analyze_model_prints_params_and_flops(capsys):
     assert all(math.isfinite(r["gflops"]) and r["gflops"] > 0 for r in rows)
 
 
+@pytest.mark.slow  # R-50 RetinaNets
 def test_aa_r50_retinanet_has_fewer_parameters_than_r50():
     from detectron2.modeling import build_model
 
@@ -54,6 +56,7 @@ def test_aa_r50_retinanet_has_fewer_parameters_than_r50():
     assert ratio <= 1.0 and abs(ratio - 33.1 / 33.4) < 0.01  # the paper's 33.1M vs 33.4M
 
 
+@pytest.mark.slow  # R-50 RetinaNets
 def test_flop_count_of_a_detector_is_the_same_for_every_attention_path():
     from detectron2.modeling import build_model
 
