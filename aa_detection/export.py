@@ -30,20 +30,20 @@ __all__ = ["FORMATS", "export_backbone", "export_model", "export_torchscript", "
            "output_path", "predict", "sample_image"]
 
 FORMATS = ("torchscript", "export")
-FIELDS = ("pred_boxes", "scores", "pred_classes")  # the detections' fields, in the traced outputs' order
-
-
-def predict(model: torch.nn.Module, image: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """The eager model's detections on one image (3, H, W): {field: tensor} at the image's own size."""
-    with torch.no_grad():
-        instances = model([{"image": image}])[0]["instances"]
-    return {"pred_boxes": instances.pred_boxes.tensor, "scores": instances.scores,
-            "pred_classes": instances.pred_classes}
+FIELDS = ("pred_boxes", "scores", "pred_classes")  # the detection fields predict and load_torchscript return
 
 
 def _detections(model, image):
     """The traced function: detectron2's RetinaNet on one image, detections at the image's own size."""
     return model([{"image": image}])[0]["instances"]
+
+
+def predict(model: torch.nn.Module, image: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The eager model's detections on one image (3, H, W): {field: tensor} at the image's own size."""
+    with torch.no_grad():
+        instances = _detections(model, image)
+    return {"pred_boxes": instances.pred_boxes.tensor, "scores": instances.scores,
+            "pred_classes": instances.pred_classes}
 
 
 def export_torchscript(model: torch.nn.Module, image: torch.Tensor, path: str) -> str:
