@@ -338,7 +338,8 @@ def validate_cfg(cfg: CN, origins: Optional[Dict[str, str]] = None) -> CN:
     """ConfigError unless `cfg` can be used: the choice keys (SOLVER.OPTIMIZER, MODEL.AA.IMPL,
     DATASETS.BAD_IMAGES, DATASETS.CHECK_IMAGES, MODEL.BACKBONE.NAME), MODEL.AA.STAGES and
     MODEL.RESNETS.DEPTH, DATASETS.REGISTER entries, the backbone itself, built on the meta device
-    by its builder, and a converted MODEL.WEIGHTS file against the config (`check_weights_format`). `origins` (from `load_cfg`) names where each key was set; keys not in it are
+    by its builder, and a converted MODEL.WEIGHTS file against the config (`check_weights_format`).
+    `origins` (from `load_cfg`) names where each key was set; keys not in it are
     reported as "default"."""
     origins = origins or {}
 

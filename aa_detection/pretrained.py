@@ -254,14 +254,14 @@ def _is_attention(key):
 def check_weights_format(cfg: CfgNode, path: str) -> None:
     """ConfigError naming both values when a converted file (convert_pretrained) does not fit `cfg`:
     MODEL.PIXEL_MEAN, MODEL.PIXEL_STD or INPUT.FORMAT other than the weights', a backbone of another
-    architecture, or relative tables sized for another image size. Files without the metadata (other
-    weights, .pkl files) are not checked."""
-    if not path.endswith(".pth"):
+    architecture. It reads the metadata .json the converter writes beside the weights (the weights
+    themselves are not loaded); files without one (checkpoints of training runs, other weights) are not
+    checked."""
+    sidecar = os.path.splitext(path)[0] + ".json"
+    if not path.endswith(".pth") or not os.path.isfile(sidecar):
         return
-    data = load_torch_weights(path)
-    metadata = data.get(METADATA_KEY) if isinstance(data, dict) else None
-    if metadata is None:
-        return
+    with open(sidecar) as f:
+        metadata = json.load(f)
     problems = []
     for key, value in (("MODEL.PIXEL_MEAN", cfg.MODEL.PIXEL_MEAN), ("MODEL.PIXEL_STD", cfg.MODEL.PIXEL_STD)):
         expected = metadata[key.split(".")[1].lower()]
