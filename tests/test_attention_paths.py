@@ -61,12 +61,11 @@ def test_auto_never_crashes_on_heads_wider_than_the_kernel():
 def test_fused_widths_meet_the_alignment_rule(key_width, value_width, device_type):
     qk, v = ra.fused_widths(key_width, value_width, device_type)
     assert qk % ra.SDPA_ALIGNMENT == 0 and v % ra.SDPA_ALIGNMENT == 0
-    assert key_width <= qk < key_width + ra.SDPA_ALIGNMENT or (device_type == "cpu" and qk == v)
-    assert value_width <= v
-    if device_type == "cpu":
+    assert key_width <= qk and value_width <= v
+    if device_type == "cpu":  # one width for q, k and v: the wider side's, aligned
         assert qk == v < max(key_width, value_width) + ra.SDPA_ALIGNMENT
-    else:
-        assert v < value_width + ra.SDPA_ALIGNMENT
+    else:  # each side aligned on its own
+        assert qk < key_width + ra.SDPA_ALIGNMENT and v < value_width + ra.SDPA_ALIGNMENT
 
 
 def test_fused_path_never_falls_back_to_dense_attention():
