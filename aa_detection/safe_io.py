@@ -1,4 +1,4 @@
-"""Reading untrusted weight files safely and writing outputs atomically."""
+"""Reading untrusted weight files and YAML safely, and writing outputs atomically."""
 import contextlib
 import io
 import os
@@ -7,11 +7,12 @@ import tempfile
 from typing import IO, Any, Iterator, Union
 
 import torch
+import yaml
 
 from .errors import UnsafePickleError
 
 __all__ = ["AtomicWritePathManager", "UnsafePickleError", "atomic_write", "load_pickle_weights",
-           "load_torch_weights"]
+           "load_torch_weights", "load_yaml_data"]
 
 # What weight pickles need: numpy arrays and scalars, plain containers, and tensors.
 _SAFE_GLOBALS = {
@@ -114,3 +115,25 @@ class AtomicWritePathManager:
 
     def __getattr__(self, name):
         return getattr(self.wrapped, name)
+
+
+class _DataLoader(yaml.SafeLoader):
+    """SafeLoader that reads a Python-tagged node as the plain mapping, sequence or scalar it tags."""
+
+
+def _untagged(loader, suffix, node):
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node, deep=True)
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node, deep=True)
+    return loader.construct_scalar(node)
+
+
+_DataLoader.add_multi_constructor("tag:yaml.org,2002:python/", _untagged)
+
+
+def load_yaml_data(path: str) -> Any:
+    """A YAML file as plain data; Python tags (detectron2's LazyConfig.save writes some, e.g. for a
+    ShapeSpec) are read as the data they tag, nothing is imported or run."""
+    with open(path) as f:
+        return yaml.load(f, Loader=_DataLoader)

@@ -14,8 +14,7 @@ import re
 import statistics
 from typing import Dict, List, Optional, Sequence
 
-import yaml
-
+from ..safe_io import load_yaml_data
 from ..utils.table import format_table as markdown_table
 
 __all__ = ["load_run", "group_runs", "format_table", "plot_runs", "METRIC_KEYS"]
@@ -77,12 +76,12 @@ def load_run(run_dir: str, name: Optional[str] = None) -> dict:
 
 
 def _seed(run_dir):
-    """The SEED of the run's config.yaml (detectron2 writes it at setup), or None."""
+    """The SEED (a LazyConfig's train.seed) of the run's config.yaml (detectron2 writes it at setup), or None."""
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        seed = (yaml.safe_load(f) or {}).get("SEED")
+    cfg = load_yaml_data(path) or {}
+    seed = cfg.get("SEED", (cfg.get("train") or {}).get("seed"))
     return None if seed is None or seed < 0 else seed
 
 

@@ -19,11 +19,11 @@ import yaml
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog, build_detection_test_loader
 from detectron2.engine import (
-    AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, default_argument_parser,
+    AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, default_argument_parser,
     default_setup, hooks,
 )
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, LVISEvaluator, PascalVOCDetectionEvaluator
-from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+from detectron2.solver.build import get_default_optimizer_params
 from detectron2.utils import comm
 from detectron2.utils.events import EventWriter, JSONWriter
 from detectron2.utils.logger import setup_logger
@@ -34,6 +34,10 @@ from ..config import load_cfg, setup_cfg, validate_cfg
 from ..data import prepare_datasets, register_datasets
 from ..errors import ConfigError, launch_reporting_user_errors
 from ..safe_io import atomic_write
+from ..solver import adamw
+from . import lazy
+from .distributed import ddp_model
+from .lazy import is_lazy_config
 from .resilience import MetricsWriter
 
 __all__ = ["Trainer", "argument_parser", "setup", "main", "launch_main", "RESULTS_FILE",
@@ -63,18 +67,15 @@ class Trainer(DefaultTrainer):
 
         - the checkpointer is `build_checkpointer`'s (AACheckpointer) instead of a DetectionCheckpointer;
         - a CPU model of a multi-process run is wrapped in DistributedDataParallel with
-          `device_ids=None`: detectron2's `create_ddp_model` passes `device_ids=[local_rank]`, which
-          DistributedDataParallel rejects for CPU modules, and DefaultTrainer offers no hook for it.
-          tests/test_train_net.py checks that upstream still does so and that this constructor sets
-          every attribute DefaultTrainer's sets.
+          `device_ids=None` (`ddp_model`), and DefaultTrainer offers no hook for it.
+          tests/test_train_net.py checks that this constructor sets every attribute DefaultTrainer's sets.
         """
         TrainerBase.__init__(self)
         cfg = self.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        on_cpu = next(model.parameters()).device.type == "cpu"
-        model = create_ddp_model(model, broadcast_buffers=False, **({"device_ids": None} if on_cpu else {}))
+        model = ddp_model(model, broadcast_buffers=False)
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = self.build_checkpointer(model, cfg.OUTPUT_DIR, cfg, trainer=weakref.proxy(self))
@@ -136,8 +137,7 @@ class Trainer(DefaultTrainer):
         params = get_default_optimizer_params(
             model, base_lr=cfg.SOLVER.BASE_LR, weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
             bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR, weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS)
-        adamw = maybe_add_gradient_clipping(cfg, torch.optim.AdamW)
-        return adamw(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+        return adamw(params, cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY, dict(cfg.SOLVER.CLIP_GRADIENTS))
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None) -> DatasetEvaluator:
@@ -278,6 +278,10 @@ def setup(args: argparse.Namespace) -> CfgNode:
 
 
 def main(args: argparse.Namespace) -> Optional[dict]:
+    """Train, or with `--eval-only` evaluate, the config of `args`; a `.py` config is a LazyConfig
+    (`aa_detection.engine.lazy`)."""
+    if is_lazy_config(args.config_file):
+        return lazy.main(args)
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
@@ -313,6 +317,10 @@ def launch_main(args: argparse.Namespace) -> None:
     read the cached dataset checks), and one raised later in a worker is raised here, once."""
     if args.num_gpus * args.num_machines > 1:
         setup_logger(name="aa_detection", abbrev_name="aa")
-        setup_cfg(args.config_file, args.opts, datasets=args.dataset, prepare_data=True, trusted=args.trust_config)
+        if is_lazy_config(args.config_file):
+            lazy.prepare_lazy_datasets(lazy.load_lazy_config(args.config_file, args.opts), args.dataset)
+        else:
+            setup_cfg(args.config_file, args.opts, datasets=args.dataset, prepare_data=True,
+                      trusted=args.trust_config)
     launch_reporting_user_errors(main, args.num_gpus, num_machines=args.num_machines,
                                  machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
