@@ -65,14 +65,14 @@ def flop_count(model: torch.nn.Module, inputs: tuple) -> Tuple[int, Counter]:
 
 
 def analyze_config(config_file: str, opts: Sequence[str] = (), size: Tuple[int, int] = (800, 1333),
-                   flops: bool = True) -> Dict[str, Any]:
+                   flops: bool = True, trusted: Sequence[str] = ()) -> Dict[str, Any]:
     """{"config", "params", "backbone_params"[, "gflops", "attention_gflops"]} of one config's model (random
-    weights, CPU), FLOPs for one image of `size` (H, W)."""
+    weights, CPU), FLOPs for one image of `size` (H, W); `trusted`: as for `setup_cfg`."""
     from detectron2.modeling import build_model
 
     from .config import setup_cfg
 
-    cfg = setup_cfg(config_file, list(opts) + ["MODEL.DEVICE", "cpu"])
+    cfg = setup_cfg(config_file, list(opts) + ["MODEL.DEVICE", "cpu"], trusted=trusted)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     backbone = getattr(model.backbone, "bottom_up", model.backbone)

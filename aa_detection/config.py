@@ -366,6 +366,15 @@ def validate_cfg(cfg: CN, origins: Optional[Dict[str, str]] = None) -> CN:
     return cfg
 
 
+def add_trust_config_argument(parser) -> None:
+    """`--trust-config FILE` (repeatable) on an argparse parser: the config files that may hold Python tags,
+    passed to `load_cfg` / `setup_cfg` as `trusted`. Every tool that reads a config takes it."""
+    parser.add_argument(
+        "--trust-config", action="append", default=[], metavar="FILE",
+        help="read this config file (a --config-file or a _BASE_) even if it holds Python tags, which run code "
+             "(repeatable; detectron2's own model-zoo configs are always read)")
+
+
 def setup_cfg(config_file: Optional[str] = None, opts: Sequence[str] = (), datasets: Sequence[Sequence[str]] = (),
               prepare_data: bool = False, trusted: Sequence[str] = ()) -> CN:
     """A frozen config: `load_cfg`, `validate_cfg`, then `aa_detection.data.register_datasets` (which

@@ -9,7 +9,9 @@ import yaml  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 from aa_detection.config import setup_cfg  # noqa: E402
+from aa_detection.errors import exit_on_user_error  # noqa: E402
 from aa_detection.layers import AAConv2d  # noqa: E402
+from common import load_tool  # noqa: E402
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "**", "*.yaml"), recursive=True))
@@ -180,3 +182,34 @@ def test_detectron2_model_zoo_configs_are_bases_by_path_and_by_name(tmp_path):
     with pytest.raises(ConfigError, match=r"copied\.yaml: refusing an unsafe YAML tag.*--trust-config"):
         setup_cfg(str(copied))
     assert setup_cfg(str(copied), trusted=[str(copied)]).MODEL.META_ARCHITECTURE == "RetinaNet"
+
+
+CONFIG_TOOLS = ["train_net", "demo", "export_model", "analyze_model", "convert_pretrained_to_d2", "visualize"]
+
+
+@pytest.mark.parametrize("tool", CONFIG_TOOLS)
+def test_every_tool_reading_configs_takes_trust_config(tool, capsys):
+    module = load_tool(tool)
+    parser_help = []
+    for argv in [["predict", "--help"], ["attention", "--help"]] if tool == "visualize" else [["--help"]]:
+        with pytest.raises(SystemExit) as exit_info:
+            module.main(argv) if hasattr(module, "main") else module.argument_parser().parse_args(argv)
+        assert exit_info.value.code == 0
+        parser_help.append(capsys.readouterr().out)
+    assert all("--trust-config" in text for text in parser_help), tool
+
+
+def test_a_trusted_config_with_a_python_tag_is_read_by_a_tool(tmp_path, capsys):
+    tagged = tmp_path / "tagged.yaml"
+    tagged.write_text(
+        f'_BASE_: "{os.path.join(CONFIG_DIR, "synthetic", "retinanet_R_18_FPN_synthetic.yaml")}"\nMODEL:\n'
+        '  ANCHOR_GENERATOR:\n    SIZES: !!python/object/apply:eval ["[[x, x * 2 ** (1 / 3), x * 2 ** (2 / 3)] '
+        'for x in [12, 24, 48, 96, 192]]"]\n')
+    analyze = load_tool("analyze_model")
+    with pytest.raises(SystemExit) as exit_info:  # exit_on_user_error: the message, exit status 2
+        with exit_on_user_error():
+            analyze.main(["--config-file", str(tagged), "--no-flops"])
+    assert exit_info.value.code == 2
+    assert "tagged.yaml: refusing an unsafe YAML tag" in capsys.readouterr().err
+    analyze.main(["--config-file", str(tagged), "--no-flops", "--trust-config", str(tagged)])
+    assert "tagged.yaml" in capsys.readouterr().out

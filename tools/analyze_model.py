@@ -11,6 +11,7 @@ attention matmuls included (aa_detection.analysis.flop_count); detectron2's post
 import argparse
 
 from aa_detection.analysis import analyze_config
+from aa_detection.config import add_trust_config_argument
 from aa_detection.utils.table import format_table
 from aa_detection.errors import exit_on_user_error
 
@@ -20,12 +21,14 @@ HEADER = ["config", "params (M)", "backbone params (M)", "GFLOPs", "attention ma
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Parameters and FLOPs of detectron2 models, side by side.")
     parser.add_argument("--config-file", nargs="+", required=True, metavar="FILE")
+    add_trust_config_argument(parser)
     parser.add_argument("--size", nargs=2, type=int, default=(800, 1333), metavar=("H", "W"),
                         help="input image size for the FLOP count (default 800 1333)")
     parser.add_argument("--no-flops", action="store_true", help="count parameters only")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides for every config")
     args = parser.parse_args(argv)
-    rows = [analyze_config(f, args.opts, tuple(args.size), flops=not args.no_flops) for f in args.config_file]
+    rows = [analyze_config(f, args.opts, tuple(args.size), flops=not args.no_flops, trusted=args.trust_config)
+            for f in args.config_file]
     if not args.no_flops:
         print(f"input {args.size[0]}x{args.size[1]}, fvcore FLOPs (1 multiply-add = 1 flop)")
     print(format_table(HEADER, [[r["config"], f"{r['params'] / 1e6:.2f}", f"{r['backbone_params'] / 1e6:.2f}",

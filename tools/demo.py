@@ -8,7 +8,7 @@
 """
 import argparse
 
-from aa_detection.config import setup_cfg
+from aa_detection.config import add_trust_config_argument, setup_cfg
 from aa_detection.demo import Demo, expand_inputs
 from aa_detection.errors import UsageError, exit_on_user_error
 
@@ -16,6 +16,7 @@ from aa_detection.errors import UsageError, exit_on_user_error
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", required=True, metavar="FILE")
+    add_trust_config_argument(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", help="image files, glob patterns or folders")
     source.add_argument("--video-input", help="a video file")
@@ -27,7 +28,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if (args.video_input or args.webcam) and not args.output:
         raise UsageError("--video-input and --webcam need --output (the video to write)")
-    cfg = setup_cfg(args.config_file, args.opts + ["MODEL.RETINANET.SCORE_THRESH_TEST", str(args.confidence_threshold)])
+    cfg = setup_cfg(args.config_file, args.opts + ["MODEL.RETINANET.SCORE_THRESH_TEST", str(args.confidence_threshold)],
+                    trusted=args.trust_config)
     demo = Demo(cfg, args.confidence_threshold)
     if args.input:
         for path, count in demo.write_images(expand_inputs(args.input), args.output):

@@ -10,7 +10,7 @@ torch.export with dynamic height and width. Load either after `import aa_detecti
 """
 import argparse
 
-from aa_detection.config import setup_cfg
+from aa_detection.config import add_trust_config_argument, setup_cfg
 from aa_detection.errors import exit_on_user_error
 from aa_detection.export import FORMATS, export_model
 
@@ -18,12 +18,13 @@ from aa_detection.export import FORMATS, export_model
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", required=True, metavar="FILE")
+    add_trust_config_argument(p)
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--format", choices=FORMATS, default="torchscript")
     p.add_argument("--sample-image", default=None, help="image to trace with (default: the first test image)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     args = p.parse_args(argv)
-    cfg = setup_cfg(args.config_file, args.opts)
+    cfg = setup_cfg(args.config_file, args.opts, trusted=args.trust_config)
     print(export_model(cfg, args.output, args.format, args.sample_image))
 
 

@@ -30,7 +30,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import AACheckpointer
 from ..analysis import count_parameters, flop_count
-from ..config import load_cfg, setup_cfg, validate_cfg
+from ..config import add_trust_config_argument, load_cfg, setup_cfg, validate_cfg
 from ..data import prepare_datasets, register_datasets
 from ..errors import ConfigError, launch_reporting_user_errors
 from ..safe_io import atomic_write
@@ -223,10 +223,7 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dataset", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"),
         help="register a COCO-format dataset (repeatable); name it in DATASETS.TRAIN / DATASETS.TEST")
-    parser.add_argument(
-        "--trust-config", action="append", default=[], metavar="FILE",
-        help="read this config file (a --config-file or a _BASE_) even if it holds Python tags, which run code "
-             "(repeatable; detectron2's own model-zoo configs are always read)")
+    add_trust_config_argument(parser)
     return parser
 
 

@@ -91,7 +91,8 @@ def _setup(config_file, args, extra_opts=()):
 
         if args.dataset not in DatasetCatalog.list():
             opts += ["DATASETS.TEST", f"('{args.dataset}',)"]
-    return setup_cfg(config_file, opts, datasets=[tuple(r) for r in (args.register or [])])
+    return setup_cfg(config_file, opts, datasets=[tuple(r) for r in (args.register or [])],
+                     trusted=args.trust_config)
 
 
 def _items(args):
@@ -303,11 +304,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- parser
 def argument_parser() -> argparse.ArgumentParser:
+    from ..config import add_trust_config_argument
+
     parser = argparse.ArgumentParser(prog="tools/visualize.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser, model: bool = True, inputs: bool = True) -> None:
+        add_trust_config_argument(p)
         if inputs:
             p.add_argument("--input", nargs="+", metavar="PATH", help="image files or folders of images")
         p.add_argument("--dataset", metavar="NAME", help="a registered dataset (e.g. synthetic_val)")
