@@ -7,6 +7,9 @@
 - "export": `torch.export` of the backbone (AA-ResNet + FPN) with the image height and width dynamic
   (multiples of the backbone's size divisibility); RetinaNet's post-processing has data-dependent
   shapes that torch.export does not take.
+- "onnx": the same backbone through `torch.onnx.export` (input "images", outputs named by feature),
+  its attention on the pure-PyTorch `naive` path: the CPU kernel operator has no ONNX form. Needs the
+  `onnx` and `onnxscript` packages; `load_onnx` runs the file with onnxruntime.
 
 With the default `MODEL.AA.IMPL` ("auto") the CPU attention runs as the operator
 `torch.ops.aa_detection.attention_forward`: load the files after `import aa_detection`.
@@ -26,10 +29,11 @@ import torch
 
 from .checkpoint import AACheckpointer
 
-__all__ = ["FORMATS", "export_backbone", "export_model", "export_torchscript", "load_backbone", "load_torchscript",
-           "output_path", "predict", "sample_image"]
+__all__ = ["FORMATS", "export_backbone", "export_model", "export_onnx", "export_torchscript", "load_backbone",
+           "load_onnx", "load_torchscript", "output_path", "predict", "sample_image"]
 
-FORMATS = ("torchscript", "export")
+FORMATS = ("torchscript", "export", "onnx")
+ONNX_ATTENTION = "naive"  # the attention path exported to ONNX: matmuls and a softmax, exact
 FIELDS = ("pred_boxes", "scores", "pred_classes")  # the detection fields predict and load_torchscript return
 
 
@@ -75,18 +79,61 @@ def load_torchscript(path: str) -> Callable[[torch.Tensor], Dict[str, torch.Tens
     return run
 
 
-def export_backbone(model: torch.nn.Module, image: torch.Tensor, path: str) -> str:
-    """`torch.export` the backbone with dynamic height and width; saves an ExportedProgram at `path`."""
+def _backbone_inputs(model, image):
+    """(backbone in eval mode, its input batch (1, 3, H, W) for `image`, dynamic height and width)."""
     backbone = model.backbone.eval()
     divisibility = max(backbone.size_divisibility, 1)
     images = model.preprocess_image([{"image": image}]).tensor
     blocks_h = torch.export.Dim("blocks_h", min=1, max=4096 // divisibility)
     blocks_w = torch.export.Dim("blocks_w", min=1, max=4096 // divisibility)
+    return backbone, images, ({2: divisibility * blocks_h, 3: divisibility * blocks_w},)
+
+
+def export_backbone(model: torch.nn.Module, image: torch.Tensor, path: str) -> str:
+    """`torch.export` the backbone with dynamic height and width; saves an ExportedProgram at `path`."""
+    backbone, images, dynamic_shapes = _backbone_inputs(model, image)
     with torch.no_grad():
-        program = torch.export.export(backbone, (images,),
-                                      dynamic_shapes=({2: divisibility * blocks_h, 3: divisibility * blocks_w},))
+        program = torch.export.export(backbone, (images,), dynamic_shapes=dynamic_shapes)
     torch.export.save(program, path)
     return path
+
+
+def export_onnx(model: torch.nn.Module, image: torch.Tensor, path: str) -> str:
+    """The backbone to ONNX at `path` with dynamic height and width (input "images", one output per feature,
+    e.g. "p3".."p7"), every AAConv2d on the ONNX_ATTENTION path while exporting."""
+    from .layers import AAConv2d
+
+    try:
+        import onnxscript  # noqa: F401  (torch.onnx.export needs it)
+    except ImportError as e:
+        raise ImportError("ONNX export needs the onnx and onnxscript packages: pip install onnx onnxscript") from e
+    backbone, images, dynamic_shapes = _backbone_inputs(model, image)
+    layers = [m for m in backbone.modules() if isinstance(m, AAConv2d)]
+    impls = [m.impl for m in layers]
+    try:
+        for layer in layers:
+            layer.impl = ONNX_ATTENTION
+        with torch.no_grad():
+            torch.onnx.export(backbone, (images,), path, dynamo=True, dynamic_shapes=dynamic_shapes,
+                              input_names=["images"], output_names=list(backbone.output_shape()))
+    finally:
+        for layer, impl in zip(layers, impls):
+            layer.impl = impl
+    return path
+
+
+def load_onnx(path: str) -> Callable[[torch.Tensor], Dict[str, torch.Tensor]]:
+    """The ONNX backbone run by onnxruntime: images (B, 3, H, W), as for `load_backbone` -> {feature: tensor}."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+
+    def run(images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        outputs = session.run(names, {"images": images.detach().cpu().numpy()})
+        return {name: torch.from_numpy(value) for name, value in zip(names, outputs)}
+
+    return run
 
 
 def load_backbone(path: str) -> Callable[[torch.Tensor], Dict[str, torch.Tensor]]:
@@ -97,7 +144,8 @@ def load_backbone(path: str) -> Callable[[torch.Tensor], Dict[str, torch.Tensor]
 
 def output_path(output_dir: str, export_format: str) -> str:
     """Where `tools/export_model.py` writes a format in `output_dir`."""
-    return os.path.join(output_dir, {"torchscript": "model.ts", "export": "backbone.pt2"}[export_format])
+    return os.path.join(output_dir, {"torchscript": "model.ts", "export": "backbone.pt2",
+                                     "onnx": "backbone.onnx"}[export_format])
 
 
 def sample_image(cfg: CfgNode, path: Optional[str] = None) -> torch.Tensor:
@@ -121,4 +169,5 @@ def export_model(cfg: CfgNode, output_dir: str, export_format: str = "torchscrip
     image = sample_image(cfg, image_path)
     PathManager.mkdirs(output_dir)
     path = output_path(output_dir, export_format)
-    return (export_torchscript if export_format == "torchscript" else export_backbone)(model, image, path)
+    exporter = {"torchscript": export_torchscript, "export": export_backbone, "onnx": export_onnx}[export_format]
+    return exporter(model, image, path)

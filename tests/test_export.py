@@ -1,5 +1,5 @@
 """Deployment: the default AA RetinaNet traced to TorchScript, saved, reloaded in a fresh process and run at
-other sizes; the backbone through torch.export with dynamic sizes."""
+other sizes; the backbone through torch.export with dynamic sizes, and to ONNX run by onnxruntime."""
 import os
 import subprocess
 import sys
@@ -67,3 +67,21 @@ def test_backbone_exports_with_dynamic_sizes(model, tmp_path):
     assert set(exported) == set(eager)
     for name in eager:
         assert torch.allclose(exported[name], eager[name], atol=1e-4), name
+
+
+def test_backbone_exports_to_onnx_and_runs_at_other_sizes(model, tmp_path):
+    pytest.importorskip("onnxscript", reason="ONNX export needs onnx and onnxscript (requirements.txt)")
+    pytest.importorskip("onnxruntime", reason="running the ONNX file needs onnxruntime (requirements.txt)")
+    impls = {m.impl for m in model.modules() if hasattr(m, "impl")}
+    path = export.export_onnx(model, _image(TRACE_SIZE, 0), str(tmp_path / "backbone.onnx"))
+    assert {m.impl for m in model.modules() if hasattr(m, "impl")} == impls  # the model is left as it was
+    backbone = export.load_onnx(path)
+    for i, size in enumerate(OTHER_SIZES + [(192, 256)]):
+        images = model.preprocess_image([{"image": _image(size, i + 1)}]).tensor
+        with torch.no_grad():
+            eager = model.backbone(images)
+        exported = backbone(images)
+        assert list(exported) == list(eager)
+        for name in eager:
+            assert exported[name].shape == eager[name].shape, name
+            assert (exported[name] - eager[name]).abs().max() <= 1e-4, name

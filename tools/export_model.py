@@ -3,10 +3,12 @@
 
     python tools/export_model.py --config-file CFG --output DIR MODEL.WEIGHTS model_final.pth
     python tools/export_model.py --config-file CFG --output DIR --format export --sample-image img.jpg
+    python tools/export_model.py --config-file CFG --output DIR --format onnx MODEL.WEIGHTS model_final.pth
 
 "torchscript" writes DIR/model.ts (+ model.ts.json naming its outputs), the whole detector traced at the
 sample image's size (it runs at other sizes); "export" writes DIR/backbone.pt2, the backbone through
-torch.export with dynamic height and width. Load either after `import aa_detection`.
+torch.export with dynamic height and width (load either after `import aa_detection`); "onnx" writes
+DIR/backbone.onnx, the same backbone in ONNX (attention on the pure-PyTorch path; needs onnx and onnxscript).
 """
 import argparse
 
