@@ -72,3 +72,25 @@ def test_unpaired_seeds_give_the_difference_of_means_with_its_standard_error(tmp
     runs = [load_run(str(tmp_path / m / f"seed{s}")) for m, seeds in (("a", (1, 2)), ("b", (5, 6))) for s in seeds]
     error = (2.0 / 2 + 8.0 / 2) ** 0.5
     assert _rows(format_table(runs))["AP"][2] == f"+4.0 +- {error:.1f} (standard error)"
+
+
+def test_an_ablation_is_one_row_per_model_compared_with_the_first(tmp_path):
+    aps = {"base": {1: 30.0, 2: 32.0, 3: 31.0}, "aa": {1: 29.0, 2: 33.5, 3: 30.0}, "aa_zero": {1: 31.0, 2: 32.0, 3: 34.0}}
+    runs = []
+    for model, by_seed in aps.items():
+        for seed, ap in by_seed.items():
+            _fake_run(str(tmp_path / model / f"seed{seed}"), ap, [2.0, 1.0], seed)
+            runs.append(load_run(str(tmp_path / model / f"seed{seed}")))
+    rows = _rows(format_table(runs))
+    header = rows["model"]
+    assert header[:3] == ["runs", "AP", "AP - base"] and "train time (s)" in header
+    for model, by_seed in aps.items():
+        cells = dict(zip(header, rows[model]))
+        values = list(by_seed.values())
+        assert cells["runs"] == "3"
+        assert cells["AP"] == (f"{statistics.mean(values):.1f} +- {statistics.stdev(values):.1f} "
+                               f"({' / '.join(f'{v:.1f}' for v in values)})")
+        diffs = [by_seed[s] - aps["base"][s] for s in (1, 2, 3)]
+        expected = "-" if model == "base" else f"{statistics.mean(diffs):+.1f}"
+        assert cells["AP - base"].split(" ")[0] == expected
+    assert rows["aa_zero"][header.index("AP - base")].endswith("(+1.0 / +0.0 / +3.0)")

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 from ..safe_io import load_yaml_data
 from ..utils.table import format_table as markdown_table
 
-__all__ = ["load_run", "group_runs", "format_table", "plot_runs", "METRIC_KEYS"]
+__all__ = ["load_run", "group_runs", "format_table", "format_ablation", "plot_runs", "METRIC_KEYS"]
 
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 RESULTS_FILE = "eval_results.json"
@@ -139,11 +139,19 @@ def _difference(reference, other, spec):
     return diff
 
 
+def _seeds_line(groups: Dict[str, List[dict]]) -> str:
+    return "seeds: " + "; ".join(f"{n}: {', '.join(str(r['seed']) for r in runs)}" for n, runs in groups.items())
+
+
 def format_table(runs: Sequence[dict]) -> str:
-    """A Markdown table, one column per model (its seeds summarised: mean +- std and per-seed values), and
-    with two models a column of the second minus the first."""
+    """A Markdown table of the runs, each model's seeds summarised (mean +- std and per-seed values).
+
+    One or two models: one column per model, with two a column of the second minus the first. More
+    (an ablation): `format_ablation`'s one row per model."""
     groups = group_runs(runs)
     names = list(groups)
+    if len(names) > 2:
+        return format_ablation(runs)
     header = ["metric"] + [f"{n} ({len(groups[n])} run{'s' if len(groups[n]) > 1 else ''})" for n in names]
     two = len(names) == 2
     if two:
@@ -155,8 +163,33 @@ def format_table(runs: Sequence[dict]) -> str:
             paired = [[(r["seed"], get(r)) for r in groups[n]] for n in names]
             cells.append("-" if label == "iterations" else _difference(*paired, spec))
         rows.append(cells)
-    seeds = "; ".join(f"{n}: {', '.join(str(r['seed']) for r in groups[n])}" for n in names)
-    return markdown_table(header, rows) + f"\n\nseeds: {seeds}"
+    return markdown_table(header, rows) + "\n\n" + _seeds_line(groups)
+
+
+ABLATION_COLUMNS = ("AP", "AP50", "params (M)", "GFLOPs", "train time (s)")
+
+
+def format_ablation(runs: Sequence[dict]) -> str:
+    """A Markdown table with one row per model: AP, AP50, parameters, GFLOPs and training time (mean +- std
+    and per-seed values), AP and AP50 also as the difference to the first model (paired by seed when the
+    seeds match)."""
+    groups = group_runs(runs)
+    names = list(groups)
+    getters = {label: (get, spec) for label, get, spec in ROWS}
+    header = ["model", "runs"]
+    for label in ABLATION_COLUMNS:
+        header += [label] + ([f"{label} - {names[0]}"] if label in METRIC_KEYS else [])
+    rows = []
+    for name in names:
+        cells = [name, str(len(groups[name]))]
+        for label in ABLATION_COLUMNS:
+            get, spec = getters[label]
+            cells.append(_summary([get(r) for r in groups[name]], spec))
+            if label in METRIC_KEYS:
+                paired = [[(r["seed"], get(r)) for r in groups[n]] for n in (names[0], name)]
+                cells.append("-" if name == names[0] else _difference(*paired, spec))
+        rows.append(cells)
+    return markdown_table(header, rows) + "\n\n" + _seeds_line(groups)
 
 
 def plot_runs(runs: Sequence[dict], path: str) -> str:
