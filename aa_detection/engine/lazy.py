@@ -36,7 +36,7 @@ from ..data import prepare_datasets, register_datasets
 from ..errors import ConfigError
 from ..safe_io import load_yaml_data
 from .distributed import ddp_model
-from .resilience import MetricsWriter
+from .resilience import MetricsWriter, check_run_identity
 
 __all__ = ["is_lazy_config", "load_lazy_config", "prepare_lazy_datasets", "setup", "train_loader", "evaluate", "main"]
 
@@ -97,26 +97,19 @@ def _flatten(node: Dict, prefix: str = ""):
             yield f"{prefix}{key}", value
 
 
+def _run_identity(config: dict) -> dict:
+    """A LazyConfig's `model` and training dataset names."""
+    names = ((config.get("dataloader") or {}).get("train") or {}).get("dataset", {}).get("names")
+    return {"model": config.get("model"), "dataloader.train.dataset.names": [names] if isinstance(names, str) else names}
+
+
 def check_output_dir(cfg: DictConfig) -> None:
     """ConfigError when `train.output_dir` holds the run of another config: its config.yaml differs in
     `model` or in the training datasets."""
-    path = os.path.join(cfg.train.output_dir, "config.yaml")
-    if not os.path.isfile(path):
-        return
     with tempfile.TemporaryDirectory() as tmp:  # this config as its config.yaml would be written
         LazyConfig.save(cfg, os.path.join(tmp, "config.yaml"))
         current = load_yaml_data(os.path.join(tmp, "config.yaml"))
-    previous = load_yaml_data(path) or {}
-
-    def identity(c):
-        names = ((c.get("dataloader") or {}).get("train") or {}).get("dataset", {}).get("names")
-        return {"model": c.get("model"), "dataloader.train.dataset.names": [names] if isinstance(names, str) else names}
-
-    old, new = identity(previous), identity(current)
-    keys = [k for k in old if old[k] != new[k]]
-    if keys:
-        raise ConfigError(f"train.output_dir {cfg.train.output_dir} holds the run of another config ({', '.join(keys)} "
-                          f"differ from its {path}): set another train.output_dir, or remove that folder")
+    check_run_identity("train.output_dir", cfg.train.output_dir, _run_identity, current)
 
 
 def setup(args: argparse.Namespace) -> DictConfig:

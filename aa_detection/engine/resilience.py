@@ -5,17 +5,19 @@
   process is dropped, and on resume so are the records of iterations at or beyond the iteration the run
   resumes from (they were computed after the checkpoint and will be computed again).
 - `repair_metrics_file`: that repair on its own, written atomically.
+- `check_run_identity`: a run never starts in a folder that holds another config's run.
 """
 import json
 import logging
 import os
-from typing import Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from detectron2.utils.events import JSONWriter
 
-from ..safe_io import atomic_write
+from ..errors import ConfigError
+from ..safe_io import atomic_write, load_yaml_data
 
-__all__ = ["MetricsWriter", "repair_metrics_file"]
+__all__ = ["MetricsWriter", "repair_metrics_file", "check_run_identity"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,3 +62,20 @@ class MetricsWriter(JSONWriter):
         result = repair_metrics_file(self.json_file, keep_before)
         self._file_handle = open(self.json_file, "a")
         return result
+
+
+def check_run_identity(key: str, output_dir: str, identity: Callable[[dict], Dict[str, Any]], config: dict) -> None:
+    """ConfigError when `output_dir` holds the run of another config, so that its checkpoints, metrics.json
+    and `--resume` would mix two runs.
+
+    `identity` maps a config as plain data to the {name: value} entries that make a run itself (its model,
+    its training data); it is applied to the config.yaml written at the start of the run in `output_dir`
+    and to `config`. `key` is the config key of the folder, for the message."""
+    path = os.path.join(output_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return
+    old, new = identity(load_yaml_data(path) or {}), identity(config)
+    names = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if names:
+        raise ConfigError(f"{key} {output_dir} holds the run of another config ({', '.join(names)} differ from "
+                          f"its {path}): set another {key}, or remove that folder")

@@ -38,7 +38,7 @@ from ..solver import adamw
 from . import lazy
 from .distributed import ddp_model
 from .lazy import is_lazy_config
-from .resilience import MetricsWriter
+from .resilience import MetricsWriter, check_run_identity
 
 __all__ = ["Trainer", "argument_parser", "setup", "main", "launch_main", "RESULTS_FILE",
            "model_complexity", "inference_seconds_per_image"]
@@ -227,35 +227,25 @@ def argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_identity(node: dict, prefix: str = "") -> Dict[str, Any]:
+    """{dotted key: value} of a config's MODEL leaves (weights and device aside) and DATASETS.TRAIN."""
+    if not prefix:
+        leaves = _run_identity(node.get("MODEL", {}), "MODEL.")
+        leaves["DATASETS.TRAIN"] = list(node.get("DATASETS", {}).get("TRAIN", []))
+        return leaves
+    leaves = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            leaves.update(_run_identity(value, f"{prefix}{key}."))
+        elif f"{prefix}{key}" not in ("MODEL.WEIGHTS", "MODEL.DEVICE"):
+            leaves[f"{prefix}{key}"] = value
+    return leaves
+
+
 def check_output_dir(cfg: CfgNode) -> None:
     """ConfigError when cfg.OUTPUT_DIR holds the run of another model: its config.yaml (written at every
-    start) differs in MODEL (weights and device aside) or DATASETS.TRAIN, so checkpoints, metrics.json and
-    `--resume` would mix two runs."""
-    path = os.path.join(cfg.OUTPUT_DIR, "config.yaml")
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        previous = yaml.safe_load(f) or {}
-
-    def identity(node: dict, prefix: str = "") -> Dict[str, Any]:
-        """{dotted key: value} of the MODEL leaves (weights and device aside) and DATASETS.TRAIN."""
-        if not prefix:
-            leaves = identity(node.get("MODEL", {}), "MODEL.")
-            leaves["DATASETS.TRAIN"] = list(node.get("DATASETS", {}).get("TRAIN", []))
-            return leaves
-        leaves = {}
-        for key, value in node.items():
-            if isinstance(value, dict):
-                leaves.update(identity(value, f"{prefix}{key}."))
-            elif f"{prefix}{key}" not in ("MODEL.WEIGHTS", "MODEL.DEVICE"):
-                leaves[f"{prefix}{key}"] = value
-        return leaves
-
-    old, new = identity(previous), identity(yaml.safe_load(cfg.dump()))
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if keys:
-        raise ConfigError(f"OUTPUT_DIR {cfg.OUTPUT_DIR} holds the run of another config ({', '.join(keys)} "
-                          f"differ from its {path}): set another OUTPUT_DIR, or remove that folder")
+    start) differs in MODEL (weights and device aside) or DATASETS.TRAIN."""
+    check_run_identity("OUTPUT_DIR", cfg.OUTPUT_DIR, _run_identity, yaml.safe_load(cfg.dump()))
 
 
 def setup(args: argparse.Namespace) -> CfgNode:
