@@ -68,6 +68,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-lr", type=float, default=0.0)
     p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     p.add_argument("--no-aug", action="store_true", help="train on resized centre crops (no random augmentation)")
+    p.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
+                   help="RandomResizedCrop's range of the crop's area, as a fraction of the image's")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="float16 autocast + GradScaler (CUDA only)")
     p.add_argument("--ema", action="store_true", help="keep an exponential moving average of the weights")
@@ -155,7 +157,8 @@ def _loaders(args, data_config, train_set, val_set, device, distributed):
                   mean=data_config["mean"], std=data_config["std"], crop_pct=data_config["crop_pct"],
                   num_workers=args.workers, distributed=distributed, device=device,
                   use_prefetcher=device.type == "cuda", pin_memory=device.type == "cuda")
-    train = create_loader(train_set, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug, **common)
+    train = create_loader(train_set, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug,
+                          scale=tuple(args.scale), **common)
     val = create_loader(val_set, batch_size=args.batch_size, is_training=False, **common)
     return train, val
 

@@ -38,8 +38,8 @@ TINY_CFG = ["MODEL.RESNETS.DEPTH", "50", "MODEL.RESNETS.WIDTH_PER_GROUP", "8", "
 
 def _args(data, output, *extra):
     return build_argument_parser().parse_args(
-        ["--data", data, "--output", output, "--img-size", "32", "--batch-size", "16", "--workers", "0",
-         "--lr", "0.02", "--warmup-epochs", "0", "--opt", "adamw", "--weight-decay", "0.0", "--smoothing", "0",
+        ["--data", data, "--output", output, "--img-size", "64", "--batch-size", "16", "--workers", "0",
+         "--lr", "0.005", "--warmup-epochs", "0", "--opt", "adamw", "--weight-decay", "0.0", "--smoothing", "0",
          "--log-interval", "5", "--no-aug", *TINY, *extra])
 
 
@@ -50,16 +50,16 @@ def _metrics(output):
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    return ensure_shapes_classification_set(str(tmp_path_factory.mktemp("cls") / "shapes"), 60, 16)
+    return ensure_shapes_classification_set(str(tmp_path_factory.mktemp("cls") / "shapes"), 150, 16)
 
 
 @pytest.fixture(scope="module")
 def pretrained_run(shapes, tmp_path_factory):
-    """A 4-epoch run killed after epoch 2 (--max-epochs 2) and resumed: (output folder, records after the kill)."""
+    """An 8-epoch run killed after epoch 4 (--max-epochs 4) and resumed: (output folder, records after the kill)."""
     output = str(tmp_path_factory.mktemp("run"))
-    pretrain(_args(shapes, output, "--epochs", "4", "--max-epochs", "2", "--ema", "--ema-decay", "0.5"))
+    pretrain(_args(shapes, output, "--epochs", "8", "--max-epochs", "4", "--ema", "--ema-decay", "0.5"))
     interrupted = _metrics(output)
-    pretrain(_args(shapes, output, "--epochs", "4", "--ema", "--ema-decay", "0.5", "--resume"))
+    pretrain(_args(shapes, output, "--epochs", "8", "--ema", "--ema-decay", "0.5", "--resume"))
     return output, interrupted
 
 
@@ -80,21 +80,20 @@ def test_timm_models_share_names_with_their_plain_twins():
 
 def test_pretraining_resumes(pretrained_run):
     output, interrupted = pretrained_run
-    assert [r["epoch"] for r in interrupted] == [0, 1]
+    assert [r["epoch"] for r in interrupted] == [0, 1, 2, 3]
     records = _metrics(output)
-    assert [r["epoch"] for r in records] == [0, 1, 2, 3]
-    assert records[:2] == interrupted  # the resumed run appended, it did not restart
+    assert [r["epoch"] for r in records] == list(range(8))
+    assert records[:4] == interrupted  # the resumed run appended, it did not restart
     last = torch.load(os.path.join(output, "last.pth"), weights_only=True)
-    assert last["epoch"] == 4 and last["ema"] is not None and last["seed"] == 0
+    assert last["epoch"] == 8 and last["ema"] is not None and last["seed"] == 0
     assert records[-1]["lr"] < records[0]["lr"]  # the schedule went on from the resumed epoch
     assert os.path.isfile(os.path.join(output, "best.pth"))
 
 
-@pytest.mark.xfail(reason="the narrow ResNet-50 does not yet get above chance in this test's 4 CPU epochs "
-                          "(72 steps); a longer or wider run is needed", strict=False)
 def test_pretraining_learns(pretrained_run):
     output, _ = pretrained_run
-    assert max(r["top1"] for r in _metrics(output)) >= 45.0  # 5 classes: chance is 20 %
+    # 5 classes: chance is 20 %; 150 training images (about 680 crops), 8 epochs at 64 px: 55-62 % seen
+    assert _metrics(output)[-1]["top1"] >= 45.0
 
 
 def test_converted_classifier_is_the_detection_backbone(pretrained_run, tmp_path):
@@ -115,7 +114,7 @@ def test_converted_classifier_is_the_detection_backbone(pretrained_run, tmp_path
     for key, value in classifier.state_dict().items():
         if key.startswith("linear.") or key.endswith("num_batches_tracked"):
             continue
-        if key.endswith(("rel_h", "rel_w")):  # 32 px tables grown for the config's 256 px: centre rows kept
+        if key.endswith(("rel_h", "rel_w")):  # 64 px tables grown for the config's 256 px: centre rows kept
             rows, mid = value.shape[0], bottom_up[key].shape[0] // 2
             assert torch.equal(bottom_up[key][mid - rows // 2: mid + rows // 2 + 1], value), key
         else:
