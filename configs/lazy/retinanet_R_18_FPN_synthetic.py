@@ -42,7 +42,7 @@ dataloader.train.mapper.augmentations = [
     L(T.RandomFlip)(horizontal=True),
 ]
 dataloader.train.mapper.use_instance_mask = False
-dataloader.train.total_batch_size = 8
+dataloader.train.total_batch_size = 4
 dataloader.train.num_workers = 1
 dataloader.test.dataset.names = "synthetic_val"
 dataloader.test.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length=160, max_size=256)]
