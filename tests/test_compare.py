@@ -59,7 +59,7 @@ def test_seeds_are_grouped_and_summarised(tmp_path):
     diffs = [aa_ap[s] - base_ap[s] for s in (3, 1, 2)]
     cells = ["AP"] + _rows(table)["AP"]
     assert cells[1] == f"{mean:.1f} +- {std:.1f} (40.6 / 40.1 / 36.8)"
-    assert cells[3] == (f"{statistics.mean(diffs):+.1f} +- {statistics.stdev(diffs):+.1f} "
+    assert cells[3] == (f"{statistics.mean(diffs):+.1f} +- {statistics.stdev(diffs):.1f} "
                         f"({' / '.join(f'{d:+.1f}' for d in diffs)})")
     assert "R18 (3 runs)" in table and "AA-R18 - R18" in table and "R18: 3, 1, 2" in table
 

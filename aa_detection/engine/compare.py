@@ -117,7 +117,7 @@ def _summary(values, spec):
     known = [v for v in values if _known(v)]
     if len(known) <= 1:
         return _fmt(known[0] if known else None, spec)
-    return (f"{_fmt(statistics.mean(known), spec)} +- {_fmt(statistics.stdev(known), spec)} "
+    return (f"{_fmt(statistics.mean(known), spec)} +- {_fmt(statistics.stdev(known), spec.lstrip('+'))} "
             f"({' / '.join(_fmt(v, spec) for v in values)})")
 
 
