@@ -83,7 +83,7 @@ def test_an_ablation_is_one_row_per_model_compared_with_the_first(tmp_path):
             runs.append(load_run(str(tmp_path / model / f"seed{seed}")))
     rows = _rows(format_table(runs))
     header = rows["model"]
-    assert header[:3] == ["runs", "AP", "AP - base"] and "train time (s)" in header
+    assert header[:3] == ["runs", "AP", "AP - base"] and "train time (s)" in header and "iterations" in header
     for model, by_seed in aps.items():
         cells = dict(zip(header, rows[model]))
         values = list(by_seed.values())

@@ -166,13 +166,13 @@ def format_table(runs: Sequence[dict]) -> str:
     return markdown_table(header, rows) + "\n\n" + _seeds_line(groups)
 
 
-ABLATION_COLUMNS = ("AP", "AP50", "params (M)", "GFLOPs", "train time (s)")
+ABLATION_COLUMNS = ("AP", "AP50", "params (M)", "GFLOPs", "train time (s)", "iterations")
 
 
 def format_ablation(runs: Sequence[dict]) -> str:
-    """A Markdown table with one row per model: AP, AP50, parameters, GFLOPs and training time (mean +- std
-    and per-seed values), AP and AP50 also as the difference to the first model (paired by seed when the
-    seeds match)."""
+    """A Markdown table with one row per model: AP, AP50, parameters, GFLOPs, training time and iterations
+    (mean +- std and per-seed values: a run still in progress shows its iterations), AP and AP50 also as
+    the difference to the first model (paired by seed when the seeds match)."""
     groups = group_runs(runs)
     names = list(groups)
     getters = {label: (get, spec) for label, get, spec in ROWS}
