@@ -66,7 +66,7 @@ class AAResNetClassifier(nn.Module):
         relative: bool = True,
         impl: str = "auto",
         attention_norm: str = "",
-        zero_init: bool = False,
+        zero_init: bool = True,
         downsample_stages: Sequence[str] = ("res3",),
         max_input_size: int = 224,
     ):

@@ -139,7 +139,9 @@ def test_retinanet_inference_on_odd_size():
 def test_retinanet_training_step_reaches_attention(with_instances):
     # Random weights under FrozenBN (identity statistics) let activations grow through 50 layers until the
     # res5 softmax saturates and passes no gradient; BN keeps them at the unit scale pretrained weights give.
-    model, cfg = _retinanet(True, ["MODEL.RESNETS.NORM", "BN"])
+    # ZERO_INIT False: with the zero-initialised output projections (the default) only they get a gradient
+    # at step 0, as tests/test_aa_conv.py checks.
+    model, cfg = _retinanet(True, ["MODEL.RESNETS.NORM", "BN", "MODEL.AA.ZERO_INIT", "False"])
     inst = Instances((200, 249))
     if with_instances:
         inst.gt_boxes = Boxes(torch.tensor([[10.0, 20.0, 120.0, 180.0], [100.0, 30.0, 240.0, 90.0]]))

@@ -133,7 +133,7 @@ def aa_resnet(
     relative: bool = True,
     impl: str = "auto",
     attention_norm: str = "",
-    zero_init: bool = False,
+    zero_init: bool = True,
     downsample_stages: Sequence[str] = ("res3",),
     max_input_size: int = 1344,
     num_classes: Optional[int] = None,
