@@ -106,9 +106,11 @@ def _run_identity(config: dict) -> dict:
 def check_output_dir(cfg: DictConfig) -> None:
     """ConfigError when `train.output_dir` holds the run of another config: its config.yaml differs in
     `model` or in the training datasets."""
-    with tempfile.TemporaryDirectory() as tmp:  # this config as its config.yaml would be written
-        LazyConfig.save(cfg, os.path.join(tmp, "config.yaml"))
-        current = load_yaml_data(os.path.join(tmp, "config.yaml"))
+    def current() -> dict:
+        with tempfile.TemporaryDirectory() as tmp:  # this config as its config.yaml would be written
+            LazyConfig.save(cfg, os.path.join(tmp, "config.yaml"))
+            return load_yaml_data(os.path.join(tmp, "config.yaml"))
+
     check_run_identity("train.output_dir", cfg.train.output_dir, _run_identity, current)
 
 

@@ -64,17 +64,19 @@ class MetricsWriter(JSONWriter):
         return result
 
 
-def check_run_identity(key: str, output_dir: str, identity: Callable[[dict], Dict[str, Any]], config: dict) -> None:
+def check_run_identity(key: str, output_dir: str, identity: Callable[[dict], Dict[str, Any]],
+                       config: Callable[[], dict]) -> None:
     """ConfigError when `output_dir` holds the run of another config, so that its checkpoints, metrics.json
     and `--resume` would mix two runs.
 
     `identity` maps a config as plain data to the {name: value} entries that make a run itself (its model,
     its training data); it is applied to the config.yaml written at the start of the run in `output_dir`
-    and to `config`. `key` is the config key of the folder, for the message."""
+    and to `config()`, this config as plain data (called only when the folder holds a run). `key` is the
+    config key of the folder, for the message."""
     path = os.path.join(output_dir, "config.yaml")
     if not os.path.isfile(path):
         return
-    old, new = identity(load_yaml_data(path) or {}), identity(config)
+    old, new = identity(load_yaml_data(path) or {}), identity(config())
     names = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if names:
         raise ConfigError(f"{key} {output_dir} holds the run of another config ({', '.join(names)} differ from "

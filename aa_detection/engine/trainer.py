@@ -245,7 +245,7 @@ def _run_identity(node: dict, prefix: str = "") -> Dict[str, Any]:
 def check_output_dir(cfg: CfgNode) -> None:
     """ConfigError when cfg.OUTPUT_DIR holds the run of another model: its config.yaml (written at every
     start) differs in MODEL (weights and device aside) or DATASETS.TRAIN."""
-    check_run_identity("OUTPUT_DIR", cfg.OUTPUT_DIR, _run_identity, yaml.safe_load(cfg.dump()))
+    check_run_identity("OUTPUT_DIR", cfg.OUTPUT_DIR, _run_identity, lambda: yaml.safe_load(cfg.dump()))
 
 
 def setup(args: argparse.Namespace) -> CfgNode:
