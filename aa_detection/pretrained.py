@@ -35,7 +35,7 @@ from detectron2.config import CfgNode
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, UsageError, WeightsError
 from .layers import AAConv2d
 from .layers.relative_attention import resize_relative_table
 from .modeling.backbone import RESNET_BLOCKS, STAGE_NAMES, aa_resnet
@@ -127,13 +127,13 @@ def torchvision_to_d2_names(state: dict) -> dict:
 def _plain_architecture(state: dict, path: str) -> dict:
     """aa_resnet arguments of a plain detectron2-named ResNet state dict, from its shapes."""
     if "stem.conv1.weight" not in state or state["stem.conv1.weight"].dim() != 4:
-        raise ValueError(f"{path}: not a torchvision/timm-style ResNet (no single 7x7 stem convolution `conv1`; "
+        raise WeightsError(f"{path}: not a torchvision/timm-style ResNet (no single 7x7 stem convolution `conv1`; "
                          "deep-stem variants such as resnet50d are not supported)")
     blocks = tuple(len({k.split(".")[1] for k in state if k.startswith(f"{s}.")}) for s in STAGE_NAMES)
     bottleneck = "res2.0.conv3.weight" in state
     depth = _BLOCKS_TO_DEPTH.get((blocks, bottleneck))
     if depth is None:
-        raise ValueError(f"{path}: blocks per stage {blocks} ({'bottleneck' if bottleneck else 'basic'}) are no "
+        raise WeightsError(f"{path}: blocks per stage {blocks} ({'bottleneck' if bottleneck else 'basic'}) are no "
                          f"ResNet depth of {sorted(RESNET_BLOCKS)}")
     width = state["res2.0.conv1.weight"].shape[0]
     groups = width // state["res2.0.conv2.weight"].shape[1]
@@ -160,7 +160,7 @@ def read_pretrained(path: str, weights: str = "auto") -> dict:
         if weights == "auto":
             weights = "ema" if data.get("ema") is not None else "model"
         if data.get(weights) is None:
-            raise ValueError(f"{path}: the checkpoint has no {weights!r} weights")
+            raise WeightsError(f"{path}: the checkpoint has no {weights!r} weights")
         config = data["data_config"]
         return {"state": {k: v for k, v in data[weights].items() if not k.startswith(("linear.", "avgpool."))},
                 "architecture": data["architecture"], "pixel_mean": [round(255.0 * m, 4) for m in config["mean"]],
@@ -169,7 +169,7 @@ def read_pretrained(path: str, weights: str = "auto") -> dict:
         if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
             data = data[wrapper]
     if not isinstance(data, dict) or not any(k.startswith("layer1.") for k in data):
-        raise ValueError(f"{path}: neither an aa_detection.pretrain checkpoint nor a torchvision/timm ResNet "
+        raise WeightsError(f"{path}: neither an aa_detection.pretrain checkpoint nor a torchvision/timm ResNet "
                          "state dict (no `layer1.*` keys)")
     state = torchvision_to_d2_names(data)
     return {"state": state, "architecture": _plain_architecture(state, path), "pixel_mean": IMAGENET_PIXEL_MEAN,
@@ -210,7 +210,7 @@ def convert_pretrained(src: str, dst: str, cfg: Optional[CfgNode] = None, max_in
     ("backbone.bottom_up." for FPN backbones), else "backbone.bottom_up.". ConfigError when the config's
     backbone differs from the weights'."""
     if not dst.endswith(".pth"):
-        raise ValueError(f"{dst}: the converted file is a torch file, name it *.pth")
+        raise UsageError(f"{dst}: the converted file is a torch file, name it *.pth")
     source = read_pretrained(src, weights)
     source_resnet = _architecture_backbone(source["architecture"], max_input_size)
     described = describe_resnet(source_resnet)
@@ -232,7 +232,7 @@ def convert_pretrained(src: str, dst: str, cfg: Optional[CfgNode] = None, max_in
                and not (not described["attention"] and _is_attention(k))]
     unexpected = [k for k in state if k not in target_state]
     if missing or unexpected:
-        raise ValueError(f"{src}: the weights do not cover the backbone: missing {missing[:5]}, unexpected "
+        raise WeightsError(f"{src}: the weights do not cover the backbone: missing {missing[:5]}, unexpected "
                          f"{unexpected[:5]} ({len(missing)} and {len(unexpected)} entries)")
     metadata = {
         "source": source["source"], "architecture": source["architecture"], "description": described,

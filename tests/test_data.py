@@ -118,3 +118,17 @@ def test_num_classes_follows_a_dataset_registered_in_user_code(tmp_path):
     DatasetCatalog.register("user_unknown_classes", lambda: [])
     with pytest.raises(DatasetError, match=r"DATASETS\.TRAIN.*'user_unknown_classes'.*MODEL\.RETINANET\.NUM_CLASSES"):
         setup_cfg(SYN_CFG, ["DATASETS.TRAIN", "('user_unknown_classes',)", "DATASETS.TEST", "()"])
+
+
+def test_shapes_classification_set_refuses_other_arguments(tmp_path):
+    from aa_detection.data.classification import ensure_shapes_classification_set
+
+    root = str(tmp_path / "cls")
+    ensure_shapes_classification_set(root, num_train_images=3, num_val_images=1)
+    with open(os.path.join(root, "DONE")) as f:
+        made = json.load(f)
+    counted = {split: sum(len(files) for _, _, files in os.walk(os.path.join(root, split))) for split in ("train", "val")}
+    assert made["crops"] == counted and counted["train"] > 0
+    assert ensure_shapes_classification_set(root, num_train_images=3, num_val_images=1) == root
+    with pytest.raises(DatasetError, match=r"cls holds .* num_train_images 3 \(asked 4\)"):
+        ensure_shapes_classification_set(root, num_train_images=4, num_val_images=1)

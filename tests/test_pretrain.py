@@ -14,7 +14,7 @@ import aa_detection.classification  # noqa: E402,F401
 from aa_detection.checkpoint import AACheckpointer  # noqa: E402
 from aa_detection.config import setup_cfg  # noqa: E402
 from aa_detection.data.classification import ensure_shapes_classification_set  # noqa: E402
-from aa_detection.errors import ConfigError  # noqa: E402
+from aa_detection.errors import ConfigError, WeightsError  # noqa: E402
 from aa_detection.layers import AAConv2d  # noqa: E402
 from aa_detection.pretrain import build_argument_parser, pretrain  # noqa: E402
 from aa_detection.pretrained import check_weights_format, convert_pretrained  # noqa: E402
@@ -165,6 +165,9 @@ def test_torchvision_resnet_converts_to_the_same_features(tmp_path):
         expected = torch.nn.Sequential(*list(tv.children())[:-2])(x)
         got = model.backbone.bottom_up(x)["res5"]
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="not a torchvision/timm-style ResNet"):
+    with pytest.raises(WeightsError, match="not a torchvision/timm-style ResNet"):
         torch.save({"layer1.0.conv1.weight": torch.zeros(1), "conv1.0.weight": torch.zeros(1)}, src)
+        convert_pretrained(src, dst)
+    torch.save(model.backbone.bottom_up.state_dict(), src)  # detectron2 names, not a classifier checkpoint
+    with pytest.raises(WeightsError, match=r"r18\.pth: neither an aa_detection.pretrain checkpoint"):
         convert_pretrained(src, dst)

@@ -5,7 +5,9 @@
 
 Each crop is an object's box widened by a margin on every side, from images of the synthetic
 detection dataset (`aa_detection.data.synthetic`, generated for each split with its own seed), so the
-classifier sees the backgrounds, distractors, colours and occlusions the detector will see. Classes
+classifier sees the backgrounds, distractors, colours and occlusions the detector will see. With the
+defaults the training crops come from the detection set's 800 training images (the same seed, the same
+images) and the validation crops from the first 50 of its validation images. Classes
 are the five shape classes (SYNTHETIC_CLASSES); crops of a shape partly covered by a later one keep
 their label. Like the detection set it is a pure function of its arguments, written to a temporary
 folder and renamed into place.
@@ -17,6 +19,7 @@ import tempfile
 
 import cv2
 
+from ..errors import DatasetError
 from .synthetic import CLASSES, generate_split
 
 __all__ = ["ensure_shapes_classification_set"]
@@ -42,16 +45,25 @@ def _write_crops(detection_root: str, split: str, out_dir: str, margin: float, m
     return count
 
 
-def ensure_shapes_classification_set(root: str, num_train_images: int = 200, num_val_images: int = 50,
+def ensure_shapes_classification_set(root: str, num_train_images: int = 800, num_val_images: int = 50,
                                      seed: int = 0, margin: float = 0.15, min_side: int = 12) -> str:
-    """Generate the set under `root` unless it is there (idempotent); returns `root`.
+    """Generate the set under `root` unless it is there (idempotent); returns `root`. A set made there
+    with other arguments is a DatasetError naming them.
 
     num_*_images detection images per split (1-8 objects each) are cut into crops: each object's box
     plus `margin` times its longer side on every side; objects shorter than `min_side` px are skipped.
     """
     root = os.path.abspath(root)
     stamp = os.path.join(root, "DONE")
+    wanted = {"seed": seed, "num_train_images": num_train_images, "num_val_images": num_val_images,
+              "margin": margin, "min_side": min_side}
     if os.path.isfile(stamp):
+        with open(stamp) as f:
+            made = json.load(f)
+        differ = [f"{k} {made.get(k)} (asked {v})" for k, v in wanted.items() if made.get(k) != v]
+        if differ:
+            raise DatasetError(f"{root} holds a shapes classification set made with other arguments: "
+                             f"{', '.join(differ)}; remove it or choose another folder")
         return root
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
@@ -64,8 +76,7 @@ def ensure_shapes_classification_set(root: str, num_train_images: int = 200, num
             counts[split] = _write_crops(detection, split, tmp, margin, min_side)
             shutil.rmtree(detection)
         with open(os.path.join(tmp, "DONE"), "w") as f:
-            json.dump({"classes": list(CLASSES), "crops": counts, "seed": seed, "num_train_images": num_train_images,
-                       "num_val_images": num_val_images, "margin": margin, "min_side": min_side}, f)
+            json.dump({"classes": list(CLASSES), "crops": counts, **wanted}, f)
         if os.path.isdir(root):  # a stale incomplete folder is in the way
             shutil.rmtree(root)
         os.rename(tmp, root)
@@ -79,7 +90,7 @@ if __name__ == "__main__":
 
     p = argparse.ArgumentParser(description="Generate the synthetic shapes classification set (ImageFolder).")
     p.add_argument("--output", default="datasets/shapes_cls")
-    p.add_argument("--num-train-images", type=int, default=200)
+    p.add_argument("--num-train-images", type=int, default=800)
     p.add_argument("--num-val-images", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
