@@ -90,6 +90,9 @@ def test_synthetic_names_register_without_data_and_prepare_generates(tmp_path):
     assert os.path.isfile(os.path.join(root, "val.json"))
     assert len(os.listdir(tmp_path / "cache")) == 2  # both splits checked
     assert len(DatasetCatalog.get("synthetic_val")) == 2
+    other = opts[:3] + ["4"] + opts[4:]  # DATASETS.SYNTHETIC.NUM_TRAIN 4 in the same folder
+    with pytest.raises(DatasetError, match=r"syn holds a set generated with other arguments: num_train 3 \(asked 4\)"):
+        setup_cfg(SYN_CFG, other, prepare_data=True)
 
 
 def test_aa_config_only_changes_the_backbone(tmp_path):

@@ -19,8 +19,7 @@ import tempfile
 
 import cv2
 
-from ..errors import DatasetError
-from .synthetic import CLASSES, generate_split
+from .synthetic import CLASSES, generate_split, is_generated
 
 __all__ = ["ensure_shapes_classification_set"]
 
@@ -54,16 +53,9 @@ def ensure_shapes_classification_set(root: str, num_train_images: int = 800, num
     plus `margin` times its longer side on every side; objects shorter than `min_side` px are skipped.
     """
     root = os.path.abspath(root)
-    stamp = os.path.join(root, "DONE")
-    wanted = {"seed": seed, "num_train_images": num_train_images, "num_val_images": num_val_images,
-              "margin": margin, "min_side": min_side}
-    if os.path.isfile(stamp):
-        with open(stamp) as f:
-            made = json.load(f)
-        differ = [f"{k} {made.get(k)} (asked {v})" for k, v in wanted.items() if made.get(k) != v]
-        if differ:
-            raise DatasetError(f"{root} holds a shapes classification set made with other arguments: "
-                             f"{', '.join(differ)}; remove it or choose another folder")
+    arguments = {"seed": seed, "num_train_images": num_train_images, "num_val_images": num_val_images,
+                 "margin": margin, "min_side": min_side}
+    if is_generated(root, arguments):
         return root
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
@@ -76,7 +68,7 @@ def ensure_shapes_classification_set(root: str, num_train_images: int = 800, num
             counts[split] = _write_crops(detection, split, tmp, margin, min_side)
             shutil.rmtree(detection)
         with open(os.path.join(tmp, "DONE"), "w") as f:
-            json.dump({"classes": list(CLASSES), "crops": counts, **wanted}, f)
+            json.dump({"classes": list(CLASSES), "crops": counts, **arguments}, f)
         if os.path.isdir(root):  # a stale incomplete folder is in the way
             shutil.rmtree(root)
         os.rename(tmp, root)

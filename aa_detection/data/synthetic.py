@@ -19,7 +19,9 @@ from typing import Optional, Tuple
 import cv2
 import numpy as np
 
-__all__ = ["CLASSES", "generate_split", "ensure_synthetic_dataset", "split_paths"]
+from ..errors import DatasetError
+
+__all__ = ["CLASSES", "generate_split", "ensure_synthetic_dataset", "split_paths", "is_generated"]
 
 CLASSES = ("rectangle", "ellipse", "triangle", "cross", "ring")
 _VERSION = 1  # bump when the generator's output changes
@@ -170,17 +172,39 @@ def split_paths(root: str, split: str) -> Tuple[str, str]:
     return os.path.join(root, f"{split}.json"), os.path.join(root, split)
 
 
+def is_generated(root: str, arguments: dict) -> bool:
+    """Whether `root` holds a finished generated set (its DONE stamp), made with `arguments` (the stamp's
+    entries; those set to None are not compared). DatasetError naming the entries when it was made with
+    other values."""
+    stamp = os.path.join(root, "DONE")
+    if not os.path.isfile(stamp):
+        return False
+    with open(stamp) as f:
+        made = json.load(f)
+    differ = [f"{k} {made.get(k)} (asked {v})" for k, v in arguments.items() if v is not None and made.get(k) != v]
+    if differ:
+        raise DatasetError(f"{root} holds a set generated with other arguments: {', '.join(differ)}; "
+                           "remove it or choose another folder")
+    return True
+
+
 def ensure_synthetic_dataset(root: str, num_train: int = 800, num_val: int = 200, seed: int = 0,
-                             image_size: Tuple[int, int] = (128, 192)) -> str:
-    """Generate the train and val splits under `root` unless they are already there (idempotent).
+                             image_size: Optional[Tuple[int, int]] = None) -> str:
+    """Generate the train and val splits under `root` unless they are already there (idempotent); a set
+    there made with other arguments is a DatasetError. image_size: (min, max) side, default (128, 192);
+    None also accepts a set there of any size.
 
     Generation happens in a temporary sibling folder renamed to `root` at the end, so concurrent or
     interrupted runs never see a partial dataset. Returns `root`.
     """
     root = os.path.abspath(root)
     stamp = os.path.join(root, "DONE")
-    if os.path.isfile(stamp):
+    arguments = {"version": _VERSION, "seed": seed, "num_train": num_train, "num_val": num_val,
+                 "image_size": list(image_size) if image_size else None}
+    if is_generated(root, arguments):
         return root
+    image_size = image_size or (128, 192)
+    arguments["image_size"] = list(image_size)
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".synthetic-", dir=parent)
@@ -188,8 +212,7 @@ def ensure_synthetic_dataset(root: str, num_train: int = 800, num_val: int = 200
         generate_split(tmp, "train", num_train, seed=seed, image_size=image_size)
         generate_split(tmp, "val", num_val, seed=seed, image_size=image_size)
         with open(os.path.join(tmp, "DONE"), "w") as f:
-            json.dump({"version": _VERSION, "seed": seed, "num_train": num_train, "num_val": num_val,
-                       "image_size": list(image_size)}, f)
+            json.dump(arguments, f)
         try:
             os.rename(tmp, root)
         except OSError:
