@@ -90,6 +90,64 @@ def test_flex_off_cuda_refuses_large_maps_and_training_and_auto_falls_back_to_fu
     assert (out - ref).abs().max() < 1e-5
 
 
+# Map sizes in the order a multi-scale run meets them: the second makes torch recompile FlexAttention with
+# dynamic shapes, which later sizes reuse; then a 1xN strip and another head count.
+COMPILED_FLEX_SHAPES = [(1, 2, 8, 12, 3, 2), (1, 2, 8, 16, 3, 2), (2, 2, 9, 16, 6, 3), (1, 2, 13, 21, 3, 2),
+                        (1, 3, 1, 33, 6, 3)]
+
+
+def _compiled_flex(inputs, layer="attention"):
+    """FlexAttention compiled as on CUDA (forward only on the CPU), (B, Nh, H, W, dvh)."""
+    q, v = inputs[0], inputs[2]
+    with torch.no_grad():
+        return ra._flex(*inputs, 1.0 / math.sqrt(q.shape[-1]), layer, compiled=True).reshape(v.shape)
+
+
+def test_compiled_flex_is_exact_or_refused_at_every_map_size():
+    """The compiled FlexAttention never returns wrong values: each new input signature is checked against
+    the exact softmax, and a miscompile is an error naming the layer and the map (torch 2.14.1's CPU kernel
+    gives wrong values once it compiles with dynamic shapes; the first, static, size is served)."""
+    served = []
+    for shape in COMPILED_FLEX_SHAPES:
+        inputs = random_inputs(*shape)
+        ref = relative_attention_2d(*(t.double() for t in inputs), impl="naive")
+        try:
+            out = _compiled_flex(inputs, "res3.0.conv2")
+        except ra.AttentionBackendError as e:
+            assert f"res3.0.conv2: the compiled FlexAttention output differs from the exact softmax on a " \
+                   f"{shape[2]}x{shape[3]} map" in str(e)
+            continue
+        assert (out.double() - ref).abs().max() < 1e-5
+        served.append(shape)
+    assert COMPILED_FLEX_SHAPES[0] in served
+
+
+def test_flex_row_check_catches_a_wrong_map_width():
+    """The check's exact rows accept FlexAttention's output and reject attention computed as if the 6x10
+    map were 10x6 (what indexing the relative tables with a stale width would give)."""
+    torch.manual_seed(0)
+    q, k, v, rel_h, rel_w = random_inputs(2, 2, 6, 10, 4, 3)
+    scale = 0.5
+    logits_h, logits_w = ra._relative_logits(q, rel_h, rel_w)
+    bias_h, bias_w = (t.reshape(2, 2, 60, -1) * scale for t in (logits_h, logits_w))
+    flat = [t.reshape(2, 2, 60, -1) for t in (q, k, v)]
+    out = ra._flex(q, k, v, rel_h, rel_w, scale)
+    assert ra._flex_row_error(out, *flat, bias_h, bias_w, scale, 10) < 1e-6
+    transposed = [t.reshape(2, 2, 10, 6, -1) for t in (q, k, v)]
+    wrong = ra._flex(*transposed, rel_w, rel_h, scale)  # rel_w has the 19 rows a height of 10 needs
+    assert ra._flex_row_error(wrong.reshape(out.shape), *flat, bias_h, bias_w, scale, 10) > ra.FLEX_CHECK_TOLERANCE
+
+
+def test_compiled_flex_past_the_recompile_limit_is_an_error_not_dense_attention():
+    """Past torch._dynamo's recompile limit torch runs FlexAttention uncompiled (dense (HW, HW) scores):
+    an AttentionBackendError instead, which auto answers with the fused path."""
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=1):
+        _compiled_flex(random_inputs(1, 2, 5, 7, 3, 2))
+        with pytest.raises(ra.AttentionBackendError, match=r"res4\.2\.conv2: FlexAttention reached .*recompile_limit"):
+            _compiled_flex(random_inputs(1, 2, 6, 7, 3, 2), "res4.2.conv2")
+
+
 def _large_logit_inputs(shape, seed=0):
     """bf16 q, k, v (exact in bf16) whose logits reach about +-40, and fp32 tables: in bf16 those logits
     would carry errors of about 0.1, which move the softmax weights by 10%."""

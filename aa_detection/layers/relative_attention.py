@@ -210,23 +210,68 @@ def _flex_width(n):
     return max(16, 1 << (n - 1).bit_length())
 
 
-def _flex(q, k, v, rel_h, rel_w, scale, layer="attention"):
+# Query rows of each new input signature whose compiled FlexAttention output is compared with the exact
+# softmax, and the relative error above which it counts as wrong (a miscompile is off by O(1); bf16 and
+# TF32 rounding by about 1e-2 at most).
+FLEX_CHECK_ROWS = 8
+FLEX_CHECK_TOLERANCE = 0.05
+_FLEX_CHECKED = set()  # input signatures whose compiled output passed the check
+
+
+def _flex_row_error(out, q, k, v, bias_h, bias_w, scale, width):
+    """Relative error of FLEX_CHECK_ROWS query rows of a FlexAttention output against the exact fp32 softmax.
+
+    out, q, k (B, Nh, HW, d), v (B, Nh, HW, dv) as given to FlexAttention; bias_h (B, Nh, HW, H) and
+    bias_w (B, Nh, HW, W) the scaled relative logits (or None), `width` the map's W. Costs
+    FLEX_CHECK_ROWS / HW of the attention itself."""
+    HW = q.shape[2]
+    rows = torch.linspace(0, HW - 1, min(FLEX_CHECK_ROWS, HW), device=q.device).round().long().unique()
+    with torch.no_grad(), _autocast_off(q):
+        logits = q[:, :, rows].float() @ k.float().transpose(-1, -2) * scale
+        if bias_h is not None:
+            keys = torch.arange(HW, device=q.device)
+            logits = logits + bias_h[:, :, rows][..., keys // width] + bias_w[:, :, rows][..., keys % width]
+        ref = torch.softmax(logits, dim=-1) @ v.float()
+        error = (out[:, :, rows].float() - ref).norm() / ref.norm().clamp_min(1e-30)
+    return error.item() if error.isfinite() else math.inf
+
+
+def _compiled_flex(q, k, v, score_mod, scale, layer):
+    """The compiled FlexAttention call, (B, Nh, L, d) -> (B, Nh, L, dv), never silently dense: torch runs
+    it uncompiled, building the whole (L, L) scores, once its compile cache for flex_attention is full
+    (`torch._dynamo.config.recompile_limit`), which is an AttentionBackendError here."""
+    try:
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            return _compiled_flex_attention()(q, k, v, score_mod=score_mod, scale=scale)
+    except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+        raise AttentionBackendError(
+            f"{layer}: FlexAttention reached torch._dynamo.config.recompile_limit "
+            f"({torch._dynamo.config.recompile_limit} compiled input signatures); beyond it torch would run it "
+            "uncompiled, building the dense (HW, HW) scores. Raise the limit or use MODEL.AA.IMPL 'fused'") from e
+
+
+def _flex(q, k, v, rel_h, rel_w, scale, layer="attention", compiled=None):
     """FlexAttention with a score_mod adding the relative logits of each query, precomputed (fp32, scaled)
-    as (B, Nh, HW, H) and (B, Nh, HW, W): no (HW, HW) tensor, no padded logit width. Compiled on CUDA;
-    on other devices it runs eagerly, which builds dense scores (a reference, capped at NAIVE_MAX_PIXELS)."""
+    as (B, Nh, HW, H) and (B, Nh, HW, W): no (HW, HW) tensor, no padded logit width.
+
+    Compiled where `compiled` (default: on CUDA); the first output of each new input signature is checked
+    on FLEX_CHECK_ROWS query rows against the exact softmax, and a wrong one (a miscompile) is an
+    AttentionBackendError. Uncompiled it builds dense scores: a reference, capped at NAIVE_MAX_PIXELS.
+    Training (a backward) needs CUDA."""
     if _flex_attention is None:
         raise AttentionBackendError(f"{layer}: impl='flex' needs torch.nn.attention.flex_attention (torch >= 2.5)")
     B, Nh, H, W, dkh = q.shape
     dtype, dv = v.dtype, v.shape[-1]
-    compiled = q.device.type == "cuda"
+    compiled = q.device.type == "cuda" if compiled is None else compiled
     if not compiled and H * W > NAIVE_MAX_PIXELS:
         raise AttentionBackendError(
             f"{layer}: impl='flex' off CUDA runs FlexAttention eagerly, which builds the dense scores; "
             f"a {H}x{W} map is above NAIVE_MAX_PIXELS={NAIVE_MAX_PIXELS}: use 'kernel' or 'fused' there")
-    if not compiled and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rel_h)):
+    if (q.device.type != "cuda" and torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in (q, k, v, rel_h))):
         raise AttentionBackendError(f"{layer}: impl='flex' trains on CUDA only (FlexAttention has no CPU backward); "
                                     "use 'kernel' or 'fused' for training on the CPU")
-    score_mod = None
+    score_mod = bias_h = bias_w = None
     with _autocast_off(q):
         if rel_h is not None:
             logits_h, logits_w = _relative_logits(_upcast(q), rel_h, rel_w)
@@ -243,7 +288,17 @@ def _flex(q, k, v, rel_h, rel_w, scale, layer="attention"):
         q, k = (F.pad(t, (0, qk_width - dkh)).reshape(B, Nh, H * W, qk_width) for t in (q, k))
         v = F.pad(v, (0, v_width - dv)).reshape(B, Nh, H * W, v_width)
         if compiled:
-            out = _compiled_flex_attention()(q, k, v, score_mod=score_mod, scale=scale)
+            out = _compiled_flex(q, k, v, score_mod, scale, layer)
+            signature = (q.device.type, q.dtype, B, Nh, H, W, qk_width, v_width, rel_h is not None,
+                         torch.is_grad_enabled() and q.requires_grad)
+            if signature not in _FLEX_CHECKED:
+                error = _flex_row_error(out, q, k, v, bias_h, bias_w, scale, W)
+                if not error <= FLEX_CHECK_TOLERANCE:
+                    raise AttentionBackendError(
+                        f"{layer}: the compiled FlexAttention output differs from the exact softmax on a {H}x{W} "
+                        f"map ({q.dtype}, relative error {error:.3g} on {min(FLEX_CHECK_ROWS, H * W)} query "
+                        f"rows): a miscompile of torch {torch.__version__}; use MODEL.AA.IMPL 'fused'")
+                _FLEX_CHECKED.add(signature)
         else:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
