@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from aa_detection.layers import relative_attention_2d
+from aa_detection.layers.kernel import kernel_isas, using_kernel_isa
 from aa_detection.layers.relative_attention import kernel_available
 
 from test_relative_attention import brute_force, random_inputs
@@ -28,12 +29,19 @@ SHAPES = [
 ]
 
 
+@pytest.fixture(params=kernel_isas() or ["none"])
+def isa(request):
+    """Each instruction set the kernel was compiled for that this CPU runs, in turn."""
+    with using_kernel_isa(request.param):
+        yield request.param
+
+
 def _rel_error(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_kernel_matches_brute_force(shape):
+def test_kernel_matches_brute_force(shape, isa):
     inputs = random_inputs(*shape)
     out = relative_attention_2d(*inputs, impl="kernel")
     assert out.shape == (*shape[:4], shape[5]) and out.dtype == torch.float32
@@ -45,7 +53,7 @@ def test_kernel_content_only_matches_brute_force():
     assert _rel_error(relative_attention_2d(*inputs, impl="kernel"), brute_force(*inputs)) < 1e-5
 
 
-def test_kernel_large_logits_stay_finite():
+def test_kernel_large_logits_stay_finite(isa):
     q, k, v, rel_h, rel_w = random_inputs(1, 2, 6, 7, 4, 3)
     inputs = (q * 30, k * 30, v, rel_h * 30, rel_w * 30)
     out = relative_attention_2d(*inputs, impl="kernel")
@@ -54,7 +62,7 @@ def test_kernel_large_logits_stay_finite():
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_kernel_gradients_match_naive(shape):
+def test_kernel_gradients_match_naive(shape, isa):
     inputs = [t.requires_grad_() for t in random_inputs(*shape)]
     grad_out = torch.randn(*shape[:4], shape[5])
     grads = {}
@@ -182,6 +190,17 @@ def test_layer_compiles_without_graph_breaks():
     ref_grads = torch.autograd.grad(ref.square().sum(), [x, layer.rel_h, layer.qkv.weight])
     assert torch.allclose(out, ref, atol=1e-6)
     assert all(torch.allclose(g, r, atol=1e-5) for g, r in zip(grads, ref_grads))
+
+
+def test_kernel_isa_choice():
+    """The best instruction set is in use by default; one this CPU does not run is refused by name."""
+    from aa_detection import _C
+
+    assert _C.kernel_isa() == kernel_isas()[0] and kernel_isas()[-1] == "default"
+    with pytest.raises(ValueError, match="'neon' does not run on this CPU; it runs " + ", ".join(kernel_isas())):
+        with using_kernel_isa("neon"):
+            pass
+    assert _C.kernel_isa() == kernel_isas()[0]
 
 
 def test_kernel_width_limit_matches_the_compiled_kernel():

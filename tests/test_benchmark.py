@@ -140,6 +140,22 @@ def test_attention_tool_smoke_run(tmp_path, capsys):
     assert "naive          | skipped" in capsys.readouterr().out
 
 
+@pytest.mark.skipif(not kernel_available(), reason="aa_detection._C is not built")
+def test_attention_tool_times_each_kernel_isa_against_naive(capsys):
+    from aa_detection.layers.kernel import kernel_isas
+
+    results = load_tool("benchmark_attention").main(
+        ["--sizes", "res5", "--batch", "1", "--repeats", "1", "--no-train", "--paths", "naive,kernel",
+         "--kernel-isas", "all"])
+    (row,) = results["rows"]
+    assert list(row["paths"]) == ["naive"] + [f"kernel[{isa}]" for isa in kernel_isas()]
+    for isa in kernel_isas():
+        assert row["paths"][f"kernel[{isa}]"]["forward"]["max_abs_diff_out"] < 1e-4
+    with pytest.raises(SystemExit) as stop:
+        load_tool("benchmark_attention").main(["--sizes", "res5", "--kernel-isas", "neon"])
+    assert stop.value.code == 2 and "--kernel-isas: ['neon'] do not run here" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_model_tool_smoke_run(tmp_path, capsys):
     pytest.importorskip("detectron2")

@@ -5,6 +5,7 @@ the device's measured matmul and exp rates. See aa_detection/benchmark/attention
 
     python tools/benchmark_attention.py [--sizes res5,res4,res3] [--paths naive,fused,kernel] [--json out.json]
     python tools/benchmark_attention.py --device cuda [--amp bf16]   # naive, fused, flex on the GPU
+    python tools/benchmark_attention.py --paths kernel --kernel-isas all   # the kernel's instruction sets
     python tools/benchmark_attention.py --sweep                      # small maps, to place NAIVE_MAX_PIXELS
 """
 import argparse

@@ -9,7 +9,8 @@ ratio measured on the largest map it ran on, and the other paths have no referen
 
 Which paths run (`paths_for`): "kernel" (the compiled CPU kernel, timed as the layer calls it, on the qkv
 convolution's output) only on the CPU where it is built; "flex" only on CUDA; "naive" only where its
-dense (B, Nh, HW, HW) logits fit the memory budget; "fused" everywhere.
+dense (B, Nh, HW, HW) logits fit the memory budget; "fused" everywhere. With --kernel-isas the kernel
+runs once per instruction set asked, as "kernel[ISA]" (`with_kernel_isas`).
 
 The floor counts the attention's unavoidable work at the real head widths and converts it to time with
 the device's measured matmul (FLOP/s, torch.mm) and exp (elements/s) rates, in the compute dtype:
@@ -25,6 +26,7 @@ rate is the faster of torch.exp and the kernel's own exp, and "cores used" is th
 per wall second during a path's calls (the floor assumes every thread had a core).
 """
 import argparse
+import contextlib
 import json
 import math
 import time
@@ -41,7 +43,7 @@ from ..utils.table import format_table
 from .common import AMP_DTYPES, GiB, autocast, environment, fmt_bytes, resolve_device, run_in_turns
 
 __all__ = ["PATHS", "SIZES", "add_arguments", "floor_seconds", "floor_work", "main", "measure_rates", "paths_for",
-           "table_rows"]
+           "table_rows", "with_kernel_isas"]
 
 # name: (H, W, Fout) of the 800x1333 input's stage outputs where AA-ResNet-50 places attention.
 SIZES = {"res5": (25, 42, 512), "res4": (50, 84, 256), "res3": (100, 167, 128)}
@@ -69,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--no-train", action="store_true", help="forward only")
     p.add_argument("--paths", default=",".join(PATHS),
                    help="comma list of " + ",".join(PATHS) + " (each runs only where it can, see paths_for)")
+    p.add_argument("--kernel-isas", default=None,
+                   help="comma list of the kernel's instruction sets to time side by side, rows kernel[ISA] "
+                        "(\"all\": every one this CPU runs); default: the one in use")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--sweep", action="store_true",
@@ -102,6 +107,13 @@ def paths_for(device: torch.device, wanted: Sequence[str], naive_estimate: float
     return [p for p in PATHS if p in wanted and runs_here[p]]
 
 
+def with_kernel_isas(paths: Sequence[str], isas: Optional[Sequence[str]]) -> List[str]:
+    """paths with "kernel" replaced by one "kernel[ISA]" per instruction set in isas (None: unchanged)."""
+    if not isas:
+        return list(paths)
+    return [name for p in paths for name in ([f"kernel[{isa}]" for isa in isas] if p == "kernel" else [p])]
+
+
 def make_inputs(B: int, Nh: int, H: int, W: int, dkh: int, dvh: int, device: torch.device,
                 seed: int = 0) -> Tuple[Tuple[torch.Tensor, ...], torch.Tensor]:
     """((q, k (B, Nh, H, W, dkh), v (B, Nh, H, W, dvh), rel_h (2H-1, dkh), rel_w (2W-1, dkh)), grad_out)."""
@@ -124,7 +136,10 @@ def attention_step(inputs: Sequence[torch.Tensor], grad_out: torch.Tensor, impl:
                    device: torch.device, amp: Optional[str] = None) -> Tuple[Callable, Callable]:
     """A callable running one call of the path; it returns (out, gradients or None) in the
     (B, Nh, H, W, d) layout. The kernel path is called as the layer calls it, on the qkv layout
-    (B, 2 dk + dv, H, W) through `relative_attention_qkv`; the mapping back is outside the call."""
+    (B, 2 dk + dv, H, W) through `relative_attention_qkv`; the mapping back is outside the call.
+    "kernel[ISA]" is the kernel compiled for that instruction set."""
+    isa = impl[len("kernel["):-1] if impl.startswith("kernel[") else None
+    impl = "kernel" if isa else impl
     q, k, v, rel_h, rel_w = inputs
     B, Nh, H, W, dkh = q.shape
     dvh = v.shape[-1]
@@ -136,7 +151,7 @@ def attention_step(inputs: Sequence[torch.Tensor], grad_out: torch.Tensor, impl:
         tensors, grad = list(inputs), grad_out
 
     def attend(leaves: Sequence[torch.Tensor]) -> torch.Tensor:
-        with autocast(device, amp):
+        with autocast(device, amp), (kernel.using_kernel_isa(isa) if isa else contextlib.nullcontext()):
             if qkv_layout:
                 return relative_attention_qkv(leaves[0], Nh, Nh * dkh, Nh * dvh, leaves[1], leaves[2], impl=impl)
             return relative_attention_2d(*leaves, impl=impl)
@@ -270,7 +285,7 @@ def bench_size(name: str, args: argparse.Namespace, device: torch.device, rates:
     modes = MODES[:1] if args.no_train else MODES
     budget = (args.naive_max_gib * GiB if args.naive_max_gib is not None else free_memory_bytes(device) / 2)
     estimates = {m: factors[m] * logits_bytes for m in modes}
-    paths = paths_for(device, args.paths.split(","), estimates["forward"], budget)
+    paths = with_kernel_isas(paths_for(device, args.paths.split(","), estimates["forward"], budget), args.kernel_isas)
     reference = "naive" if "naive" in paths else None
     row = {"size": name, "H": H, "W": W, "B": B, "Nh": Nh, "dkh": dkh, "dvh": dvh, "reference": reference,
            "threads": torch.get_num_threads(), "naive_logits_bytes": logits_bytes, "paths": {p: {} for p in paths},
@@ -398,6 +413,12 @@ def main(args: argparse.Namespace) -> Dict:
     for flag, given, known in (("--sizes", sizes, SIZES), ("--paths", args.paths.split(","), PATHS)):
         if set(given) - set(known):
             raise ConfigError(f"{flag}: unknown {sorted(set(given) - set(known))}; choose from {', '.join(known)}")
+    if args.kernel_isas:
+        isas = kernel.kernel_isas()
+        args.kernel_isas = isas if args.kernel_isas == "all" else args.kernel_isas.split(",")
+        if set(args.kernel_isas) - set(isas):
+            raise ConfigError(f"--kernel-isas: {sorted(set(args.kernel_isas) - set(isas))} do not run here; "
+                              f"this CPU runs {', '.join(isas) or 'no kernel (aa_detection._C is not built)'}")
     warm_up(device, args.amp)
     if args.sweep:
         results = sweep(args, device)

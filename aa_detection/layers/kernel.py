@@ -5,12 +5,13 @@ The C++ library registers `attention_forward` and `attention_backward` (CPU); he
 operator where the layer calls the kernel. A saved TorchScript model or exported program needs
 `import aa_detection` (or `torch.ops.load_library` of the `_C` file) before it is loaded.
 """
+import contextlib
 import math
-from typing import Optional
+from typing import Iterator, List, Optional
 
 import torch
 
-__all__ = ["kernel_attention", "kernel_available", "KERNEL_MAX_HEAD_WIDTH"]
+__all__ = ["kernel_attention", "kernel_available", "kernel_isas", "using_kernel_isa", "KERNEL_MAX_HEAD_WIDTH"]
 
 try:  # the optional C++/OpenMP CPU kernel, built by setup.py
     from aa_detection import _C
@@ -24,6 +25,26 @@ KERNEL_MAX_HEAD_WIDTH = 64 if _C is None else _C.max_head_width
 def kernel_available() -> bool:
     """True when the compiled CPU kernel `aa_detection._C` is importable."""
     return _C is not None
+
+
+def kernel_isas() -> List[str]:
+    """The instruction sets of the kernel this CPU runs ("avx512", "avx2", "default"), the one in use by
+    default first; [] without the kernel."""
+    return [] if _C is None else _C.kernel_isas()
+
+
+@contextlib.contextmanager
+def using_kernel_isa(name: str) -> Iterator[None]:
+    """The kernel compiled for instruction set `name` (one of `kernel_isas()`) serves the calls inside,
+    for tests and benchmarks; a name this CPU does not run is a ValueError listing those it does."""
+    if _C is None:
+        raise RuntimeError("the compiled CPU kernel aa_detection._C is not built")
+    before = _C.kernel_isa()
+    _C.set_kernel_isa(name)
+    try:
+        yield
+    finally:
+        _C.set_kernel_isa(before)
 
 
 if _C is not None:

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -28,24 +29,49 @@ struct Isa {
   ExpInplace exp;
 };
 
-Isa pick_isa() {
+// The instruction sets this CPU runs, best first.
+std::vector<Isa> supported_isas() {
+  std::vector<Isa> isas;
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("fma"))
-    return {"avx512", isa_avx512::attention_forward_rows, isa_avx512::attention_backward_rows,
-            isa_avx512::exp_inplace};
+    isas.push_back({"avx512", isa_avx512::attention_forward_rows, isa_avx512::attention_backward_rows,
+                    isa_avx512::exp_inplace});
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return {"avx2", isa_avx2::attention_forward_rows, isa_avx2::attention_backward_rows, isa_avx2::exp_inplace};
+    isas.push_back({"avx2", isa_avx2::attention_forward_rows, isa_avx2::attention_backward_rows,
+                    isa_avx2::exp_inplace});
 #endif
-  return {"default", isa_default::attention_forward_rows, isa_default::attention_backward_rows,
-          isa_default::exp_inplace};
+  isas.push_back({"default", isa_default::attention_forward_rows, isa_default::attention_backward_rows,
+                  isa_default::exp_inplace});
+  return isas;
 }
 
-const Isa& isa() {
-  static const Isa chosen = pick_isa();
+// The one in use: the best, unless set_kernel_isa chose another (between calls, not during one).
+Isa& current_isa() {
+  static Isa chosen = supported_isas().front();
   return chosen;
+}
+
+const Isa& isa() { return current_isa(); }
+
+std::vector<std::string> kernel_isas() {
+  std::vector<std::string> names;
+  for (const Isa& candidate : supported_isas()) names.emplace_back(candidate.name);
+  return names;
+}
+
+void set_kernel_isa(const std::string& name) {
+  for (const Isa& candidate : supported_isas()) {
+    if (name == candidate.name) {
+      current_isa() = candidate;
+      return;
+    }
+  }
+  std::string names;
+  for (const std::string& supported : kernel_isas()) names += (names.empty() ? "" : ", ") + supported;
+  TORCH_CHECK_VALUE(false, "kernel instruction set '", name, "' does not run on this CPU; it runs ", names);
 }
 
 // Queries per parallel task.
@@ -262,5 +288,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("max_head_width") = aa_detection::kMaxWidth;
   m.def("fast_exp_", &aa_detection::fast_exp_, "the kernel's exp, in place (x <= 88)");
   m.def("kernel_isa", [] { return std::string(aa_detection::isa().name); },
-        "instruction set of the kernel picked for this CPU");
+        "instruction set of the kernel in use (the best this CPU runs, unless set_kernel_isa chose another)");
+  m.def("kernel_isas", &aa_detection::kernel_isas, "instruction sets of the kernel this CPU runs, best first");
+  m.def("set_kernel_isa", &aa_detection::set_kernel_isa, "use the kernel compiled for this instruction set");
 }
