@@ -6,6 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from aa_detection.layers import AAConv2d, attention_depths
+from aa_detection.layers.kernel import kernel_available
+
+from test_relative_attention import brute_force
 
 
 @pytest.mark.parametrize("downsample", [1, 2])
@@ -19,12 +22,27 @@ def test_output_shape_matches_convolution(stride, size, downsample):
     assert layer(x).shape == expected
 
 
-def test_same_layer_runs_on_two_sizes_with_same_embeddings():
-    layer = AAConv2d(8, 16, num_heads=2, key_depth=4, value_depth=4, max_relative_size=8).eval()
-    small, large = torch.randn(1, 8, 3, 5), torch.randn(1, 8, 11, 6)
-    assert layer(small).shape == (1, 16, 3, 5) and layer(large).shape == (1, 16, 11, 6)
-    # The embedding of an offset is one table row, whatever the map size.
+@pytest.mark.parametrize("impl", ["naive", "fused", "auto"])
+def test_same_layer_runs_on_two_sizes_with_same_embeddings(impl):
+    """One table of 2 * 8 - 1 rows serves a 3x5 and an 11x6 map: an offset's embedding is its row, offsets
+    beyond +-7 take the edge row (the paper's formula with the table so extended, one pair at a time)."""
+    torch.manual_seed(0)
+    layer = AAConv2d(8, 16, num_heads=2, key_depth=4, value_depth=4, max_relative_size=8, impl=impl).eval()
+    nn.init.normal_(layer.attn_out.weight)
     assert layer.rel_h.shape == (15, 2) and layer.rel_w.shape == (15, 2)
+
+    def extended(table, size):  # row o + size - 1 for every offset o of the map
+        return torch.stack([table[min(max(o, -7), 7) + 7] for o in range(1 - size, size)])
+
+    for H, W in ((3, 5), (11, 6)):
+        x = torch.randn(1, 8, H, W)
+        q, k, v = layer.split_heads(x)
+        attn = brute_force(q, k, v, extended(layer.rel_h, H), extended(layer.rel_w, W)).float()
+        ref = layer.attn_out(attn.permute(0, 1, 4, 2, 3).reshape(1, 4, H, W))
+        with torch.no_grad():
+            out = layer(x)
+        assert out.shape == (1, 16, H, W)
+        assert torch.allclose(out[:, 16 - 4:], ref, atol=1e-5), (H, W)
 
 
 def test_relative_off_equals_content_only_attention():
@@ -54,8 +72,6 @@ def test_stride_two_attends_over_pooled_input():
 def test_downsampled_attention_is_the_plain_layer_on_the_pooled_map_upsampled(stride, impl):
     """attention_downsample=2: the convolution channels are untouched; the attention channels are those of
     the same layer without downsampling run on the input pooled 2x2 once more, upsampled bilinearly."""
-    from aa_detection.layers.kernel import kernel_available
-
     if impl == "kernel" and not kernel_available():
         pytest.skip("aa_detection._C is not built")
     torch.manual_seed(0)
@@ -100,13 +116,25 @@ def test_gradients_reach_every_parameter():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("impl", ["naive", "fused"])
+@pytest.mark.parametrize("impl", ["fused", "flex", "kernel"])
 def test_implementations_agree_in_the_layer(impl):
+    """Each path against naive through the whole layer: outputs, and gradients where it trains on the CPU."""
+    if impl == "kernel" and not kernel_available():
+        pytest.skip("aa_detection._C is not built")
+    torch.manual_seed(0)
     layer = AAConv2d(8, 16, num_heads=2, key_depth=4, value_depth=4, impl="naive")
+    layer.requires_grad_(impl != "flex")  # FlexAttention trains on CUDA only
     x = torch.randn(2, 8, 9, 4)
-    ref = layer(x)
-    layer.impl = impl
-    assert torch.allclose(layer(x), ref, atol=1e-5)
+    outputs = []
+    for path in ("naive", impl):
+        layer.impl = path
+        out = layer(x)
+        grads = torch.autograd.grad(out.square().sum(), list(layer.parameters())) if impl != "flex" else ()
+        outputs.append((out, grads))
+    (ref, ref_grads), (out, grads) = outputs
+    assert torch.allclose(out, ref, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, rtol=1e-4, atol=1e-5)
 
 
 def test_depths_from_ratios():

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from aa_detection.layers import relative_attention_2d
-from aa_detection.layers.kernel import kernel_isas, using_kernel_isa
+from aa_detection.layers.kernel import kernel_attention, kernel_isas, using_kernel_isa
 from aa_detection.layers.relative_attention import kernel_available
 
 from test_relative_attention import brute_force, random_inputs
+from test_relative_attention import test_bfloat16_close_to_float32 as bfloat16_close_to_float32
 
 pytestmark = pytest.mark.skipif(
     not kernel_available(),
@@ -29,7 +30,7 @@ SHAPES = [
 ]
 
 
-@pytest.fixture(params=kernel_isas() or ["none"])
+@pytest.fixture(params=kernel_isas())
 def isa(request):
     """Each instruction set the kernel was compiled for that this CPU runs, in turn."""
     with using_kernel_isa(request.param):
@@ -48,7 +49,7 @@ def test_kernel_matches_brute_force(shape, isa):
     assert _rel_error(out, brute_force(*inputs)) < 1e-5
 
 
-def test_kernel_content_only_matches_brute_force():
+def test_kernel_content_only_matches_brute_force(isa):
     inputs = random_inputs(2, 2, 3, 4, 3, 2, relative=False)
     assert _rel_error(relative_attention_2d(*inputs, impl="kernel"), brute_force(*inputs)) < 1e-5
 
@@ -76,14 +77,7 @@ def test_kernel_gradients_match_naive(shape, isa):
 
 
 def test_kernel_bfloat16():
-    inputs = random_inputs(2, 2, 5, 7, 8, 4)
-    ref = relative_attention_2d(*inputs, impl="naive")
-    bf16 = [t.bfloat16().requires_grad_() for t in inputs]
-    out = relative_attention_2d(*bf16, impl="kernel")
-    assert out.dtype == torch.bfloat16
-    assert (out.float() - ref).abs().max() < 0.1
-    out.float().sum().backward()
-    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in bf16)
+    bfloat16_close_to_float32("kernel")
 
 
 def test_kernel_threads_agree():
@@ -104,13 +98,21 @@ def test_kernel_threads_agree():
 
 
 def test_auto_uses_the_kernel_on_the_cpu(monkeypatch):
+    """Below and above NAIVE_MAX_PIXELS, through relative_attention_2d and through the layer's qkv route."""
+    from aa_detection.layers import AAConv2d
     from aa_detection.layers import relative_attention as ra
 
     calls = []
-    monkeypatch.setitem(ra._IMPLEMENTATIONS, "kernel", lambda *a: calls.append(a) or ra._fused(*a))
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return kernel_attention(*args)
+
+    monkeypatch.setattr(ra, "kernel_attention", spy)
     relative_attention_2d(*random_inputs(1, 1, 2, 3, 2, 2))
-    relative_attention_2d(*random_inputs(1, 1, 9, 9, 2, 2))
-    assert len(calls) == 2
+    relative_attention_2d(*random_inputs(1, 1, 17, 17, 2, 2))
+    AAConv2d(8, 16, num_heads=2, key_depth=4, value_depth=4)(torch.randn(1, 8, 17, 17))
+    assert calls == [(1, 6, 2, 3), (1, 6, 17, 17), (1, 12, 17, 17)]
 
 
 # (B, Nh, H, W, dkh, dvh, table rows per side): tables shorter than the map (offsets clipped to the last
@@ -133,7 +135,7 @@ def _qkv_reference(qkv, Nh, dk, dv, rel_h, rel_w):
 
 
 @pytest.mark.parametrize("shape", QKV_SHAPES)
-def test_kernel_on_qkv_layout_matches_reference(shape):
+def test_kernel_on_qkv_layout_matches_reference(shape, isa):
     from aa_detection.layers.relative_attention import relative_attention_qkv
 
     B, Nh, H, W, dkh, dvh, L = shape
@@ -153,7 +155,7 @@ def test_kernel_on_qkv_layout_matches_reference(shape):
         assert _rel_error(g, r) < 1e-5, name
 
 
-def test_kernel_on_qkv_layout_content_only():
+def test_kernel_on_qkv_layout_content_only(isa):
     from aa_detection.layers.relative_attention import relative_attention_qkv
 
     qkv = torch.randn(2, 2 * 6 + 4, 4, 5, requires_grad=True)
@@ -201,6 +203,19 @@ def test_kernel_isa_choice():
         with using_kernel_isa("neon"):
             pass
     assert _C.kernel_isa() == kernel_isas()[0]
+
+
+def test_kernel_at_its_widest_heads_matches_naive(isa):
+    """Head widths of KERNEL_MAX_HEAD_WIDTH fill the kernel's per-query buffers: values and gradients exact."""
+    from aa_detection.layers.kernel import KERNEL_MAX_HEAD_WIDTH
+
+    inputs = [t.requires_grad_() for t in random_inputs(2, 2, 3, 5, KERNEL_MAX_HEAD_WIDTH, KERNEL_MAX_HEAD_WIDTH)]
+    grad_out = torch.randn(2, 2, 3, 5, KERNEL_MAX_HEAD_WIDTH)
+    out, ref = (relative_attention_2d(*inputs, impl=impl) for impl in ("kernel", "naive"))
+    assert _rel_error(out, ref) < 1e-5
+    for name, g, g_ref in zip("q k v rel_h rel_w".split(), torch.autograd.grad(out, inputs, grad_out),
+                              torch.autograd.grad(ref, inputs, grad_out)):
+        assert _rel_error(g, g_ref) < 1e-4, name
 
 
 def test_kernel_width_limit_matches_the_compiled_kernel():

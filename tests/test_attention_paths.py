@@ -1,6 +1,8 @@
 """How `impl="auto"` picks a path, the fused path's memory-lean SDPA call, FlexAttention's fallback and
 mixed precision, on the CPU (the CUDA side of the same rules is in test_cuda.py)."""
+import functools
 import math
+import warnings
 
 import pytest
 import torch
@@ -47,13 +49,14 @@ def test_auto_never_crashes_on_heads_wider_than_the_kernel():
     torch.manual_seed(0)
     layer = AAConv2d(64, 512, num_heads=1, kappa=0.2, upsilon=0.1, max_relative_size=17)
     assert layer.key_depth > ra.KERNEL_MAX_HEAD_WIDTH
-    for size in (5, 17):  # below and above NAIVE_MAX_PIXELS
+    for size in (5, 17):  # below and above NAIVE_MAX_PIXELS: auto takes naive, then fused
         x = torch.randn(1, 64, size, size)
         out = layer(x)
-        layer.impl = "naive"
-        ref = layer(x)
+        for reference in ("naive", "fused"):
+            layer.impl = reference
+            ref = layer(x)
+            assert (out - ref).abs().max() < 1e-4 * ref.abs().max(), (size, reference)
         layer.impl = "auto"
-        assert (out - ref).abs().max() < 1e-4 * ref.abs().max()
 
 
 @pytest.mark.parametrize("key_width, value_width", [(3, 2), (3 + 100 + 168, 6), (13, 13), (8, 64), (1, 1)])
@@ -80,9 +83,11 @@ def test_flex_off_cuda_refuses_large_maps_and_training_and_auto_falls_back_to_fu
     inputs = random_inputs(1, 2, 17, 17, 3, 2)
     with pytest.raises(ra.AttentionBackendError, match="res4.1.conv2.*17x17"):
         relative_attention_2d(*inputs, impl="flex", layer="res4.1.conv2")
-    small = [t.requires_grad_() for t in random_inputs(1, 2, 3, 4, 3, 2)]
-    with pytest.raises(ra.AttentionBackendError, match="trains on CUDA only"):
-        relative_attention_2d(*small, impl="flex")
+    for trained in range(5):  # any one of q, k, v, rel_h, rel_w
+        small = list(random_inputs(1, 2, 3, 4, 3, 2))
+        small[trained].requires_grad_()
+        with pytest.raises(ra.AttentionBackendError, match="trains on CUDA only"):
+            relative_attention_2d(*small, impl="flex")
     monkeypatch.setattr(ra, "_FLEX_FAILED", False)
     out = ra._attend("flex", *inputs, layer="res4.1.conv2", auto=True)  # as auto would on a failing GPU
     assert ra._FLEX_FAILED and "FlexAttention failed" in caplog.text
@@ -120,6 +125,48 @@ def test_compiled_flex_is_exact_or_refused_at_every_map_size():
         assert (out.double() - ref).abs().max() < 1e-5
         served.append(shape)
     assert COMPILED_FLEX_SHAPES[0] in served
+
+
+def _eager_flex_times(factor):
+    """A stand-in for the compiled call: FlexAttention run eagerly, its output scaled by `factor`."""
+    def call(q, k, v, score_mod, scale, layer):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            return ra._flex_attention(q, k, v, score_mod=score_mod, scale=scale) * factor
+    return call
+
+
+def test_flex_checks_each_new_signature_once_and_auto_answers_a_wrong_output_with_fused(monkeypatch, caplog):
+    inputs = random_inputs(1, 2, 5, 7, 3, 2)
+    ref = relative_attention_2d(*inputs, impl="naive")
+    monkeypatch.setattr(ra, "_FLEX_CHECKED", set())
+    monkeypatch.setattr(ra, "_compiled_flex", _eager_flex_times(1.5))
+    with pytest.raises(ra.AttentionBackendError, match=r"res3\.1\.conv2: .*differs from the exact softmax on a 5x7"):
+        _compiled_flex(inputs, "res3.1.conv2")
+    assert not ra._FLEX_CHECKED  # a refused signature is checked again next time
+    monkeypatch.setattr(ra, "_FLEX_FAILED", False)
+    monkeypatch.setattr(ra, "_flex", functools.partial(ra._flex, compiled=True))  # as on CUDA
+    with torch.no_grad():
+        out = ra._attend("flex", *inputs, layer="res3.1.conv2", auto=True)
+    assert ra._FLEX_FAILED and "res3.1.conv2: FlexAttention failed (AttentionBackendError" in caplog.text
+    assert (out - ref).abs().max() < 1e-5  # the fused path's answer
+    monkeypatch.setattr(ra, "_compiled_flex", _eager_flex_times(1.0))
+    assert (_compiled_flex(inputs) - ref).abs().max() < 1e-5 and len(ra._FLEX_CHECKED) == 1
+    monkeypatch.setattr(ra, "_compiled_flex", _eager_flex_times(1.5))
+    _compiled_flex(inputs)  # a signature that passed is not checked again (the check costs 8 rows once)
+    with pytest.raises(ra.AttentionBackendError):  # a new map size is
+        _compiled_flex(random_inputs(1, 2, 6, 7, 3, 2))
+
+
+def test_auto_raises_running_out_of_gpu_memory_instead_of_trying_fused(monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(ra, "_FLEX_FAILED", False)
+    monkeypatch.setattr(ra, "_flex", out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        ra._attend("flex", *random_inputs(1, 2, 5, 7, 3, 2), layer="res3.0.conv2", auto=True)
+    assert not ra._FLEX_FAILED
 
 
 def test_flex_row_check_catches_a_wrong_map_width():

@@ -77,16 +77,25 @@ def test_gradcheck_float64(impl):
     assert torch.autograd.gradcheck(lambda *x: relative_attention_2d(*x, impl=impl), inputs)
 
 
+def _relative_norm_error(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
 @pytest.mark.parametrize("impl", ["naive", "fused"])
 def test_bfloat16_close_to_float32(impl):
-    inputs = random_inputs(2, 2, 5, 7, 8, 4)
-    ref = relative_attention_2d(*inputs, impl="naive")
-    bf16 = [t.bfloat16().requires_grad_() for t in inputs]
-    out = relative_attention_2d(*bf16, impl=impl)
+    """bf16 inputs: the fp32 computation on the same (rounded) values, rounded once to bf16; gradients
+    within bf16's precision of the fp32 ones."""
+    torch.manual_seed(0)
+    bf16 = [t.bfloat16().requires_grad_() for t in random_inputs(2, 2, 5, 7, 8, 4)]
+    fp32 = [t.detach().float().requires_grad_() for t in bf16]
+    grad_out = torch.randn(2, 2, 5, 7, 4)
+    out, ref = relative_attention_2d(*bf16, impl=impl), relative_attention_2d(*fp32, impl="naive")
     assert out.dtype == torch.bfloat16
-    assert (out.float() - ref).abs().max() < 0.1
-    out.float().sum().backward()
-    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in bf16)
+    assert ((out.double() - ref.double()).abs() <= 2**-8 * ref.abs().double() + 1e-6).all()
+    out.float().backward(grad_out)
+    ref.backward(grad_out)
+    for name, a, b in zip("q k v rel_h rel_w".split(), bf16, fp32):
+        assert a.grad.dtype == torch.bfloat16 and _relative_norm_error(a.grad, b.grad) < 2e-2, name
 
 
 def test_relative_table_depends_on_offset_only():
@@ -100,11 +109,17 @@ def test_relative_table_depends_on_offset_only():
     assert torch.equal(large[0, 5], rel[-1]) and torch.equal(large[5, 0], rel[0])
 
 
-def test_table_larger_than_map_uses_central_rows():
+@pytest.mark.parametrize("impl", ["naive", "fused", "flex", "auto"])
+def test_tables_of_another_size_than_the_map(impl):
+    """A table longer than the map: its central rows serve; shorter: offsets beyond it take its edge rows."""
     q, k, v, _, _ = random_inputs(1, 2, 3, 4, 3, 2, relative=False)
     rel_h, rel_w = torch.randn(2 * 10 - 1, 3), torch.randn(2 * 10 - 1, 3)
-    out = relative_attention_2d(q, k, v, rel_h, rel_w)
+    out = relative_attention_2d(q, k, v, rel_h, rel_w, impl=impl)
     ref = brute_force(q, k, v, rel_h[10 - 3 : 10 + 2], rel_w[10 - 4 : 10 + 3])
+    assert (out.double() - ref).abs().max() < 1e-5
+    short_h, short_w = torch.randn(2 * 2 - 1, 3), torch.randn(2 * 3 - 1, 3)  # offsets up to +-1 and +-2
+    out = relative_attention_2d(q, k, v, short_h, short_w, impl=impl)
+    ref = brute_force(q, k, v, short_h[[0, 0, 1, 2, 2]], short_w[[0, 0, 1, 2, 3, 4, 4]])
     assert (out.double() - ref).abs().max() < 1e-5
 
 

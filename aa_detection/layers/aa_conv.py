@@ -38,8 +38,9 @@ class AAConv2d(nn.Module):
     `norm` and `activation`, when given, follow the concatenation, as in detectron2's Conv2d.
 
     With `keep_attention = True` the layer computes its attention from dense softmax weights and keeps
-    them, detached, in `last_attention` (B, Nh, H', W', H', W'): entry [..., y, x, :, :] is the map of
-    query pixel (y, x) over all keys, the very weights that produced the layer's output.
+    them, detached, in `last_attention` (B, Nh, h, w, h, w), (h, w) = attention_size(H', W') for an output
+    of H' x W': entry [..., y, x, :, :] is the map of query pixel (y, x) over all keys, the very weights
+    that produced the layer's output.
 
     Relative embeddings depend on the offset only: each axis has a table of 2 * max_relative_size - 1
     rows, shared by all heads and all input sizes, and offsets beyond +-(max_relative_size - 1) use the
@@ -147,7 +148,7 @@ class AAConv2d(nn.Module):
         return B * self.num_heads * (hw * hw * (dkh + dvh) + relative)
 
     def split_heads(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, Cin, H, W) at the output resolution -> q, k (B, Nh, H, W, dkh), v (B, Nh, H, W, dvh)."""
+        """x (B, Cin, H, W), the attention input -> q, k (B, Nh, H, W, dkh), v (B, Nh, H, W, dvh)."""
         return split_heads(self.qkv(x), self.num_heads, self.key_depth, self.value_depth)
 
     def attention_input(self, x: torch.Tensor) -> torch.Tensor:

@@ -74,15 +74,19 @@ if _C is not None:
 
 
 def kernel_attention(qkv: torch.Tensor, num_heads: int, dk: int, dv: int, rel_h: Optional[torch.Tensor] = None,
-                     rel_w: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     rel_w: Optional[torch.Tensor] = None, layer: str = "attention") -> torch.Tensor:
     """qkv (B, 2 dk + dv, H, W) -> (B, dv, H, W) through the compiled kernel, in fp32 (inputs of other
     dtypes, e.g. bfloat16 under autocast, are converted and the output converted back).
 
     Per query the H + W relative logits are computed from the tables, then key rows are visited with an
     online softmax, so the (HW, HW) logits are never stored; backward recomputes them from the saved
-    log-sum-exp and returns the gradients of qkv and of both tables directly."""
+    log-sum-exp and returns the gradients of qkv and of both tables directly. `layer` names the caller
+    in errors."""
     if qkv.device.type != "cpu" or _C is None:
-        raise RuntimeError("impl='kernel' needs the compiled CPU kernel aa_detection._C and CPU tensors")
+        raise RuntimeError(f"{layer}: impl='kernel' needs the compiled CPU kernel aa_detection._C and CPU tensors")
+    if max(dk, dv) // num_heads > KERNEL_MAX_HEAD_WIDTH:
+        raise RuntimeError(f"{layer}: impl='kernel' takes head widths up to {KERNEL_MAX_HEAD_WIDTH}, got "
+                           f"dkh={dk // num_heads}, dvh={dv // num_heads}; use 'fused' or 'auto'")
     dtype = qkv.dtype
     scale = 1.0 / math.sqrt(dk // num_heads)
     if rel_h is None:  # content-only attention: 0-element tables

@@ -268,7 +268,7 @@ def _flex(q, k, v, rel_h, rel_w, scale, layer="attention", compiled=None):
             f"{layer}: impl='flex' off CUDA runs FlexAttention eagerly, which builds the dense scores; "
             f"a {H}x{W} map is above NAIVE_MAX_PIXELS={NAIVE_MAX_PIXELS}: use 'kernel' or 'fused' there")
     if (q.device.type != "cuda" and torch.is_grad_enabled()
-            and any(t is not None and t.requires_grad for t in (q, k, v, rel_h))):
+            and any(t is not None and t.requires_grad for t in (q, k, v, rel_h, rel_w))):
         raise AttentionBackendError(f"{layer}: impl='flex' trains on CUDA only (FlexAttention has no CPU backward); "
                                     "use 'kernel' or 'fused' for training on the CPU")
     score_mod = bias_h = bias_w = None
@@ -313,8 +313,8 @@ def _kernel(q, k, v, rel_h, rel_w, scale, layer="attention"):
     if not math.isclose(scale, 1.0 / math.sqrt(dkh)):
         raise ValueError("the kernel path uses the scale 1/sqrt(dkh)")
     qkv = torch.cat([t.permute(0, 1, 4, 2, 3).reshape(B, -1, H, W) for t in (q.float(), k.float(), v.float())], 1)
-    out = kernel_attention(qkv, Nh, Nh * dkh, Nh * dvh, rel_h, rel_w)
-    return out.reshape(B, Nh, dvh, H, W).permute(0, 1, 3, 4, 2).to(q.dtype)
+    out = kernel_attention(qkv, Nh, Nh * dkh, Nh * dvh, rel_h, rel_w, layer)
+    return out.reshape(B, Nh, dvh, H, W).permute(0, 1, 3, 4, 2).to(v.dtype)
 
 
 def split_heads(qkv: torch.Tensor, num_heads: int, dk: int, dv: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -328,7 +328,7 @@ def choose_impl(device: torch.device, height: int, width: int, key_width: int, v
     """The path `impl="auto"` takes for one layer's (height x width) map with head widths dkh, dvh:
 
     1. "kernel": CPU tensors, the compiled kernel built, both head widths <= KERNEL_MAX_HEAD_WIDTH and not
-       float64 (the fastest CPU path at every map size measured, 8x8 to 100x167);
+       float64 (the fastest CPU path at every map size measured, 4x4 to 100x167);
     2. "naive": maps of at most NAIVE_MAX_PIXELS pixels (dense logits are cheapest there);
     3. "flex": CUDA with FlexAttention working (compiled; no (HW, HW) tensor, no padded width);
     4. "fused": otherwise (memory-lean SDPA backends only; exact, fp32).
@@ -361,7 +361,7 @@ def relative_attention_qkv(qkv: torch.Tensor, num_heads: int, dk: int, dv: int, 
     if auto:
         impl = choose_impl(qkv.device, H, W, dk // num_heads, dv // num_heads, qkv.dtype)
     if impl == "kernel":
-        return kernel_attention(qkv, num_heads, dk, dv, rel_h, rel_w)
+        return kernel_attention(qkv, num_heads, dk, dv, rel_h, rel_w, layer)
     q, k, v = split_heads(qkv, num_heads, dk, dv)
     out = _attend(impl, q, k, v, rel_h, rel_w, layer, auto)
     return out.permute(0, 1, 4, 2, 3).reshape(B, dv, H, W)
@@ -371,16 +371,19 @@ _IMPLEMENTATIONS = {"naive": _naive, "fused": _fused, "kernel": _kernel, "flex":
 
 
 def _attend(impl, q, k, v, rel_h, rel_w, layer, auto=False):
-    """(B, Nh, H, W, dvh) through path `impl`; chosen by "auto", a FlexAttention compile failure is logged
-    once and the fused path used from then on."""
+    """(B, Nh, H, W, dvh) through path `impl`. Chosen by "auto", a FlexAttention failure (a compile error, a
+    refused output) is logged once and the fused path used from then on; running out of GPU memory is
+    raised as it is (the fused path needs more)."""
     global _FLEX_FAILED
     scale = 1.0 / math.sqrt(q.shape[-1])
-    if impl in ("naive", "kernel"):
-        out = _IMPLEMENTATIONS[impl](q, k, v, rel_h, rel_w, scale)
+    if impl == "naive":
+        out = _naive(q, k, v, rel_h, rel_w, scale)
     elif impl == "flex" and auto:
         try:
             out = _flex(q, k, v, rel_h, rel_w, scale, layer)
-        except Exception as e:  # a torch.compile / Triton failure: the exact fused path instead
+        except torch.cuda.OutOfMemoryError:  # the fused path needs more memory, not less
+            raise
+        except Exception as e:  # a torch.compile / Triton failure or a refused output: the exact fused path
             _FLEX_FAILED = True
             logger.warning("%s: FlexAttention failed (%s: %s); using the fused path from now on",
                            layer, type(e).__name__, e)
@@ -408,8 +411,8 @@ def relative_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel
             with the relative logits in its score_mod; compiled on CUDA) or "auto" (see `choose_impl`).
         layer: the caller's name, used in error messages.
 
-    Logits, the softmax and its statistics are fp32 on every path, also for fp16/bf16 inputs (autocast);
-    the output has v's dtype.
+    Logits, the softmax and its statistics are fp32 on every path, also for fp16/bf16 inputs (autocast;
+    compiled FlexAttention accumulates the q.k products of fp16/bf16 inputs in fp32); the output has v's dtype.
 
     Returns:
         (B, Nh, H, W, dvh)

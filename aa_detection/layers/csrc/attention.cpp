@@ -74,7 +74,7 @@ void set_kernel_isa(const std::string& name) {
   TORCH_CHECK_VALUE(false, "kernel instruction set '", name, "' does not run on this CPU; it runs ", names);
 }
 
-// Queries per parallel task.
+// The fewest queries of a parallel task (caps the number of splits of a slice, query_splits).
 constexpr int64_t kQueriesPerTask = 64;
 
 // Runs fn(task, work) for task in [0, tasks) on the intra-op threads, each thread taking the next
@@ -268,7 +268,7 @@ void fast_exp_(torch::Tensor x) {
 }  // namespace aa_detection
 
 // Operators torch.ops.aa_detection.*, so TorchScript, torch.export and torch.compile see the kernel (their
-// fake implementations and autograd are registered in Python, aa_detection/layers/relative_attention.py).
+// fake implementations and autograd are registered in Python, aa_detection/layers/kernel.py).
 TORCH_LIBRARY(aa_detection, m) {
   // relative attention forward from the qkv convolution's output: (out (B, dv, H, W), lse (B, Nh, HW))
   m.def("attention_forward(Tensor qkv, Tensor rel_h, Tensor rel_w, int num_heads, int dk, int dv, float scale)"
