@@ -15,6 +15,7 @@ from detectron2.utils.visualizer import Visualizer
 import tqdm
 
 from .errors import InputError
+from .safe_io import atomic_path
 from .visualization.predictions import IMAGE_EXTENSIONS, ModelRunner, read_image, write_image
 
 __all__ = ["Demo", "expand_inputs", "output_path"]
@@ -54,7 +55,6 @@ class Demo:
         self.predictor = ModelRunner(cfg)
         self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
         self.confidence_threshold = confidence_threshold
-        self.input_format = cfg.INPUT.FORMAT
 
     def detections(self, image_bgr: np.ndarray) -> Instances:
         """Detections (on the CPU) of an HxWx3 BGR image above the threshold."""
@@ -100,15 +100,15 @@ class Demo:
         width, height = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
         fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
         total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
-        tmp = output + ".partial.mp4"
-        writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
         frames = 0
-        try:
-            for frame in tqdm.tqdm(self.run_on_video(capture, max_frames), total=max_frames or total, desc="frames"):
-                writer.write(frame)
-                frames += 1
-        finally:
-            writer.release()
-            capture.release()
-        os.replace(tmp, output)  # a complete video, or none
+        with atomic_path(output, suffix=".mp4") as tmp:  # a complete video, or none
+            writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+            try:
+                for frame in tqdm.tqdm(self.run_on_video(capture, max_frames), total=max_frames or total,
+                                       desc="frames"):
+                    writer.write(frame)
+                    frames += 1
+            finally:
+                writer.release()
+                capture.release()
         return frames

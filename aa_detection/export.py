@@ -28,6 +28,7 @@ from detectron2.utils.file_io import PathManager
 import torch
 
 from .checkpoint import AACheckpointer
+from .safe_io import atomic_path, atomic_write
 
 __all__ = ["FORMATS", "export_backbone", "export_model", "export_onnx", "export_torchscript", "load_backbone",
            "load_onnx", "load_torchscript", "output_path", "predict", "sample_image"]
@@ -57,10 +58,10 @@ def export_torchscript(model: torch.nn.Module, image: torch.Tensor, path: str) -
         traced = torch.jit.trace(adapter, (image,))
     # the flattened Instances: one tensor per field (sorted by name), then the image size
     outputs = list(adapter.outputs_schema.keys) + ["image_size"]
-    with PathManager.open(path, "wb") as f:
-        torch.jit.save(traced, f)
-    with PathManager.open(path + ".json", "w") as f:
+    with atomic_write(path + ".json", "w") as f:  # first: a model file is never without its output names
         json.dump({"input": "image (3, H, W), pixel values in the config's INPUT.FORMAT", "outputs": outputs}, f)
+    with atomic_write(path) as f:
+        torch.jit.save(traced, f)
     return path
 
 
@@ -94,13 +95,15 @@ def export_backbone(model: torch.nn.Module, image: torch.Tensor, path: str) -> s
     backbone, images, dynamic_shapes = _backbone_inputs(model, image)
     with torch.no_grad():
         program = torch.export.export(backbone, (images,), dynamic_shapes=dynamic_shapes)
-    torch.export.save(program, path)
+    with atomic_write(path) as f:
+        torch.export.save(program, f)
     return path
 
 
 def export_onnx(model: torch.nn.Module, image: torch.Tensor, path: str) -> str:
-    """The backbone to ONNX at `path` with dynamic height and width (input "images", one output per feature,
-    e.g. "p3".."p7"), every AAConv2d on the ONNX_ATTENTION path while exporting."""
+    """The backbone to ONNX at `path`, one file with its weights, with dynamic height and width (input
+    "images", one output per feature, e.g. "p3".."p7"), every AAConv2d on the ONNX_ATTENTION path while
+    exporting."""
     from .layers import AAConv2d
 
     try:
@@ -113,9 +116,9 @@ def export_onnx(model: torch.nn.Module, image: torch.Tensor, path: str) -> str:
     try:
         for layer in layers:
             layer.impl = ONNX_ATTENTION
-        with torch.no_grad():
-            torch.onnx.export(backbone, (images,), path, dynamo=True, dynamic_shapes=dynamic_shapes,
-                              input_names=["images"], output_names=list(backbone.output_shape()))
+        with torch.no_grad(), atomic_path(path, suffix=".onnx") as tmp:
+            torch.onnx.export(backbone, (images,), tmp, dynamo=True, dynamic_shapes=dynamic_shapes,
+                              external_data=False, input_names=["images"], output_names=list(backbone.output_shape()))
     finally:
         for layer, impl in zip(layers, impls):
             layer.impl = impl

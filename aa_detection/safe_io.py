@@ -11,7 +11,7 @@ import yaml
 
 from .errors import UnsafePickleError
 
-__all__ = ["AtomicWritePathManager", "UnsafePickleError", "atomic_write", "load_pickle_weights",
+__all__ = ["AtomicWritePathManager", "UnsafePickleError", "atomic_path", "atomic_write", "load_pickle_weights",
            "load_torch_weights", "load_yaml_data"]
 
 # What weight pickles need: numpy arrays and scalars, plain containers, and tensors.
@@ -78,23 +78,31 @@ def _umask():
 
 
 @contextlib.contextmanager
-def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file beside `path` and move it onto `path` only once the block succeeds,
-    so readers and resumed runs never see a partial file."""
+def atomic_path(path: str, suffix: str = ".tmp") -> Iterator[str]:
+    """The name of a temporary file beside `path` (ending in `suffix`, for writers that read the format
+    from it), moved onto `path` only once the block succeeds and removed if it fails, so readers and
+    resumed runs never see a partial file."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # the permissions a plain open() would give, not mkstemp's 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
+    """`path` opened for writing through `atomic_path`: the file appears whole once the block succeeds."""
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class AtomicWritePathManager:

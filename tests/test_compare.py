@@ -42,8 +42,10 @@ def test_two_single_runs_side_by_side(tmp_path):
     assert rows["APl"] == ["-", "-", "-"]
     assert rows["params (M)"] == ["2.50", "2.50", "+0.00"]
     assert runs[0]["ap"] == [(59, 25.0)] and len(runs[0]["loss"]) == 3
-    plot = plot_runs(runs, str(tmp_path / "p.png"))
-    assert os.path.getsize(plot) > 1000
+    plot = plot_runs(runs, str(tmp_path / "plots" / "p.png"))
+    assert os.path.getsize(plot) > 1000 and os.listdir(tmp_path / "plots") == ["p.png"]  # no temporary file left
+    with open(plot, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"  # the format of the name, not of the temporary file's
 
 
 def test_seeds_are_grouped_and_summarised(tmp_path):

@@ -15,10 +15,10 @@ CONFIG = os.path.join(ROOT, "configs/synthetic/retinanet_AA_R_18_FPN_synthetic.y
 pytestmark = pytest.mark.slow  # each test runs the tool in its own processes
 
 
-def _demo(tmp_path, *args):
+def _demo(tmp_path, *args, opts=()):
     """Run the demo (random weights: every detection above a low threshold is drawn)."""
     opts = ["--opts", "DATASETS.SYNTHETIC.ROOT", str(tmp_path / "data"), "DATASETS.SYNTHETIC.NUM_TRAIN", "2",
-            "DATASETS.SYNTHETIC.NUM_VAL", "2", "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "128"]
+            "DATASETS.SYNTHETIC.NUM_VAL", "2", "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "128", *opts]
     return subprocess.run([sys.executable, os.path.join(ROOT, "tools/demo.py"), "--config-file", CONFIG,
                            "--confidence-threshold", "0.005", *args, *opts],
                           capture_output=True, text=True, cwd=ROOT)
@@ -54,6 +54,7 @@ def test_video_in_video_out(tmp_path):
     out = str(tmp_path / "detections.mp4")
     result = _demo(tmp_path, "--video-input", video, "--output", out)
     assert result.returncode == 0, result.stderr
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # written through a temporary file
     capture = cv2.VideoCapture(out)
     assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 4
     assert (int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))) == (128, 96)
@@ -66,3 +67,8 @@ def test_bad_inputs_exit_2_with_a_message(tmp_path):
     assert no_output.returncode == 2 and "--output" in no_output.stderr
     no_video = _demo(tmp_path, "--video-input", str(tmp_path / "none.mp4"), "--output", str(tmp_path / "v.mp4"))
     assert no_video.returncode == 2 and "cannot open the video" in no_video.stderr
+    weights = str(tmp_path / "model_final.pth")
+    no_weights = _demo(tmp_path, "--input", _images(str(tmp_path / "in"), 1), "--output", str(tmp_path / "o"),
+                       opts=["MODEL.WEIGHTS", weights])
+    assert no_weights.returncode == 2 and f"weights file not found: {weights}" in no_weights.stderr
+    assert "Traceback" not in no_weights.stderr

@@ -39,6 +39,7 @@ def _image(size, seed):
 
 def test_torchscript_reloads_in_a_fresh_process_and_runs_at_other_sizes(model, tmp_path):
     path = export.export_torchscript(model, _image(TRACE_SIZE, 0), str(tmp_path / "model.ts"))
+    assert sorted(os.listdir(tmp_path)) == ["model.ts", "model.ts.json"]
     images = [_image(size, i + 1) for i, size in enumerate(OTHER_SIZES)]
     torch.save(images, tmp_path / "images.pt")
     script = (
@@ -75,6 +76,7 @@ def test_backbone_exports_to_onnx_and_runs_at_other_sizes(model, tmp_path):
     impls = {m.impl for m in model.modules() if hasattr(m, "impl")}
     path = export.export_onnx(model, _image(TRACE_SIZE, 0), str(tmp_path / "backbone.onnx"))
     assert {m.impl for m in model.modules() if hasattr(m, "impl")} == impls  # the model is left as it was
+    assert os.listdir(tmp_path) == ["backbone.onnx"]  # weights inside, no temporary file left
     backbone = export.load_onnx(path)
     for i, size in enumerate(OTHER_SIZES + [(192, 256)]):
         images = model.preprocess_image([{"image": _image(size, i + 1)}]).tensor

@@ -16,6 +16,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 
 from aa_detection.config import setup_cfg  # noqa: E402
+from aa_detection.errors import UsageError  # noqa: E402
 from aa_detection.safe_io import UnsafePickleError  # noqa: E402
 from aa_detection.visualization import (  # noqa: E402
     ModelRunner, compute_attention, draw_predictions, find_aa_layer, query_cell, read_image,
@@ -182,7 +183,7 @@ def test_attention_maps_are_the_layer_softmax(setup, aa_runner, tmp_path):
     image = read_image(str(sorted(setup["images"].iterdir())[0]), "BGR")
     name, module = find_aa_layer(aa_runner.model)
     assert name.startswith("backbone.bottom_up.res5.") and name.endswith("conv2")
-    with pytest.raises(KeyError, match="backbone.bottom_up.res3.0.conv"):
+    with pytest.raises(UsageError, match="backbone.bottom_up.res3.0.conv"):
         find_aa_layer(aa_runner.model, "backbone.bottom_up.res5.9.conv2")
 
     # the same weights the layer keeps in its real forward
@@ -238,7 +239,7 @@ def test_attention_command_exports_grid_and_maps(setup, tmp_path):
 
 
 def test_attention_bad_layer_lists_names(setup, tmp_path):
-    with pytest.raises(KeyError, match="available: backbone.bottom_up"):
+    with pytest.raises(UsageError, match="available: backbone.bottom_up"):
         main(["attention", "--config-file", AA_CFG, "--weights", setup["weights"]["aa"], "--quiet",
               "--input", str(setup["images"]), "--layer", "nope", "--output", str(tmp_path),
               "--opts", *setup["opts"]])

@@ -9,7 +9,8 @@ Coordinates. A query is given in the pixels of the original image, (x, y). The m
 resized by the config's test transform (factor rw / w across, rh / h down) and padded at the bottom and
 right to the backbone's size divisibility, Hp x Wp. The layer's attention grid is H' x W' and its stride
 on the network input is s = (Hp / H', Wp / W') (8, 16 or 32 for res3, res4, res5: a strided AAConv2d
-attends at its output size, the input pooled 2x2). Grid cell (row, col) covers the resized-input pixels
+attends at its output size, the input pooled 2x2; 16 for res3 when its attention is pooled once more,
+MODEL.AA.DOWNSAMPLE_STAGES). Grid cell (row, col) covers the resized-input pixels
 [col * sx, (col + 1) * sx) x [row * sy, (row + 1) * sy), so a query maps to
 
     col = floor(x * rw / w / sx),   row = floor(y * rh / h / sy)   (clamped to the grid).
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 from matplotlib import colormaps
 
+from ..errors import UsageError
 from ..layers import AAConv2d
 from .predictions import ModelRunner, instances_to_arrays, label_image, side_by_side
 
@@ -68,15 +70,15 @@ def aa_layer_names(model: torch.nn.Module) -> List[str]:
 def find_aa_layer(model: torch.nn.Module, name: Optional[str] = None) -> Tuple[str, AAConv2d]:
     """(name, module) of an AAConv2d. Default: the last one of the deepest augmented stage (for an
     AA-ResNet, the last block's 3x3 convolution, e.g. backbone.bottom_up.res5.2.conv2). A name that is
-    not an AA convolution raises a KeyError listing the available names."""
+    not an AA convolution is a UsageError listing the available names."""
     names = aa_layer_names(model)
     if not names:
-        raise KeyError("the model has no attention-augmented convolution (AAConv2d); use an AA config "
+        raise UsageError("the model has no attention-augmented convolution (AAConv2d); use an AA config "
                        "(MODEL.BACKBONE.NAME build_retinanet_aa_resnet_fpn_backbone)")
     if name is None:
         name = names[-1]
     if name not in names:
-        raise KeyError(f"'{name}' is not an attention-augmented convolution of the model; available: "
+        raise UsageError(f"'{name}' is not an attention-augmented convolution of the model; available: "
                        + ", ".join(names))
     return name, dict(model.named_modules())[name]
 

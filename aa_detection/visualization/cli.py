@@ -26,7 +26,7 @@ from tqdm import tqdm
 from ..errors import InputError, UsageError, exit_on_user_error
 from ..safe_io import atomic_write
 from .predictions import (
-    IMAGE_EXTENSIONS, _readable, ModelRunner, class_names, draw_ground_truth, draw_predictions, read_image,
+    IMAGE_EXTENSIONS, ModelRunner, class_names, draw_ground_truth, draw_predictions, read_image,
     side_by_side, to_rgb, write_image,
 )
 
@@ -233,8 +233,6 @@ def cmd_attention(args: argparse.Namespace) -> int:
                 np.save(f, result.maps)
             with atomic_write(stem + ".json", "w") as f:
                 json.dump(result.metadata(), f)
-            _readable(stem + ".npy")
-            _readable(stem + ".json")
         write_image(path, grid, args.quality)
 
     return _run(items, _unique_names(items, args.format, "_attention"), args, export, "attention")

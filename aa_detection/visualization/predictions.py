@@ -16,7 +16,7 @@ from detectron2.utils.colormap import colormap
 from detectron2.utils.visualizer import Visualizer
 
 from ..checkpoint import AACheckpointer
-from ..errors import InputError
+from ..errors import InputError, WeightsError
 from ..safe_io import atomic_write
 
 __all__ = [
@@ -56,15 +56,7 @@ def write_image(path: str, rgb: np.ndarray, quality: int = 92) -> str:
         raise ValueError(f"{path}: OpenCV cannot encode images as '{ext}'")
     with atomic_write(path) as f:
         f.write(data.tobytes())
-    _readable(path)
     return path
-
-
-def _readable(path):
-    """Give a file written through a temporary file the permissions of a normally created one."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def class_names(metadata: Optional[Metadata], num_classes: Optional[int] = None) -> List[str]:
@@ -172,12 +164,12 @@ class ModelRunner(DefaultPredictor):
     def __init__(self, cfg, weights=None):
         weights = cfg.MODEL.WEIGHTS if weights is None else weights
         if weights and not os.path.isfile(weights) and "://" not in weights:
-            raise FileNotFoundError(f"weights file not found: {weights}")
+            raise WeightsError(f"weights file not found: {weights}")
         cfg = cfg.clone()
         cfg.defrost()
         cfg.MODEL.WEIGHTS = ""  # DefaultPredictor's DetectionCheckpointer loads nothing; AACheckpointer does
         super().__init__(cfg)
-        AACheckpointer(self.model).load(weights)
+        AACheckpointer(self.model, allow_unsafe_pickle=cfg.MODEL.WEIGHTS_ALLOW_UNSAFE_PICKLE).load(weights)
         self.weights = weights
         names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
         meta = MetadataCatalog.get(names[0]) if names else None
