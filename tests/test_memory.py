@@ -35,6 +35,15 @@ def test_forked_child_fallback(monkeypatch):
     assert 128 * MiB * 0.95 < peak < 128 * MiB + 24 * MiB
 
 
+def test_forked_child_failure_carries_its_traceback(monkeypatch):
+    def fails():
+        raise ValueError("no such layer: res9")
+
+    monkeypatch.setattr(memory, "_reset_peak_rss", lambda: False)
+    with pytest.raises(RuntimeError, match="(?s)failed in the forked child.*ValueError: no such layer: res9"):
+        measure_peak_memory(fails)
+
+
 def test_unsupported_device_raises():
     with pytest.raises(ValueError, match="device"):
         measure_peak_memory(lambda: None, device="meta")

@@ -6,7 +6,8 @@ after it minus VmRSS before it. Where clear_refs cannot be written, the call run
 whose peak starts at the parent's current size (the child runs on one thread). Both count pages the call newly touches, so the
 measurement is only as good as freed memory goes back to the system: glibc serves allocations from
 its heap below a threshold that grows as large blocks are freed; `measure_peak_memory` pins that
-threshold at 128 KiB (mallopt) so that tensor buffers are mapped and unmapped one by one.
+threshold at 128 KiB (mallopt) so that tensor buffers are mapped and unmapped one by one, and gives the
+heap's free memory back (malloc_trim) before each measurement.
 
 `PeakMemory` measures in the process itself (CUDA, or a CPU where clear_refs can be written) around a
 block, so the block may also be timed; `measure_peak_memory` falls back to the forked child.
@@ -14,6 +15,7 @@ block, so the block may also be timed; `measure_peak_memory` falls back to the f
 import ctypes
 import os
 import re
+import traceback
 from typing import Any, Callable, Union
 
 import torch
@@ -25,17 +27,19 @@ _malloc_pinned = False
 
 
 def _pin_malloc_thresholds():
-    """Make glibc map every block above 128 KiB on its own and return it on free (once per process)."""
+    """Make glibc map every block above 128 KiB on its own and return it on free (pinned once per process),
+    and give back the free heap memory of earlier allocations (every call), which would otherwise serve a
+    measured allocation without new pages."""
     global _malloc_pinned
-    if _malloc_pinned:
-        return
-    _malloc_pinned = True
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
-        libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+        if not _malloc_pinned:
+            libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+            libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+        libc.malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: measure as is
         pass
+    _malloc_pinned = True
 
 
 def _status_kib(field):
@@ -69,6 +73,8 @@ def _cpu_peak_in_child(fn):
             fn()
             os.write(write_end, str((_status_kib("VmHWM") - start) * 1024).encode())
             status = 0
+        except BaseException:  # the parent raises it, with this traceback
+            os.write(write_end, traceback.format_exc().encode())
         finally:
             os._exit(status)
     os.close(write_end)
@@ -76,7 +82,7 @@ def _cpu_peak_in_child(fn):
         reply = f.read()
     _, status = os.waitpid(pid, 0)
     if status != 0 or not reply:
-        raise RuntimeError("the measured call failed in the forked child")
+        raise RuntimeError("the measured call failed in the forked child" + (f":\n{reply}" if reply else ""))
     return int(reply)
 
 
