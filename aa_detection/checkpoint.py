@@ -37,10 +37,19 @@ from .layers import AAConv2d
 from .layers.relative_attention import resize_relative_table
 from .safe_io import AtomicWritePathManager, load_pickle_weights, load_torch_weights
 
-__all__ = ["AACheckpointer", "ATTENTION_PARAMETERS"]
+__all__ = ["AACheckpointer", "ATTENTION_PARAMETERS", "is_attention_parameter"]
 
 # Parameters of an AAConv2d that no ResNet checkpoint has.
 ATTENTION_PARAMETERS = ("qkv", "attn_out", "rel_h", "rel_w")
+
+
+def is_attention_parameter(key: str) -> bool:
+    """Whether a state-dict key is one of an AAConv2d's ATTENTION_PARAMETERS ("...conv2.qkv.weight",
+    "...conv2.rel_h")."""
+    parts = key.split(".")
+    return (len(parts) >= 2 and parts[-2] in ATTENTION_PARAMETERS) or parts[-1] in ("rel_h", "rel_w")
+
+
 # Names of the temporary files `atomic_write` leaves when a save is killed.
 PARTIAL_FILES = (".*.pth.*.tmp", ".last_checkpoint.*.tmp")
 
@@ -147,10 +156,10 @@ class AACheckpointer(DetectionCheckpointer):
         loaded_shapes = {k for k, _, _ in incompatible.incorrect_shapes}
         random = sorted(set(incompatible.missing_keys) | loaded_shapes)
         self.last_load_report = {"sliced": sliced, "random": random}
-        if not sliced and not any(self._is_attention(k) for k in random):
+        if not sliced and not any(is_attention_parameter(k) for k in random):
             return
-        attention = [k for k in random if self._is_attention(k)]
-        other = [k for k in random if not self._is_attention(k)]
+        attention = [k for k in random if is_attention_parameter(k)]
+        other = [k for k in random if not is_attention_parameter(k)]
         lines = [
             f"AA-ResNet weights: {len(sliced)} attention-augmented convolutions took the first Fout - dv "
             "filters of their pretrained 3x3 kernel (their norms loaded whole).",
@@ -161,8 +170,3 @@ class AACheckpointer(DetectionCheckpointer):
         ]
         lines += [f"  random: {k}" for k in attention]
         logger.info("\n".join(lines))
-
-    @staticmethod
-    def _is_attention(key):
-        parts = key.split(".")
-        return (len(parts) >= 2 and parts[-2] in ATTENTION_PARAMETERS) or parts[-1] in ("rel_h", "rel_w")

@@ -28,14 +28,7 @@ except ImportError as e:  # timm is optional for the rest of the package
 
 from .modeling.backbone import aa_resnet
 
-__all__ = ["AAResNetClassifier", "ARCHITECTURE_KEYS"]
-
-# The aa_resnet arguments that decide a classifier's parameters (names and shapes) and what its
-# attention computes; a checkpoint stores them as its "architecture".
-ARCHITECTURE_KEYS = (
-    "depth", "stem_out_channels", "res2_out_channels", "width_per_group", "num_groups", "stride_in_1x1",
-    "aa_stages", "num_heads", "kappa", "upsilon", "relative", "downsample_stages",
-)
+__all__ = ["AAResNetClassifier"]
 
 
 class AAResNetClassifier(nn.Module):
@@ -75,6 +68,8 @@ class AAResNetClassifier(nn.Module):
             raise ValueError(f"global_pool={global_pool!r}: AA-ResNet classifiers pool with 'avg' only")
         if res2_out_channels is None:
             res2_out_channels = 64 if depth < 50 else 256
+        # the aa_resnet arguments that decide the parameters (names and shapes) and what the attention
+        # computes; a checkpoint stores them as its "architecture"
         self.architecture = dict(
             depth=depth, stem_out_channels=stem_out_channels, res2_out_channels=res2_out_channels,
             width_per_group=width_per_group, num_groups=num_groups, stride_in_1x1=stride_in_1x1,

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .errors import DatasetError
 from .safe_io import atomic_write, load_torch_weights
 
 __all__ = ["build_argument_parser", "pretrain", "model_kwargs"]
@@ -142,11 +143,15 @@ def _unwrap(model):
 def _datasets(root: str):
     from timm.data import create_dataset
 
+    missing = [split for split in ("train", "val") if not os.path.isdir(os.path.join(root, split))]
+    if missing:
+        raise DatasetError(f"--data {root}: no {' or '.join(f'{split}/' for split in missing)} folder; expected "
+                           "images in train/<class>/ and val/<class>/")
     train = create_dataset("", root=root, split="train", is_training=True)
     val = create_dataset("", root=root, split="val", class_map=train.reader.class_to_idx)
     if not len(train) or not len(val):
-        raise ValueError(f"{root}: expected images in train/<class>/ and val/<class>/ (found {len(train)} "
-                         f"training and {len(val)} validation images)")
+        raise DatasetError(f"--data {root}: expected images in train/<class>/ and val/<class>/ (found {len(train)} "
+                           f"training and {len(val)} validation images)")
     return train, val
 
 
@@ -229,12 +234,20 @@ def _save(path, data):
 
 
 def _metrics_before(path, epoch):
-    """Records of metrics.jsonl for epochs before `epoch` (a resumed run writes the later ones again)."""
+    """Records of metrics.jsonl for epochs before `epoch` (a resumed run writes the later ones again);
+    lines that are not such records are dropped."""
     if not os.path.isfile(path):
         return []
+    records = []
     with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip().endswith("}")]
-    return [r for r in records if r["epoch"] < epoch]
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("epoch"), int) and record["epoch"] < epoch:
+                records.append(record)
+    return records
 
 
 def _write_metrics(path, records):

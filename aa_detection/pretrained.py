@@ -35,6 +35,7 @@ from detectron2.config import CfgNode
 import torch
 from torch import nn
 
+from .checkpoint import is_attention_parameter
 from .errors import ConfigError, UsageError, WeightsError
 from .layers import AAConv2d
 from .layers.relative_attention import resize_relative_table
@@ -202,24 +203,23 @@ def _check_fits(describe_weights: dict, resnet: nn.Module, where: str):
 
 
 def convert_pretrained(src: str, dst: str, cfg: Optional[CfgNode] = None, max_input_size: int = 1344,
-                       prefix: Optional[str] = None, weights: str = "auto") -> dict:
+                       weights: str = "auto") -> dict:
     """Write `src` as detectron2 weights `dst` (.pth) and `dst` .json metadata; returns the metadata.
 
     Relative tables get the rows of the backbone `cfg` builds, or without `cfg` those of longest image
-    side `max_input_size` (1344: COCO's 1333 padded to 32). `prefix` defaults to the config backbone's
-    ("backbone.bottom_up." for FPN backbones), else "backbone.bottom_up.". ConfigError when the config's
-    backbone differs from the weights'."""
+    side `max_input_size` (1344: COCO's 1333 padded to 32). Keys get the config backbone's prefix
+    ("backbone.bottom_up." for FPN backbones), without `cfg` "backbone.bottom_up.". ConfigError when the
+    config's backbone differs from the weights'."""
     if not dst.endswith(".pth"):
         raise UsageError(f"{dst}: the converted file is a torch file, name it *.pth")
     source = read_pretrained(src, weights)
     source_resnet = _architecture_backbone(source["architecture"], max_input_size)
     described = describe_resnet(source_resnet)
     if cfg is not None:
-        target, target_prefix = _config_backbone(cfg)
+        target, prefix = _config_backbone(cfg)
         _check_fits(described, target, "the config")
     else:
-        target, target_prefix = source_resnet, "backbone.bottom_up."
-    prefix = target_prefix if prefix is None else prefix
+        target, prefix = source_resnet, "backbone.bottom_up."
     target_state = target.state_dict()
     state = {}
     for key, value in source["state"].items():
@@ -229,7 +229,7 @@ def convert_pretrained(src: str, dst: str, cfg: Optional[CfgNode] = None, max_in
             continue  # FrozenBN targets have no counters
         state[key] = value.detach().clone().contiguous()
     missing = [k for k in target_state if k not in state and not k.endswith("num_batches_tracked")
-               and not (not described["attention"] and _is_attention(k))]
+               and not (not described["attention"] and is_attention_parameter(k))]
     unexpected = [k for k in state if k not in target_state]
     if missing or unexpected:
         raise WeightsError(f"{src}: the weights do not cover the backbone: missing {missing[:5]}, unexpected "
@@ -247,21 +247,22 @@ def convert_pretrained(src: str, dst: str, cfg: Optional[CfgNode] = None, max_in
     return metadata
 
 
-def _is_attention(key):
-    return key.split(".")[-2] in ("qkv", "attn_out") or key.endswith(("rel_h", "rel_w"))
-
-
 def check_weights_format(cfg: CfgNode, path: str) -> None:
     """ConfigError naming both values when a converted file (convert_pretrained) does not fit `cfg`:
     MODEL.PIXEL_MEAN, MODEL.PIXEL_STD or INPUT.FORMAT other than the weights', a backbone of another
     architecture. It reads the metadata .json the converter writes beside the weights (the weights
-    themselves are not loaded); files without one (checkpoints of training runs, other weights) are not
-    checked."""
+    themselves are not loaded); files without one (checkpoints of training runs, other weights) or with
+    a .json of something else beside them are not checked; an unreadable .json is a WeightsError."""
     sidecar = os.path.splitext(path)[0] + ".json"
     if not path.endswith(".pth") or not os.path.isfile(sidecar):
         return
-    with open(sidecar) as f:
-        metadata = json.load(f)
+    try:
+        with open(sidecar) as f:
+            metadata = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{sidecar}: the metadata beside {path} cannot be read ({e})") from e
+    if not isinstance(metadata, dict) or not {"pixel_mean", "pixel_std", "input_format", "description"} <= set(metadata):
+        return  # not the converter's
     problems = []
     for key, value in (("MODEL.PIXEL_MEAN", cfg.MODEL.PIXEL_MEAN), ("MODEL.PIXEL_STD", cfg.MODEL.PIXEL_STD)):
         expected = metadata[key.split(".")[1].lower()]

@@ -26,7 +26,7 @@ def _is_attention(key):
 
 def test_both_builders_are_registered():
     for name in ("build_aa_resnet_backbone", "build_retinanet_aa_resnet_fpn_backbone"):
-        assert BACKBONE_REGISTRY.get(name) is not None
+        assert name in BACKBONE_REGISTRY
 
 
 @pytest.mark.parametrize("depth", [18, 34, 50, 101])

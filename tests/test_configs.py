@@ -184,7 +184,8 @@ def test_detectron2_model_zoo_configs_are_bases_by_path_and_by_name(tmp_path):
     assert setup_cfg(str(copied), trusted=[str(copied)]).MODEL.META_ARCHITECTURE == "RetinaNet"
 
 
-CONFIG_TOOLS = ["train_net", "demo", "export_model", "analyze_model", "convert_pretrained_to_d2", "visualize"]
+CONFIG_TOOLS = ["train_net", "demo", "export_model", "analyze_model", "convert_pretrained_to_d2", "visualize",
+                "run_synthetic", "benchmark"]
 
 
 @pytest.mark.parametrize("tool", CONFIG_TOOLS)

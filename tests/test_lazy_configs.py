@@ -136,7 +136,8 @@ def _train_net(args):
 
 def test_lazy_synthetic_run_matches_its_yaml_twin(tiny_synthetic, tmp_path):
     """tools/train_net.py trains and evaluates the AA LazyConfig: the same seed gives the YAML twin's run
-    (losses, AP); --eval-only of its weights gives its AP; another config's folder is refused."""
+    (losses, AP); --eval-only of its weights gives its AP; another config's folder is refused, also to
+    --resume and --eval-only."""
     lazy_out, yaml_out = tmp_path / "lazy", tmp_path / "yaml"
     # the YAML twin sizes the relative tables from INPUT.MAX_SIZE_TRAIN, the LazyConfig says it
     _train_net(_lazy_args(SYNTHETIC_AA, tiny_synthetic, lazy_out, "model.backbone.bottom_up.max_input_size=128"))
@@ -156,5 +157,6 @@ def test_lazy_synthetic_run_matches_its_yaml_twin(tiny_synthetic, tmp_path):
     assert again["bbox"]["AP"] == pytest.approx(final[0]["bbox/AP"], abs=1e-6)
 
     baseline = os.path.join(CONFIG_DIR, "lazy", "retinanet_R_18_FPN_synthetic.py")
-    with pytest.raises(ConfigError, match="train.output_dir .* holds the run of another config"):
-        main(_lazy_args(baseline, tiny_synthetic, lazy_out))
+    for flags in ([], ["--resume"], ["--eval-only"]):
+        with pytest.raises(ConfigError, match="train.output_dir .* holds the run of another config"):
+            main(_lazy_args(baseline, tiny_synthetic, lazy_out, flags=flags))

@@ -1,6 +1,7 @@
 """Pretraining AA-ResNet classifiers (timm) and converting them to detectron2 weights."""
 import json
 import os
+import re
 
 import pytest
 
@@ -14,7 +15,7 @@ import aa_detection.classification  # noqa: E402,F401
 from aa_detection.checkpoint import AACheckpointer  # noqa: E402
 from aa_detection.config import setup_cfg  # noqa: E402
 from aa_detection.data.classification import ensure_shapes_classification_set  # noqa: E402
-from aa_detection.errors import ConfigError, WeightsError  # noqa: E402
+from aa_detection.errors import ConfigError, DatasetError, WeightsError  # noqa: E402
 from aa_detection.layers import AAConv2d  # noqa: E402
 from aa_detection.pretrain import build_argument_parser, pretrain  # noqa: E402
 from aa_detection.pretrained import check_weights_format, convert_pretrained  # noqa: E402
@@ -127,6 +128,12 @@ def test_converted_classifier_is_the_detection_backbone(pretrained_run, tmp_path
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_a_data_folder_without_its_splits_is_named(tmp_path):
+    (tmp_path / "train" / "square").mkdir(parents=True)
+    with pytest.raises(DatasetError, match=re.escape(f"--data {tmp_path}: no val/ folder")):
+        pretrain(_args(str(tmp_path), str(tmp_path / "out")))
+
+
 def test_other_architecture_or_format_is_refused(pretrained_run, tmp_path):
     output, _ = pretrained_run
     src = os.path.join(output, "last.pth")
@@ -144,6 +151,13 @@ def test_other_architecture_or_format_is_refused(pretrained_run, tmp_path):
     with pytest.raises(ConfigError, match=r"depth: weights ResNet-50, model ResNet-18"):
         check_weights_format(setup_cfg(AA_CONFIG, ["DATASETS.TRAIN", "()", "DATASETS.TEST", "()"]), dst)
     check_weights_format(setup_cfg(AA_CONFIG, TINY_CFG + ["INPUT.MAX_SIZE_TEST", "512"]), dst)  # tables resize
+
+    sidecar = tmp_path / "ok.json"
+    sidecar.write_text('{"pixel_mean": [1, 2')  # torn
+    with pytest.raises(WeightsError, match=re.escape(f"{sidecar}: the metadata beside {dst} cannot be read")):
+        check_weights_format(bgr, dst)
+    sidecar.write_text('{"iteration": 3}')  # a .json of something else: nothing to check against
+    check_weights_format(bgr, dst)
 
 
 def test_torchvision_resnet_converts_to_the_same_features(tmp_path):

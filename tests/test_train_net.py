@@ -7,7 +7,9 @@ import pytest
 pytest.importorskip("detectron2", reason="detectron2 is not installed; see README.md, Install")
 
 import torch  # noqa: E402
+from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.engine import DefaultTrainer, HookBase, create_ddp_model, launch  # noqa: E402
+from detectron2.structures import Boxes, BoxMode, Instances  # noqa: E402
 
 from aa_detection.checkpoint import AACheckpointer  # noqa: E402
 from aa_detection.engine.compare import read_metrics  # noqa: E402
@@ -54,6 +56,41 @@ def test_training_lowers_loss_and_evaluates(trained):
     assert res["iteration"] == 40 and res["params"] > 1e6 and res["gflops"] > 0
     assert res["seconds_per_image"] > 0 and 0 < res["train_seconds"] <= res["train_wall_seconds"]
     assert os.path.isfile(os.path.join(trained, "model_final.pth"))
+
+
+def test_training_without_a_test_dataset_writes_its_results(tiny_synthetic, tmp_path):
+    main(_args(tiny_synthetic, tmp_path, "DATASETS.TEST", "()", max_iter=2))
+    res = _results(tmp_path)
+    assert res["iteration"] == 2 and res["results"] == {} and res["datasets"]["test"] == []
+    assert res["params"] > 1e6 and res["gflops"] is None and res["seconds_per_image"] is None
+
+
+def test_the_evaluator_scores_boxes_by_their_overlap_with_the_ground_truth(tiny_synthetic, tmp_path):
+    """pycocotools through the trainer's evaluator on hand-made predictions: the ground truth itself is
+    AP 100, with the classes swapped AP 0, shifted right by a fifth of its width (IoU 0.8 / 1.2 = 0.67)
+    AP50 100, AP75 0 and AP 40 (4 of the 10 IoU thresholds 0.50:0.95 met)."""
+    cfg = setup(_args(tiny_synthetic, tmp_path))
+    dataset = DatasetCatalog.get("synthetic_val")
+    num_classes = cfg.MODEL.RETINANET.NUM_CLASSES
+
+    def evaluate(shift=0.0, class_offset=0):
+        evaluator = Trainer.build_evaluator(cfg, "synthetic_val", str(tmp_path / "eval"))
+        evaluator.reset()
+        for record in dataset:
+            boxes = torch.tensor([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
+                                  for a in record["annotations"]], dtype=torch.float32)
+            boxes[:, [0, 2]] += shift * (boxes[:, 2:3] - boxes[:, 0:1])
+            instances = Instances((record["height"], record["width"]), pred_boxes=Boxes(boxes),
+                                  scores=torch.linspace(1.0, 0.5, len(boxes)),
+                                  pred_classes=torch.tensor([(a["category_id"] + class_offset) % num_classes
+                                                             for a in record["annotations"]]))
+            evaluator.process([{"image_id": record["image_id"]}], [{"instances": instances}])
+        return evaluator.evaluate()["bbox"]
+
+    assert evaluate()["AP"] == pytest.approx(100.0)
+    assert evaluate(class_offset=1)["AP"] == pytest.approx(0.0)
+    shifted = evaluate(shift=0.2)
+    assert (shifted["AP50"], shifted["AP75"], shifted["AP"]) == pytest.approx((100.0, 0.0, 40.0))
 
 
 def test_eval_only_reproduces_metrics(trained, tiny_synthetic, tmp_path):

@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 
+from aa_detection.config import add_trust_config_argument, setup_cfg
 from aa_detection.errors import exit_on_user_error
 from aa_detection.pretrained import convert_pretrained
 
@@ -21,8 +22,7 @@ def main(argv=None):
     parser.add_argument("src", help="classifier checkpoint, torchvision or timm ResNet weights")
     parser.add_argument("dst", help="detectron2 weights to write (.pth)")
     parser.add_argument("--config-file", default=None, help="the detection config the weights are for")
-    parser.add_argument("--trust-config", action="append", default=[], metavar="FILE",
-                        help="with --config-file: as tools/train_net.py's --trust-config")
+    add_trust_config_argument(parser)
     parser.add_argument("--max-input-size", type=int, default=1344,
                         help="longest padded image side the relative tables cover, without --config-file")
     parser.add_argument("--weights", choices=("auto", "ema", "model"), default="auto",
@@ -32,8 +32,6 @@ def main(argv=None):
     with exit_on_user_error():
         cfg = None
         if args.config_file:
-            from aa_detection.config import setup_cfg
-
             cfg = setup_cfg(args.config_file, args.opts, trusted=args.trust_config)
         metadata = convert_pretrained(args.src, args.dst, cfg=cfg, max_input_size=args.max_input_size,
                                       weights=args.weights)

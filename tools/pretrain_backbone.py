@@ -9,6 +9,7 @@ See aa_detection/pretrain.py (recipe, files written) and README.md, "Pretraining
 """
 import sys
 
+from aa_detection.errors import exit_on_user_error
 from aa_detection.pretrain import build_argument_parser, pretrain
 
 
@@ -17,4 +18,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with exit_on_user_error():  # e.g. a --data folder without train/ and val/: its message and exit status 2
+        sys.exit(main())

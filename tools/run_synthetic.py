@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 
+from aa_detection.config import add_trust_config_argument
 from aa_detection.engine.compare import format_table, load_run, plot_runs
 from aa_detection.engine.runs import train_seeds
 from aa_detection.errors import exit_on_user_error
@@ -23,13 +24,15 @@ CONFIGS = [os.path.join(CONFIG_DIR, f"retinanet_{m}_FPN_synthetic.yaml") for m i
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=CONFIGS, help="config files to train")
+    add_trust_config_argument(p)
     p.add_argument("--seeds", type=int, default=1, help="runs per config, with SEED 1..N")
     p.add_argument("--output", default="output/synthetic", help="parent of the runs' output folders")
     p.add_argument("--plot", default=None, help="plot path (default: OUTPUT/loss_ap.png)")
     p.add_argument("--eval-only", action="store_true", help="only compare existing runs")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every run")
     args = p.parse_args(argv)
-    runs, failed = train_seeds(args.configs, range(1, args.seeds + 1), args.output, args.opts, not args.eval_only)
+    runs, failed = train_seeds(args.configs, range(1, args.seeds + 1), args.output, args.opts, not args.eval_only,
+                               args.trust_config)
     runs = [load_run(run) for run in runs]
     if runs:
         print("\n" + format_table(runs))

@@ -405,30 +405,42 @@ def sweep(args: argparse.Namespace, device: torch.device) -> Dict:
 
 
 def main(args: argparse.Namespace) -> Dict:
-    """Runs the benchmark of the parsed flags, prints its tables and writes --json; returns the results."""
+    """Runs the benchmark of the parsed flags, prints its tables and writes --json; returns the results.
+    `args` is left as it is; the thread count is restored afterwards."""
     device = resolve_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     for flag, given, known in (("--sizes", sizes, SIZES), ("--paths", args.paths.split(","), PATHS)):
         if set(given) - set(known):
             raise ConfigError(f"{flag}: unknown {sorted(set(given) - set(known))}; choose from {', '.join(known)}")
-    if args.kernel_isas:
-        isas = kernel.kernel_isas()
-        args.kernel_isas = isas if args.kernel_isas == "all" else args.kernel_isas.split(",")
-        if set(args.kernel_isas) - set(isas):
-            raise ConfigError(f"--kernel-isas: {sorted(set(args.kernel_isas) - set(isas))} do not run here; "
-                              f"this CPU runs {', '.join(isas) or 'no kernel (aa_detection._C is not built)'}")
-    warm_up(device, args.amp)
-    if args.sweep:
-        results = sweep(args, device)
-    else:
-        results = run(args, device, sizes)
-        print(render(results))
+    args = argparse.Namespace(**{**vars(args), "kernel_isas": _kernel_isas_flag(args.kernel_isas)})
+    threads = torch.get_num_threads()
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        warm_up(device, args.amp)
+        if args.sweep:
+            results = sweep(args, device)
+        else:
+            results = run(args, device, sizes)
+            print(render(results))
+    finally:
+        torch.set_num_threads(threads)
     if args.json:
         with atomic_write(args.json, "w") as f:
             json.dump(results, f, indent=1)
     return results
+
+
+def _kernel_isas_flag(value: Optional[str]) -> Optional[List[str]]:
+    """--kernel-isas as a list of instruction sets ("all": every one this CPU runs); None when not given."""
+    if not value:
+        return None
+    isas = kernel.kernel_isas()
+    asked = isas if value == "all" else value.split(",")
+    if set(asked) - set(isas):
+        raise ConfigError(f"--kernel-isas: {sorted(set(asked) - set(isas))} do not run here; "
+                          f"this CPU runs {', '.join(isas) or 'no kernel (aa_detection._C is not built)'}")
+    return asked
 
 
 def run(args: argparse.Namespace, device: torch.device, sizes: Sequence[str]) -> Dict:

@@ -1,5 +1,5 @@
-"""What every benchmark shares: the device check, the timing loop, the table formatter, the environment
-and the sentence comparing two timed figures with their spread."""
+"""What every benchmark shares: the device check, the timing loop, the environment and the sentence
+comparing two timed figures with their spread."""
 import contextlib
 import datetime
 import math

@@ -21,7 +21,7 @@ from detectron2.config import CfgNode
 import torch
 
 from ..analysis import count_parameters, flop_count
-from ..config import setup_cfg
+from ..config import add_trust_config_argument, setup_cfg
 from ..safe_io import atomic_write
 from ..utils.table import format_table
 from .common import AMP_DTYPES, GiB, autocast, environment, resolve_device, run_in_turns
@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The flags of tools/benchmark.py."""
     p = parser
     p.add_argument("--config-files", nargs=2, default=CONFIGS, metavar=("BASELINE", "AA"))
+    add_trust_config_argument(p)
     p.add_argument("--size", nargs=2, type=int, default=[800, 1333], metavar=("H", "W"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=sorted(AMP_DTYPES),
@@ -51,10 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def build(config_file: str, opts: Sequence[str], device: torch.device) -> Tuple[CfgNode, torch.nn.Module]:
+def build(config_file: str, opts: Sequence[str], device: torch.device,
+          trusted: Sequence[str] = ()) -> Tuple[CfgNode, torch.nn.Module]:
     from detectron2.modeling import build_model
 
-    cfg = setup_cfg(config_file, [*opts, "MODEL.WEIGHTS", "", "MODEL.DEVICE", str(device)])
+    cfg = setup_cfg(config_file, [*opts, "MODEL.WEIGHTS", "", "MODEL.DEVICE", str(device)], trusted=trusted)
     torch.manual_seed(0)
     return cfg, build_model(cfg)
 
@@ -117,7 +119,7 @@ def extra_time_by_op(profile: Dict[str, Dict[str, float]], rows: int = 12) -> Li
 def run(args: argparse.Namespace) -> Dict:
     """The figures of both models (see the module docstring) as a JSON-ready dict."""
     device = resolve_device(args.device)
-    built = {name: build(path, args.opts, device) for name, path in zip(NAMES, args.config_files)}
+    built = {name: build(path, args.opts, device, args.trust_config) for name, path in zip(NAMES, args.config_files)}
     models = {name: model for name, (_, model) in built.items()}
     num_classes = built["baseline"][0].MODEL.RETINANET.NUM_CLASSES
     infer_inputs = [{k: v for k, v in x.items() if k != "instances"} for x in random_batch(args.size, 1, device, 1)]
@@ -144,7 +146,7 @@ def run(args: argparse.Namespace) -> Dict:
     if not args.no_stages:
         stages = {}
         for stage in built["aa"][0].MODEL.AA.STAGES:
-            _, model = build(args.config_files[1], [*args.opts, "MODEL.AA.STAGES", [stage]], device)
+            _, model = build(args.config_files[1], [*args.opts, "MODEL.AA.STAGES", [stage]], device, args.trust_config)
             pair = {"baseline": models["baseline"], stage: model}
             runs = run_in_turns({n: (lambda m=m: inference_step(m, infer_inputs, device, args.amp))
                                  for n, m in pair.items()}, device, args.repeats, warmup=1)

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 from ..safe_io import atomic_write
 from . import attention, model
 from ..utils.table import format_table
-from .common import compare_times, fmt_bytes, resolve_device
+from .common import AMP_DTYPES, compare_times, fmt_bytes, resolve_device
 
 __all__ = ["VARIANTS", "add_arguments", "attention_targets", "main", "model_targets", "profile_summary", "render"]
 
@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--out", default="BENCHMARKS.md")
     p.add_argument("--size", nargs=2, type=int, default=[800, 1333], metavar=("H", "W"))
     p.add_argument("--device", default="cpu", help="device of the runs (cpu or cuda)")
-    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=("bf16", "fp16"),
+    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=sorted(AMP_DTYPES),
                    help="run under torch.autocast to this dtype (bf16 when given alone)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per model and per attention path")
     p.add_argument("--attention-paths", default=None,

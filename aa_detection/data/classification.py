@@ -19,7 +19,7 @@ import tempfile
 
 import cv2
 
-from .synthetic import CLASSES, generate_split, is_generated
+from .synthetic import CLASSES, generate_split, is_generated, move_into_place
 
 __all__ = ["ensure_shapes_classification_set"]
 
@@ -69,9 +69,7 @@ def ensure_shapes_classification_set(root: str, num_train_images: int = 800, num
             shutil.rmtree(detection)
         with open(os.path.join(tmp, "DONE"), "w") as f:
             json.dump({"classes": list(CLASSES), "crops": counts, **arguments}, f)
-        if os.path.isdir(root):  # a stale incomplete folder is in the way
-            shutil.rmtree(root)
-        os.rename(tmp, root)
+        move_into_place(tmp, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import DatasetError
 
-__all__ = ["CLASSES", "generate_split", "ensure_synthetic_dataset", "split_paths", "is_generated"]
+__all__ = ["CLASSES", "generate_split", "ensure_synthetic_dataset", "split_paths", "is_generated", "move_into_place"]
 
 CLASSES = ("rectangle", "ellipse", "triangle", "cross", "ring")
 _VERSION = 1  # bump when the generator's output changes
@@ -172,6 +172,17 @@ def split_paths(root: str, split: str) -> Tuple[str, str]:
     return os.path.join(root, f"{split}.json"), os.path.join(root, split)
 
 
+def move_into_place(tmp: str, root: str) -> None:
+    """Rename the finished folder `tmp` (DONE stamp written) to `root`. A `root` that another process
+    finished meanwhile is kept; a stale incomplete one (no DONE stamp) is replaced."""
+    try:
+        os.rename(tmp, root)
+    except OSError:
+        if not os.path.isfile(os.path.join(root, "DONE")):
+            shutil.rmtree(root, ignore_errors=True)
+            os.rename(tmp, root)
+
+
 def is_generated(root: str, arguments: dict) -> bool:
     """Whether `root` holds a finished generated set (its DONE stamp), made with `arguments` (the stamp's
     entries; those set to None are not compared). DatasetError naming the entries when it was made with
@@ -198,7 +209,6 @@ def ensure_synthetic_dataset(root: str, num_train: int = 800, num_val: int = 200
     interrupted runs never see a partial dataset. Returns `root`.
     """
     root = os.path.abspath(root)
-    stamp = os.path.join(root, "DONE")
     arguments = {"version": _VERSION, "seed": seed, "num_train": num_train, "num_val": num_val,
                  "image_size": list(image_size) if image_size else None}
     if is_generated(root, arguments):
@@ -213,12 +223,7 @@ def ensure_synthetic_dataset(root: str, num_train: int = 800, num_val: int = 200
         generate_split(tmp, "val", num_val, seed=seed, image_size=image_size)
         with open(os.path.join(tmp, "DONE"), "w") as f:
             json.dump(arguments, f)
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            if not os.path.isfile(stamp):  # a stale incomplete folder is in the way
-                shutil.rmtree(root, ignore_errors=True)
-                os.rename(tmp, root)
+        move_into_place(tmp, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root

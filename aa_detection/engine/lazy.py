@@ -116,12 +116,12 @@ def check_output_dir(cfg: DictConfig) -> None:
 
 def setup(args: argparse.Namespace) -> DictConfig:
     """The LazyConfig of a run: loaded with its overrides, datasets prepared, detectron2's `default_setup`
-    (logging, config.yaml, seed) done."""
+    (logging, config.yaml, seed) done. A run never starts in the output_dir of another config's run
+    (`check_output_dir`)."""
     cfg = load_lazy_config(args.config_file, args.opts)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="aa_detection", abbrev_name="aa")
     prepare_lazy_datasets(cfg, args.dataset)
-    if not args.eval_only and not args.resume:
-        check_output_dir(cfg)
+    check_output_dir(cfg)
     default_setup(cfg, args)
     return cfg
 

@@ -36,6 +36,7 @@ from ..errors import ConfigError, launch_reporting_user_errors
 from ..safe_io import atomic_write
 from ..solver import adamw
 from . import lazy
+from .compare import RESULTS_FILE
 from .distributed import ddp_model
 from .lazy import is_lazy_config
 from .resilience import MetricsWriter, check_run_identity
@@ -44,8 +45,6 @@ __all__ = ["Trainer", "argument_parser", "setup", "main", "launch_main", "RESULT
            "model_complexity", "inference_seconds_per_image"]
 
 logger = logging.getLogger("aa_detection")
-
-RESULTS_FILE = "eval_results.json"
 
 
 class Trainer(DefaultTrainer):
@@ -130,6 +129,7 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
+        """detectron2's SGD, or AdamW (SOLVER.OPTIMIZER)."""
         if cfg.SOLVER.OPTIMIZER.upper() == "SGD":
             return super().build_optimizer(cfg, model)
         if cfg.SOLVER.OPTIMIZER.upper() != "ADAMW":
@@ -199,7 +199,11 @@ def save_results(cfg: CfgNode, model: torch.nn.Module, results: Optional[Dict], 
     results = dict(results or {})
     if len(cfg.DATASETS.TEST) == 1 and cfg.DATASETS.TEST[0] not in results:
         results = {cfg.DATASETS.TEST[0]: results}  # DefaultTrainer.test unwraps a single dataset
-    params, gflops = model_complexity(cfg, model)
+    if cfg.DATASETS.TEST:
+        params, gflops = model_complexity(cfg, model)
+        seconds_per_image = inference_seconds_per_image(cfg, model)
+    else:  # no test images to measure on
+        params, gflops, seconds_per_image = count_parameters(model)["total"], None, None
     data = {
         "config_file": config_file,
         "backbone": cfg.MODEL.BACKBONE.NAME,
@@ -208,7 +212,7 @@ def save_results(cfg: CfgNode, model: torch.nn.Module, results: Optional[Dict], 
         "results": {k: {t: dict(m) for t, m in v.items()} for k, v in results.items()},
         "params": params,
         "gflops": gflops,
-        "seconds_per_image": inference_seconds_per_image(cfg, model),
+        "seconds_per_image": seconds_per_image,
         "train_seconds": train_seconds,  # training wall time without the periodic evaluations
         "train_wall_seconds": wall_seconds,  # with them
     }

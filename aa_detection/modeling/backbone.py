@@ -4,7 +4,7 @@ Parameter names stay detectron2's (`stem`, `res2`..`res5`, `resX.Y.conv2.weight`
 so ImageNet ResNet weights load by name; see `aa_detection.checkpoint.AACheckpointer` for the conv branch.
 """
 import math
-from typing import Optional, Sequence, Set
+from typing import Optional, Sequence
 
 from detectron2.config import CfgNode
 from detectron2.layers import ShapeSpec, get_norm
@@ -98,8 +98,8 @@ def max_input_size(cfg: CfgNode, size_divisibility: int = 1) -> int:
     return -(-longest // divisibility) * divisibility
 
 
-def check_aa_stages(cfg: CfgNode) -> Set[str]:
-    """The set of MODEL.AA.STAGES; ValueError naming the key and the allowed values if one is unknown."""
+def check_aa_stages(cfg: CfgNode) -> None:
+    """ValueError naming the key and the allowed values when MODEL.AA.STAGES or MODEL.RESNETS.DEPTH is unknown."""
     stages = list(cfg.MODEL.AA.STAGES)
     bad = [s for s in stages if s not in STAGE_NAMES]
     if bad:
@@ -107,7 +107,6 @@ def check_aa_stages(cfg: CfgNode) -> Set[str]:
     depth = cfg.MODEL.RESNETS.DEPTH
     if depth not in RESNET_BLOCKS:
         raise ValueError(f"MODEL.RESNETS.DEPTH={depth}: allowed values are {sorted(RESNET_BLOCKS)}")
-    return set(stages)
 
 
 def aa_resnet(
