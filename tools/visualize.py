@@ -3,7 +3,7 @@
 
     python tools/visualize.py predict --config-file CFG --weights W --input img.jpg folder/ --output OUT
     python tools/visualize.py predict --config-file CFG --weights W --dataset synthetic_val --output OUT
-    python tools/visualize.py results --results OUT/inference/coco_instances_results.json \
+    python tools/visualize.py results --results OUT/inference/synthetic_val/coco_instances_results.json \
         --dataset synthetic_val --config-file CFG --output OUT
     python tools/visualize.py attention --config-file CFG --weights W --input img.jpg --query 80 60 --output OUT
     python tools/visualize.py compare --config-file BASE_CFG AA_CFG --weights BASE_W AA_W --input img.jpg --output OUT
