@@ -7,7 +7,8 @@ whose peak starts at the parent's current size (the child runs on one thread). B
 measurement is only as good as freed memory goes back to the system: glibc serves allocations from
 its heap below a threshold that grows as large blocks are freed; `measure_peak_memory` pins that
 threshold at 128 KiB (mallopt) so that tensor buffers are mapped and unmapped one by one, and gives the
-heap's free memory back (malloc_trim) before each measurement.
+heap's free memory back (malloc_trim) when it pins and before each of its measurements (`PeakMemory`,
+which brackets timed calls, only when it pins).
 
 `PeakMemory` measures in the process itself (CUDA, or a CPU where clear_refs can be written) around a
 block, so the block may also be timed; `measure_peak_memory` falls back to the forked child.
@@ -26,11 +27,14 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _malloc_pinned = False
 
 
-def _pin_malloc_thresholds():
-    """Make glibc map every block above 128 KiB on its own and return it on free (pinned once per process),
-    and give back the free heap memory of earlier allocations (every call), which would otherwise serve a
-    measured allocation without new pages."""
+def _pin_malloc_thresholds(trim: bool = False):
+    """Make glibc map every block above 128 KiB on its own and return it on free (once per process), and
+    give back the free heap memory of earlier allocations, which would otherwise serve a measured
+    allocation without new pages: when pinning, and on every call with `trim` (malloc_trim walks the
+    heap, so timed calls do not ask for it)."""
     global _malloc_pinned
+    if _malloc_pinned and not trim:
+        return
     try:
         libc = ctypes.CDLL("libc.so.6")
         if not _malloc_pinned:
@@ -142,8 +146,9 @@ def measure_peak_memory(fn: Callable[[], Any], device: Union[str, torch.device] 
     whatever it allocates and does not keep counts only while it runs. The CPU figure covers every
     allocation of the process, including other threads'.
     """
+    if torch.device(device).type == "cpu":
+        _pin_malloc_thresholds(trim=True)
     if not PeakMemory.supported(device):
-        _pin_malloc_thresholds()
         return _cpu_peak_in_child(fn)
     with PeakMemory(device) as peak:
         fn()
