@@ -225,3 +225,7 @@ def test_kernel_width_limit_matches_the_compiled_kernel():
     assert relative_attention_2d(*widest, impl="kernel").shape == (1, 1, 2, 3, 2)
     with pytest.raises(RuntimeError, match="head widths"):
         relative_attention_2d(*random_inputs(1, 1, 2, 3, KERNEL_MAX_HEAD_WIDTH + 1, 2), impl="kernel")
+    wide = KERNEL_MAX_HEAD_WIDTH + 1  # the compiled operator's own check, past the Python one
+    with pytest.raises(RuntimeError, match=rf"head widths must lie in \[1, {KERNEL_MAX_HEAD_WIDTH}\]"):
+        torch.ops.aa_detection.attention_forward(torch.randn(1, 3 * wide, 2, 3), torch.randn(3, wide),
+                                                 torch.randn(5, wide), 1, wide, wide, wide ** -0.5)

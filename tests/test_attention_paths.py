@@ -15,6 +15,15 @@ from test_relative_attention import brute_force, random_inputs
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # choose_impl reads the device type only
 
 
+@pytest.fixture
+def attention_log(caplog):
+    """caplog receiving the attention module's records also after detectron2's setup_logger stopped the
+    "aa_detection" logger from propagating (a training earlier in the session)."""
+    ra.logger.addHandler(caplog.handler)
+    yield caplog
+    ra.logger.removeHandler(caplog.handler)
+
+
 @pytest.mark.skipif(not ra.kernel_available(), reason="aa_detection._C is not built")
 def test_auto_on_the_cpu_takes_the_kernel_only_within_its_limits():
     widest = ra.KERNEL_MAX_HEAD_WIDTH
@@ -79,7 +88,7 @@ def test_fused_path_never_falls_back_to_dense_attention():
         ra._memory_lean_sdpa(q, q, torch.randn(1, 2, 300, 8), 0.25, "res3.0.conv2")
 
 
-def test_flex_off_cuda_refuses_large_maps_and_training_and_auto_falls_back_to_fused(monkeypatch, caplog):
+def test_flex_off_cuda_refuses_large_maps_and_training_and_auto_falls_back_to_fused(monkeypatch, attention_log):
     inputs = random_inputs(1, 2, 17, 17, 3, 2)
     with pytest.raises(ra.AttentionBackendError, match="res4.1.conv2.*17x17"):
         relative_attention_2d(*inputs, impl="flex", layer="res4.1.conv2")
@@ -90,7 +99,7 @@ def test_flex_off_cuda_refuses_large_maps_and_training_and_auto_falls_back_to_fu
             relative_attention_2d(*small, impl="flex")
     monkeypatch.setattr(ra, "_FLEX_FAILED", False)
     out = ra._attend("flex", *inputs, layer="res4.1.conv2", auto=True)  # as auto would on a failing GPU
-    assert ra._FLEX_FAILED and "FlexAttention failed" in caplog.text
+    assert ra._FLEX_FAILED and "FlexAttention failed" in attention_log.text
     ref = relative_attention_2d(*inputs, impl="naive")
     assert (out - ref).abs().max() < 1e-5
 
@@ -136,7 +145,7 @@ def _eager_flex_times(factor):
     return call
 
 
-def test_flex_checks_each_new_signature_once_and_auto_answers_a_wrong_output_with_fused(monkeypatch, caplog):
+def test_flex_checks_each_new_signature_once_and_auto_answers_a_wrong_output_with_fused(monkeypatch, attention_log):
     inputs = random_inputs(1, 2, 5, 7, 3, 2)
     ref = relative_attention_2d(*inputs, impl="naive")
     monkeypatch.setattr(ra, "_FLEX_CHECKED", set())
@@ -148,7 +157,7 @@ def test_flex_checks_each_new_signature_once_and_auto_answers_a_wrong_output_wit
     monkeypatch.setattr(ra, "_flex", functools.partial(ra._flex, compiled=True))  # as on CUDA
     with torch.no_grad():
         out = ra._attend("flex", *inputs, layer="res3.1.conv2", auto=True)
-    assert ra._FLEX_FAILED and "res3.1.conv2: FlexAttention failed (AttentionBackendError" in caplog.text
+    assert ra._FLEX_FAILED and "res3.1.conv2: FlexAttention failed (AttentionBackendError" in attention_log.text
     assert (out - ref).abs().max() < 1e-5  # the fused path's answer
     monkeypatch.setattr(ra, "_compiled_flex", _eager_flex_times(1.0))
     assert (_compiled_flex(inputs) - ref).abs().max() < 1e-5 and len(ra._FLEX_CHECKED) == 1
@@ -158,15 +167,20 @@ def test_flex_checks_each_new_signature_once_and_auto_answers_a_wrong_output_wit
         _compiled_flex(random_inputs(1, 2, 6, 7, 3, 2))
 
 
-def test_auto_raises_running_out_of_gpu_memory_instead_of_trying_fused(monkeypatch):
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_auto_raises_running_out_of_gpu_memory_instead_of_trying_fused(monkeypatch, wrapped):
+    """Also when torch.compile wraps it (its cause), as an out-of-memory error while autotuning comes."""
     def out_of_memory(*args, **kwargs):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        error = torch.cuda.OutOfMemoryError("CUDA out of memory")
+        if not wrapped:
+            raise error
+        raise RuntimeError("backend compiler failed") from error
 
     monkeypatch.setattr(ra, "_FLEX_FAILED", False)
     monkeypatch.setattr(ra, "_flex", out_of_memory)
-    with pytest.raises(torch.cuda.OutOfMemoryError):
+    with pytest.raises(RuntimeError) as raised:
         ra._attend("flex", *random_inputs(1, 2, 5, 7, 3, 2), layer="res3.0.conv2", auto=True)
-    assert not ra._FLEX_FAILED
+    assert ra._out_of_memory(raised.value) and not ra._FLEX_FAILED
 
 
 def test_flex_row_check_catches_a_wrong_map_width():

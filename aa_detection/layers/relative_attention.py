@@ -370,6 +370,15 @@ def relative_attention_qkv(qkv: torch.Tensor, num_heads: int, dk: int, dv: int, 
 _IMPLEMENTATIONS = {"naive": _naive, "fused": _fused, "kernel": _kernel, "flex": _flex}
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether `e` is a CUDA out-of-memory error, also one wrapped by torch.compile (its cause)."""
+    while e is not None:
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            return True
+        e = e.__cause__
+    return False
+
+
 def _attend(impl, q, k, v, rel_h, rel_w, layer, auto=False):
     """(B, Nh, H, W, dvh) through path `impl`. Chosen by "auto", a FlexAttention failure (a compile error, a
     refused output) is logged once and the fused path used from then on; running out of GPU memory is
@@ -381,9 +390,9 @@ def _attend(impl, q, k, v, rel_h, rel_w, layer, auto=False):
     elif impl == "flex" and auto:
         try:
             out = _flex(q, k, v, rel_h, rel_w, scale, layer)
-        except torch.cuda.OutOfMemoryError:  # the fused path needs more memory, not less
-            raise
         except Exception as e:  # a torch.compile / Triton failure or a refused output: the exact fused path
+            if _out_of_memory(e):  # the fused path needs more memory, not less
+                raise
             _FLEX_FAILED = True
             logger.warning("%s: FlexAttention failed (%s: %s); using the fused path from now on",
                            layer, type(e).__name__, e)

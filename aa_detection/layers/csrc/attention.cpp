@@ -74,7 +74,7 @@ void set_kernel_isa(const std::string& name) {
   TORCH_CHECK_VALUE(false, "kernel instruction set '", name, "' does not run on this CPU; it runs ", names);
 }
 
-// The fewest queries of a parallel task (caps the number of splits of a slice, query_splits).
+// A slice of HW queries is split into at most ceil(HW / kQueriesPerTask) parallel tasks (query_splits).
 constexpr int64_t kQueriesPerTask = 64;
 
 // Runs fn(task, work) for task in [0, tasks) on the intra-op threads, each thread taking the next
