@@ -28,7 +28,7 @@ from detectron2.utils.file_io import PathManager
 import torch
 
 from .checkpoint import AACheckpointer
-from .safe_io import atomic_path, atomic_write
+from .safe_io import AtomicWritePathManager, atomic_path, atomic_write
 
 __all__ = ["FORMATS", "export_backbone", "export_model", "export_onnx", "export_torchscript", "load_backbone",
            "load_onnx", "load_torchscript", "output_path", "predict", "sample_image"]
@@ -58,9 +58,10 @@ def export_torchscript(model: torch.nn.Module, image: torch.Tensor, path: str) -
         traced = torch.jit.trace(adapter, (image,))
     # the flattened Instances: one tensor per field (sorted by name), then the image size
     outputs = list(adapter.outputs_schema.keys) + ["image_size"]
-    with atomic_write(path + ".json", "w") as f:  # first: a model file is never without its output names
+    files = AtomicWritePathManager(PathManager)  # local files atomically, others (s3://...) by their handler
+    with files.open(path + ".json", "w") as f:  # first: a model file is never without its output names
         json.dump({"input": "image (3, H, W), pixel values in the config's INPUT.FORMAT", "outputs": outputs}, f)
-    with atomic_write(path) as f:
+    with files.open(path, "wb") as f:
         torch.jit.save(traced, f)
     return path
 

@@ -143,7 +143,10 @@ def _unwrap(model):
 def _datasets(root: str):
     from timm.data import create_dataset
 
-    missing = [split for split in ("train", "val") if not os.path.isdir(os.path.join(root, split))]
+    # timm's names of the split folders; without one it would read `root` itself as the split
+    names = {"train": ("train", "training"), "val": ("val", "valid", "validation", "eval", "evaluation")}
+    missing = [split for split, folders in names.items()
+               if not any(os.path.isdir(os.path.join(root, folder)) for folder in folders)]
     if missing:
         raise DatasetError(f"--data {root}: no {' or '.join(f'{split}/' for split in missing)} folder; expected "
                            "images in train/<class>/ and val/<class>/")

@@ -88,6 +88,8 @@ def atomic_path(path: str, suffix: str = ".tmp") -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        with open(tmp, "rb") as f:  # on disk before it takes the name
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # the permissions a plain open() would give, not mkstemp's 0600
         os.replace(tmp, path)
     except BaseException:
@@ -101,8 +103,6 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
     """`path` opened for writing through `atomic_path`: the file appears whole once the block succeeds."""
     with atomic_path(path) as tmp, open(tmp, mode) as f:
         yield f
-        f.flush()
-        os.fsync(f.fileno())
 
 
 class AtomicWritePathManager:

@@ -14,7 +14,7 @@ import re
 import statistics
 from typing import Dict, List, Optional, Sequence
 
-from ..safe_io import atomic_path, load_yaml_data
+from ..safe_io import atomic_write, load_yaml_data
 from ..utils.table import format_table as markdown_table
 
 __all__ = ["load_run", "group_runs", "format_table", "format_ablation", "plot_runs", "METRIC_KEYS"]
@@ -216,7 +216,7 @@ def plot_runs(runs: Sequence[dict], path: str) -> str:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    with atomic_path(path, suffix=os.path.splitext(path)[1]) as tmp:  # savefig reads the format from it
-        fig.savefig(tmp, dpi=100)
+    with atomic_write(path) as f:  # the format the name says, PNG without an extension
+        fig.savefig(f, dpi=100, format=os.path.splitext(path)[1][1:].lower() or "png")
     plt.close(fig)
     return path
