@@ -103,10 +103,9 @@ class Demo:
         frames = 0
         with atomic_path(output, suffix=".mp4") as tmp:  # a complete video, or none
             writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
-            if not writer.isOpened():
-                capture.release()
-                raise InputError(f"{output}: OpenCV cannot write an mp4v video here")
             try:
+                if not writer.isOpened():
+                    raise InputError(f"{output}: OpenCV cannot write an mp4v video here")
                 for frame in tqdm.tqdm(self.run_on_video(capture, max_frames), total=max_frames or total,
                                        desc="frames"):
                     writer.write(frame)

@@ -143,18 +143,17 @@ def _unwrap(model):
 def _datasets(root: str):
     from timm.data import create_dataset
 
-    # timm's names of the split folders; without one it would read `root` itself as the split
-    names = {"train": ("train", "training"), "val": ("val", "valid", "validation", "eval", "evaluation")}
-    missing = [split for split, folders in names.items()
-               if not any(os.path.isdir(os.path.join(root, folder)) for folder in folders)]
+    expected = "expected images in train/<class>/ and val/<class>/"
+    try:
+        train = create_dataset("", root=root, split="train", is_training=True)
+        val = create_dataset("", root=root, split="val", class_map=train.reader.class_to_idx)
+    except RuntimeError as e:  # timm finds no images
+        raise DatasetError(f"--data {root}: {e}; {expected}") from e
+    # timm reads `root` itself as a split it finds no folder for (by its own names: train/, val/, validation/...)
+    missing = [split for split, dataset in (("train", train), ("val", val))
+               if os.path.abspath(dataset.reader.root) == os.path.abspath(root)]
     if missing:
-        raise DatasetError(f"--data {root}: no {' or '.join(f'{split}/' for split in missing)} folder; expected "
-                           "images in train/<class>/ and val/<class>/")
-    train = create_dataset("", root=root, split="train", is_training=True)
-    val = create_dataset("", root=root, split="val", class_map=train.reader.class_to_idx)
-    if not len(train) or not len(val):
-        raise DatasetError(f"--data {root}: expected images in train/<class>/ and val/<class>/ (found {len(train)} "
-                           f"training and {len(val)} validation images)")
+        raise DatasetError(f"--data {root}: no {' or '.join(f'{split}/' for split in missing)} folder; {expected}")
     return train, val
 
 

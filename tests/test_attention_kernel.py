@@ -206,7 +206,7 @@ def test_kernel_isa_choice():
 
 
 def test_kernel_at_its_widest_heads_matches_naive(isa):
-    """Head widths of KERNEL_MAX_HEAD_WIDTH fill the kernel's per-query buffers: values and gradients exact."""
+    """Head widths of KERNEL_MAX_HEAD_WIDTH fill the kernel's per-query buffers: values and gradients as naive's."""
     from aa_detection.layers.kernel import KERNEL_MAX_HEAD_WIDTH
 
     inputs = [t.requires_grad_() for t in random_inputs(2, 2, 3, 5, KERNEL_MAX_HEAD_WIDTH, KERNEL_MAX_HEAD_WIDTH)]

@@ -78,7 +78,7 @@ def test_the_evaluator_scores_boxes_by_their_overlap_with_the_ground_truth(tiny_
         evaluator.reset()
         for record in dataset:
             boxes = torch.tensor([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
-                                  for a in record["annotations"]], dtype=torch.float32)
+                                  for a in record["annotations"]], dtype=torch.float32).reshape(-1, 4)
             boxes[:, [0, 2]] += shift * (boxes[:, 2:3] - boxes[:, 0:1])
             instances = Instances((record["height"], record["width"]), pred_boxes=Boxes(boxes),
                                   scores=torch.linspace(1.0, 0.5, len(boxes)),

@@ -14,6 +14,7 @@ which brackets timed calls, only when it pins).
 block, so the block may also be timed; `measure_peak_memory` falls back to the forked child.
 """
 import ctypes
+import functools
 import os
 import re
 import traceback
@@ -27,23 +28,34 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _malloc_pinned = False
 
 
-def _pin_malloc_thresholds(trim: bool = False):
-    """Make glibc map every block above 128 KiB on its own and return it on free (once per process), and
-    give back the free heap memory of earlier allocations, which would otherwise serve a measured
-    allocation without new pages: when pinning, and on every call with `trim` (malloc_trim walks the
-    heap, so timed calls do not ask for it)."""
-    global _malloc_pinned
-    if _malloc_pinned and not trim:
-        return
+@functools.lru_cache(maxsize=1)
+def _glibc():
+    """The C library when it is glibc (mallopt, malloc_trim), else None: memory is then measured as is."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        if not _malloc_pinned:
-            libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
-            libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: measure as is
-        pass
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def _give_back_free_heap():
+    """Return the heap's free memory to the system (malloc_trim), which would otherwise serve a measured
+    allocation without new pages. It walks the heap: not done before timed calls."""
+    if _glibc() is not None:
+        _glibc().malloc_trim(0)
+
+
+def _pin_malloc_thresholds():
+    """Make glibc map every block above 128 KiB on its own and return it on free (once per process),
+    giving back what the heap holds free from before."""
+    global _malloc_pinned
+    if _malloc_pinned:
+        return
     _malloc_pinned = True
+    if _glibc() is not None:
+        _glibc().mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+        _glibc().mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+        _give_back_free_heap()
 
 
 def _status_kib(field):
@@ -147,7 +159,8 @@ def measure_peak_memory(fn: Callable[[], Any], device: Union[str, torch.device] 
     allocation of the process, including other threads'.
     """
     if torch.device(device).type == "cpu":
-        _pin_malloc_thresholds(trim=True)
+        _pin_malloc_thresholds()
+        _give_back_free_heap()
     if not PeakMemory.supported(device):
         return _cpu_peak_in_child(fn)
     with PeakMemory(device) as peak:
