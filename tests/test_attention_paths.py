@@ -2,10 +2,13 @@
 mixed precision, on the CPU (the CUDA side of the same rules is in test_cuda.py)."""
 import functools
 import math
+import re
 import warnings
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch._inductor.exc import InductorError
 
 from aa_detection.layers import AAConv2d, relative_attention_2d
 from aa_detection.layers import relative_attention as ra
@@ -119,17 +122,19 @@ def _compiled_flex(inputs, layer="attention"):
 
 def test_compiled_flex_is_exact_or_refused_at_every_map_size():
     """The compiled FlexAttention never returns wrong values: each new input signature is checked against
-    the exact softmax, and a miscompile is an error naming the layer and the map (torch 2.14.1's CPU kernel
-    gives wrong values once it compiles with dynamic shapes; the first, static, size is served)."""
+    the exact softmax, and a miscompile or a failed compile is an error naming the layer and the map
+    (torch 2.14.1's CPU kernel fails to build, or gives wrong values, once it compiles with dynamic
+    shapes; the first, static, size is served)."""
     served = []
     for shape in COMPILED_FLEX_SHAPES:
+        B, Nh, H, W = shape[:4]
         inputs = random_inputs(*shape)
         ref = relative_attention_2d(*(t.double() for t in inputs), impl="naive")
         try:
             out = _compiled_flex(inputs, "res3.0.conv2")
         except ra.AttentionBackendError as e:
-            assert f"res3.0.conv2: the compiled FlexAttention output differs from the exact softmax on a " \
-                   f"{shape[2]}x{shape[3]} map" in str(e)
+            assert re.match(f"res3.0.conv2: (the compiled FlexAttention output differs from the exact softmax on "
+                            f"a {H}x{W} map|torch .* failed to compile FlexAttention for {H * W} pixels)", str(e))
             continue
         assert (out.double() - ref).abs().max() < 1e-5
         served.append(shape)
@@ -167,20 +172,44 @@ def test_flex_checks_each_new_signature_once_and_auto_answers_a_wrong_output_wit
         _compiled_flex(random_inputs(1, 2, 6, 7, 3, 2))
 
 
+def _compiled_flex_raising(error):
+    """A stand-in for torch.compile(flex_attention) that raises `error` as Inductor does: an InductorError
+    holding it as `inner_exception`, raised `from None`."""
+    def call(*args, **kwargs):
+        raise InductorError(error, None) from None
+    return lambda: call
+
+
 @pytest.mark.parametrize("wrapped", [False, True])
 def test_auto_raises_running_out_of_gpu_memory_instead_of_trying_fused(monkeypatch, wrapped):
-    """Also when torch.compile wraps it (its cause), as an out-of-memory error while autotuning comes."""
+    """Also when torch.compile wraps it, as an out-of-memory error while compiling (autotuning) comes."""
+    error = torch.cuda.OutOfMemoryError("CUDA out of memory")
+
     def out_of_memory(*args, **kwargs):
-        error = torch.cuda.OutOfMemoryError("CUDA out of memory")
-        if not wrapped:
-            raise error
-        raise RuntimeError("backend compiler failed") from error
+        raise error
 
     monkeypatch.setattr(ra, "_FLEX_FAILED", False)
-    monkeypatch.setattr(ra, "_flex", out_of_memory)
-    with pytest.raises(RuntimeError) as raised:
+    monkeypatch.setattr(ra, "_compiled_flex_attention", _compiled_flex_raising(error) if wrapped else lambda: out_of_memory)
+    monkeypatch.setattr(ra, "_flex", functools.partial(ra._flex, compiled=True))  # as on CUDA
+    with pytest.raises(RuntimeError) as raised, torch.no_grad():
         ra._attend("flex", *random_inputs(1, 2, 5, 7, 3, 2), layer="res3.0.conv2", auto=True)
-    assert ra._out_of_memory(raised.value) and not ra._FLEX_FAILED
+    assert ra._out_of_memory(raised.value) and not isinstance(raised.value, ra.AttentionBackendError)
+    assert not ra._FLEX_FAILED
+
+
+def test_a_failed_flex_compile_is_an_error_naming_the_layer_and_auto_answers_it_with_fused(monkeypatch, attention_log):
+    inputs = random_inputs(1, 2, 5, 7, 3, 2)
+    monkeypatch.setattr(ra, "_compiled_flex_attention", _compiled_flex_raising(ValueError("cannot lower score_mod")))
+    with pytest.raises(ra.AttentionBackendError, match=r"res4\.0\.conv2: torch .* failed to compile FlexAttention for "
+                       r"35 pixels with query/key width 16 and value width 16 \(torch.float32, cpu\): InductorError, "
+                       r"ValueError: cannot lower score_mod\. Use MODEL\.AA\.IMPL 'fused'"):
+        _compiled_flex(inputs, "res4.0.conv2")
+    monkeypatch.setattr(ra, "_FLEX_FAILED", False)
+    monkeypatch.setattr(ra, "_flex", functools.partial(ra._flex, compiled=True))  # as on CUDA
+    with torch.no_grad():
+        out = ra._attend("flex", *inputs, layer="res4.0.conv2", auto=True)
+    assert ra._FLEX_FAILED and "res4.0.conv2: FlexAttention failed (AttentionBackendError" in attention_log.text
+    assert (out - relative_attention_2d(*inputs, impl="naive")).abs().max() < 1e-5
 
 
 def test_flex_row_check_catches_a_wrong_map_width():
@@ -207,6 +236,53 @@ def test_compiled_flex_past_the_recompile_limit_is_an_error_not_dense_attention(
         _compiled_flex(random_inputs(1, 2, 5, 7, 3, 2))
         with pytest.raises(ra.AttentionBackendError, match=r"res4\.2\.conv2: FlexAttention reached .*recompile_limit"):
             _compiled_flex(random_inputs(1, 2, 6, 7, 3, 2), "res4.2.conv2")
+
+
+# Map sizes of one layer under multi-scale training: eleven heights and widths.
+MULTI_SCALE_SIZES = [(20, 24), (20, 28), (24, 30), (26, 34), (18, 40), (30, 22), (22, 36), (28, 26), (32, 20),
+                     (16, 44), (21, 33)]
+
+
+@pytest.fixture
+def aot_eager_flex(monkeypatch):
+    """FlexAttention through torch.compile's front end (dynamo and AOT autograd) as on CUDA, with the aot_eager
+    backend standing in for Inductor, and the counter of the graphs it compiled."""
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(ra._flex_attention, backend=counter, dynamic=None)
+    torch._dynamo.reset()
+    monkeypatch.setattr(ra, "_compiled_flex_attention", lambda: compiled)
+    monkeypatch.setattr(ra, "_FLEX_CHECKED", set())
+    return compiled, counter
+
+
+def test_compiled_flex_serves_many_map_sizes_with_a_few_compiled_graphs(aot_eager_flex):
+    """The project's score_mod compiles at most three times (static, then dynamic sizes) for eleven map
+    sizes, below the recompile limit of 8, and each output is exact."""
+    _, counter = aot_eager_flex
+    for H, W in MULTI_SCALE_SIZES:
+        inputs = random_inputs(2, 2, H, W, 5, 3)
+        ref = relative_attention_2d(*(t.double() for t in inputs), impl="naive")
+        assert (_compiled_flex(inputs).double() - ref).abs().max() < 1e-5, (H, W)
+    assert counter.frame_count <= 3 and len(ra._FLEX_CHECKED) == len(MULTI_SCALE_SIZES)
+
+
+def test_compiled_flex_trains_the_tables_through_a_few_compiled_graphs(aot_eager_flex):
+    """The training graph: the relative tables' gradients through the score_mod's captured logits equal naive's
+    (torch's CPU FlexAttention takes no gradient for q, k, v, so only the tables train here), with at most
+    three compiled graphs for the eleven sizes."""
+    compiled, counter = aot_eager_flex
+    for H, W in MULTI_SCALE_SIZES:
+        q, k, v, rel_h, rel_w = random_inputs(2, 2, H, W, 5, 3)
+        tables = (rel_h.requires_grad_(), rel_w.requires_grad_())
+        scale = 1.0 / math.sqrt(5)
+        q_flat, k_flat, v_flat, score_mod, _, _ = ra._flex_operands(q, k, v, rel_h, rel_w, scale)
+        out = compiled(q_flat, k_flat, v_flat, score_mod=score_mod, scale=scale)[..., :3].reshape(v.shape)
+        ref = relative_attention_2d(q, k, v, rel_h, rel_w, impl="naive")
+        grad_out = torch.randn_like(ref)
+        for got, want in zip(torch.autograd.grad(out, tables, grad_out), torch.autograd.grad(ref, tables, grad_out)):
+            assert (got - want).abs().max() < 1e-4 * want.abs().max(), (H, W)
+        assert (out - ref).abs().max() < 1e-5
+    assert counter.frame_count <= 3
 
 
 def _large_logit_inputs(shape, seed=0):

@@ -236,10 +236,21 @@ def _flex_row_error(out, q, k, v, bias_h, bias_w, scale, width):
     return error.item() if error.isfinite() else math.inf
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether `e` is a CUDA out-of-memory error, also one that torch.compile wrapped (a compile error
+    keeps it as `inner_exception`, others as their cause)."""
+    while e is not None:
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            return True
+        e = getattr(e, "inner_exception", None) or e.__cause__
+    return False
+
+
 def _compiled_flex(q, k, v, score_mod, scale, layer):
     """The compiled FlexAttention call, (B, Nh, L, d) -> (B, Nh, L, dv), never silently dense: torch runs
     it uncompiled, building the whole (L, L) scores, once its compile cache for flex_attention is full
-    (`torch._dynamo.config.recompile_limit`), which is an AttentionBackendError here."""
+    (`torch._dynamo.config.recompile_limit`), which is an AttentionBackendError here, as is a failed
+    compile (running out of GPU memory while compiling is raised as it is)."""
     try:
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
             return _compiled_flex_attention()(q, k, v, score_mod=score_mod, scale=scale)
@@ -248,6 +259,36 @@ def _compiled_flex(q, k, v, score_mod, scale, layer):
             f"{layer}: FlexAttention reached torch._dynamo.config.recompile_limit "
             f"({torch._dynamo.config.recompile_limit} compiled input signatures); beyond it torch would run it "
             "uncompiled, building the dense (HW, HW) scores. Raise the limit or use MODEL.AA.IMPL 'fused'") from e
+    except torch._dynamo.exc.BackendCompilerFailed as e:
+        if _out_of_memory(e):
+            raise
+        first_line = str(e).partition("\n")[0]
+        raise AttentionBackendError(
+            f"{layer}: torch {torch.__version__} failed to compile FlexAttention for {q.shape[2]} pixels with "
+            f"query/key width {q.shape[-1]} and value width {v.shape[-1]} ({q.dtype}, {q.device.type}): "
+            f"{type(e).__name__}, {first_line}. Use MODEL.AA.IMPL 'fused'") from e
+
+
+def _flex_operands(q, k, v, rel_h, rel_w, scale):
+    """FlexAttention's operands for q, k (B, Nh, H, W, dkh) and v (B, Nh, H, W, dvh): q, k (B, Nh, HW, dq) and
+    v (B, Nh, HW, dv) zero-padded to `_flex_width`, and the score_mod adding the relative logits, precomputed
+    (fp32, scaled) as bias_h (B, Nh, HW, H) and bias_w (B, Nh, HW, W); the last three None without tables."""
+    B, Nh, H, W, dkh = q.shape
+    dvh = v.shape[-1]
+    score_mod = bias_h = bias_w = None
+    if rel_h is not None:
+        logits_h, logits_w = _relative_logits(_upcast(q), rel_h, rel_w)
+        bias_h = (logits_h * scale).reshape(B, Nh, H * W, H)
+        bias_w = (logits_w * scale).reshape(B, Nh, H * W, W)
+
+        def score_mod(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, query: torch.Tensor,
+                      key: torch.Tensor) -> torch.Tensor:
+            return score + bias_h[b, h, query, key // W] + bias_w[b, h, query, key % W]
+
+    qk_width, v_width = _flex_width(dkh), _flex_width(dvh)
+    q, k = (F.pad(t, (0, qk_width - dkh)).reshape(B, Nh, H * W, qk_width) for t in (q, k))
+    v = F.pad(v, (0, v_width - dvh)).reshape(B, Nh, H * W, v_width)
+    return q, k, v, score_mod, bias_h, bias_w
 
 
 def _flex(q, k, v, rel_h, rel_w, scale, layer="attention", compiled=None):
@@ -260,7 +301,7 @@ def _flex(q, k, v, rel_h, rel_w, scale, layer="attention", compiled=None):
     Training (a backward) needs CUDA."""
     if _flex_attention is None:
         raise AttentionBackendError(f"{layer}: impl='flex' needs torch.nn.attention.flex_attention (torch >= 2.5)")
-    B, Nh, H, W, dkh = q.shape
+    B, Nh, H, W, _ = q.shape
     dtype, dv = v.dtype, v.shape[-1]
     compiled = q.device.type == "cuda" if compiled is None else compiled
     if not compiled and H * W > NAIVE_MAX_PIXELS:
@@ -271,25 +312,13 @@ def _flex(q, k, v, rel_h, rel_w, scale, layer="attention", compiled=None):
             and any(t is not None and t.requires_grad for t in (q, k, v, rel_h, rel_w))):
         raise AttentionBackendError(f"{layer}: impl='flex' trains on CUDA only (FlexAttention has no CPU backward); "
                                     "use 'kernel' or 'fused' for training on the CPU")
-    score_mod = bias_h = bias_w = None
     with _autocast_off(q):
-        if rel_h is not None:
-            logits_h, logits_w = _relative_logits(_upcast(q), rel_h, rel_w)
-            bias_h = (logits_h * scale).reshape(B, Nh, H * W, H)
-            bias_w = (logits_w * scale).reshape(B, Nh, H * W, W)
-
-            def score_mod(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, query: torch.Tensor,
-                          key: torch.Tensor) -> torch.Tensor:
-                return score + bias_h[b, h, query, key // W] + bias_w[b, h, query, key % W]
-
         if not compiled:
             q, k, v = _upcast(q), _upcast(k), _upcast(v)
-        qk_width, v_width = _flex_width(dkh), _flex_width(dv)
-        q, k = (F.pad(t, (0, qk_width - dkh)).reshape(B, Nh, H * W, qk_width) for t in (q, k))
-        v = F.pad(v, (0, v_width - dv)).reshape(B, Nh, H * W, v_width)
+        q, k, v, score_mod, bias_h, bias_w = _flex_operands(q, k, v, rel_h, rel_w, scale)
         if compiled:
             out = _compiled_flex(q, k, v, score_mod, scale, layer)
-            signature = (q.device.type, q.dtype, B, Nh, H, W, qk_width, v_width, rel_h is not None,
+            signature = (q.device.type, q.dtype, B, Nh, H, W, q.shape[-1], v.shape[-1], rel_h is not None,
                          torch.is_grad_enabled() and q.requires_grad)
             if signature not in _FLEX_CHECKED:
                 error = _flex_row_error(out, q, k, v, bias_h, bias_w, scale, W)
@@ -368,15 +397,6 @@ def relative_attention_qkv(qkv: torch.Tensor, num_heads: int, dk: int, dv: int, 
 
 
 _IMPLEMENTATIONS = {"naive": _naive, "fused": _fused, "kernel": _kernel, "flex": _flex}
-
-
-def _out_of_memory(e: BaseException) -> bool:
-    """Whether `e` is a CUDA out-of-memory error, also one wrapped by torch.compile (its cause)."""
-    while e is not None:
-        if isinstance(e, torch.cuda.OutOfMemoryError):
-            return True
-        e = e.__cause__
-    return False
 
 
 def _attend(impl, q, k, v, rel_h, rel_w, layer, auto=False):
