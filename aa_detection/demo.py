@@ -2,7 +2,6 @@
 
 `tools/demo.py` takes detectron2's demo flags; this module holds what it runs.
 """
-import glob
 import os
 from typing import Iterator, List, Optional, Tuple, Union
 
@@ -16,26 +15,9 @@ import tqdm
 
 from .errors import InputError
 from .safe_io import atomic_path
-from .visualization.predictions import IMAGE_EXTENSIONS, ModelRunner, read_image, write_image
+from .visualization.predictions import ModelRunner, read_image, write_image
 
-__all__ = ["Demo", "expand_inputs", "output_path"]
-
-
-def expand_inputs(items: List[str]) -> List[str]:
-    """Image paths from files, glob patterns and folders (their images, sorted); InputError naming an
-    item that matches nothing."""
-    paths = []
-    for item in items:
-        if os.path.isdir(item):
-            found = sorted(os.path.join(item, f) for f in os.listdir(item) if f.lower().endswith(IMAGE_EXTENSIONS))
-        elif any(c in item for c in "*?["):
-            found = sorted(glob.glob(os.path.expanduser(item)))
-        else:
-            found = [item]
-        if not found:
-            raise InputError(f"--input {item}: no images found ({', '.join(IMAGE_EXTENSIONS)})")
-        paths += found
-    return paths
+__all__ = ["Demo", "output_path"]
 
 
 def output_path(output: str, input_path: str, several: bool) -> str:

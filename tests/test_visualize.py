@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import pickle
+import re
 
 import pytest
 
@@ -16,7 +17,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 
 from aa_detection.config import setup_cfg  # noqa: E402
-from aa_detection.errors import UsageError  # noqa: E402
+from aa_detection.errors import InputError, UsageError  # noqa: E402
 from aa_detection.safe_io import UnsafePickleError  # noqa: E402
 from aa_detection.visualization import (  # noqa: E402
     ModelRunner, compute_attention, draw_predictions, find_aa_layer, query_cell, read_image,
@@ -160,6 +161,22 @@ def test_missing_and_corrupt_inputs_are_named_and_others_exported(setup, tmp_pat
     assert status == 1
     assert "corrupt.jpg" in caplog.text and "missing.png" in caplog.text and "2 input(s)" in caplog.text
     assert sorted(os.listdir(tmp_path / "out")) == [good.stem + ".jpg"]
+
+
+def test_inputs_follow_the_demo_rule_patterns_and_folders_without_images_are_errors(setup, tmp_path):
+    """--input takes glob patterns, as tools/demo.py does; a pattern or a folder that yields no image stops
+    the command with an InputError naming it."""
+    def predict(item):
+        return main(["predict", "--config-file", AA_CFG, "--weights", setup["weights"]["aa"], "--quiet",
+                     "--input", item, "--output", str(tmp_path / "out"), "--opts", *setup["opts"]])
+
+    first = sorted(setup["images"].iterdir())[0]
+    assert predict(str(setup["images"] / (first.stem + ".*"))) == 0
+    assert os.listdir(tmp_path / "out") == [first.stem + ".jpg"]
+    (tmp_path / "empty").mkdir()
+    for item in (str(tmp_path / "empty"), str(tmp_path / "nothing*.png")):
+        with pytest.raises(InputError, match=f"--input {re.escape(item)}: no images found"):
+            predict(item)
 
 
 def test_runner_loads_weights_through_the_safe_checkpointer(setup, tmp_path):

@@ -9,8 +9,9 @@
 import argparse
 
 from aa_detection.config import add_trust_config_argument, setup_cfg
-from aa_detection.demo import Demo, expand_inputs
+from aa_detection.demo import Demo
 from aa_detection.errors import UsageError, exit_on_user_error
+from aa_detection.visualization.predictions import expand_inputs
 
 
 def main(argv=None):

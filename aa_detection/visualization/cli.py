@@ -6,9 +6,10 @@
     attention  config + weights + images -> a grid of each head's attention maps, one row per query
     compare    two configs + two weights -> their detections side by side (and the ground truth)
 
-Inputs are image files, folders (their images, sorted) or a registered dataset (--dataset NAME,
-with --max-images). An input that is missing or cannot be decoded is reported by name and skipped;
-the others are still exported, and the command then exits with status 1 and the count of failures.
+Inputs are image files, folders (their images, sorted), glob patterns or a registered dataset (--dataset
+NAME, with --max-images); a folder or pattern without images is an InputError. An image that is missing
+or cannot be decoded is reported by name and skipped; the others are still exported, and the command then
+exits with status 1 and the count of failures.
 Each output is written atomically to --output, named after its input (name clashes get a suffix).
 A bad config, dataset, weights file, results file or argument raises a `UserError`
 (`aa_detection.errors`): `tools/visualize.py` prints its message and exits with status 2.
@@ -26,8 +27,8 @@ from tqdm import tqdm
 from ..errors import InputError, UsageError, exit_on_user_error
 from ..safe_io import atomic_write
 from .predictions import (
-    IMAGE_EXTENSIONS, ModelRunner, class_names, draw_ground_truth, draw_predictions, read_image,
-    side_by_side, to_rgb, write_image,
+    ModelRunner, class_names, draw_ground_truth, draw_predictions, expand_inputs, read_image, side_by_side,
+    to_rgb, write_image,
 )
 
 if TYPE_CHECKING:
@@ -46,17 +47,9 @@ class Item:
         self.path, self.stem, self.record = path, stem, record
 
 
-def _expand_inputs(paths):
-    items = []
-    for p in paths:
-        if os.path.isdir(p):
-            files = sorted(f for f in os.listdir(p) if f.lower().endswith(IMAGE_EXTENSIONS))
-            if not files:
-                logger.warning("%s: folder holds no image (%s)", p, ", ".join(IMAGE_EXTENSIONS))
-            items += [Item(os.path.join(p, f), os.path.splitext(f)[0]) for f in files]
-        else:  # a missing file is kept: it is reported by name when read
-            items.append(Item(p, os.path.splitext(os.path.basename(p))[0]))
-    return items
+def _input_items(inputs):
+    """Items of --input: files as given (a missing one is reported when read), folders and patterns."""
+    return [Item(p, os.path.splitext(os.path.basename(p))[0]) for p in expand_inputs(inputs)]
 
 
 def _dataset_items(name, max_images):
@@ -99,9 +92,9 @@ def _items(args):
     items = []
     if args.dataset:
         items += _dataset_items(args.dataset, args.max_images)
-    items += _expand_inputs(args.input or [])
+    items += _input_items(args.input or [])
     if not items:
-        raise UsageError("no input: give image files or folders (--input) or --dataset NAME")
+        raise UsageError("no input: give image files, folders or patterns (--input) or --dataset NAME")
     return items
 
 
@@ -311,7 +304,7 @@ def argument_parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser, model: bool = True, inputs: bool = True) -> None:
         add_trust_config_argument(p)
         if inputs:
-            p.add_argument("--input", nargs="+", metavar="PATH", help="image files or folders of images")
+            p.add_argument("--input", nargs="+", metavar="PATH", help="image files, folders of images or glob patterns")
         p.add_argument("--dataset", metavar="NAME", help="a registered dataset (e.g. synthetic_val)")
         p.add_argument("--register", nargs=3, action="append", metavar=("NAME", "JSON", "IMAGE_ROOT"),
                        help="register a COCO-format dataset first (repeatable)")

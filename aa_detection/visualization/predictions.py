@@ -3,6 +3,7 @@
 Colours are fixed per class (detectron2's colour map indexed by the class id), so the same class has
 the same colour in a prediction, in the ground truth beside it and in another model's picture.
 """
+import glob
 import os
 from typing import List, Optional, Sequence, Tuple
 
@@ -21,11 +22,29 @@ from ..safe_io import atomic_write
 
 __all__ = [
     "IMAGE_EXTENSIONS", "InputError", "ModelRunner", "class_names", "draw_boxes", "draw_ground_truth",
-    "draw_predictions", "instances_to_arrays", "label_image", "read_image", "side_by_side", "write_image",
+    "draw_predictions", "expand_inputs", "instances_to_arrays", "label_image", "read_image", "side_by_side",
+    "write_image",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _PALETTE = colormap(rgb=True, maximum=1)
+
+
+def expand_inputs(items: List[str]) -> List[str]:
+    """Image paths from files, glob patterns and folders (their images, sorted); InputError naming an
+    item that matches nothing."""
+    paths = []
+    for item in items:
+        if os.path.isdir(item):
+            found = sorted(os.path.join(item, f) for f in os.listdir(item) if f.lower().endswith(IMAGE_EXTENSIONS))
+        elif any(c in item for c in "*?["):
+            found = sorted(glob.glob(os.path.expanduser(item)))
+        else:
+            found = [item]
+        if not found:
+            raise InputError(f"--input {item}: no images found ({', '.join(IMAGE_EXTENSIONS)})")
+        paths += found
+    return paths
 
 
 def read_image(path: str, fmt: str = "BGR") -> np.ndarray:
