@@ -10,6 +10,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._inductor.exc import InductorError
 
+from aa_detection.analysis import flop_count
 from aa_detection.layers import AAConv2d, relative_attention_2d
 from aa_detection.layers import relative_attention as ra
 
@@ -143,10 +144,10 @@ def test_compiled_flex_is_exact_or_refused_at_every_map_size():
 
 def _eager_flex_times(factor):
     """A stand-in for the compiled call: FlexAttention run eagerly, its output scaled by `factor`."""
-    def call(q, k, v, score_mod, scale, layer):
+    def call(q, k, v, score_mod, layer):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-            return ra._flex_attention(q, k, v, score_mod=score_mod, scale=scale) * factor
+            return ra._flex_attention(q, k, v, score_mod=score_mod, scale=1.0) * factor
     return call
 
 
@@ -241,6 +242,8 @@ def test_compiled_flex_past_the_recompile_limit_is_an_error_not_dense_attention(
 # Map sizes of one layer under multi-scale training: eleven heights and widths.
 MULTI_SCALE_SIZES = [(20, 24), (20, 28), (24, 30), (26, 34), (18, 40), (30, 22), (22, 36), (28, 26), (32, 20),
                      (16, 44), (21, 33)]
+# (dkh, dvh) of AA-R50's res3, res4 and res5 layers (8 heads): three scales, one padded width.
+AA_R50_HEAD_WIDTHS = [(3, 2), (6, 3), (13, 6)]
 
 
 @pytest.fixture
@@ -255,34 +258,55 @@ def aot_eager_flex(monkeypatch):
     return compiled, counter
 
 
-def test_compiled_flex_serves_many_map_sizes_with_a_few_compiled_graphs(aot_eager_flex):
-    """The project's score_mod compiles at most three times (static, then dynamic sizes) for eleven map
-    sizes, below the recompile limit of 8, and each output is exact."""
+def test_compiled_flex_serves_many_map_sizes_and_head_widths_with_three_graphs(aot_eager_flex):
+    """The project's score_mod compiles at most three times (static, then dynamic sizes) for eleven map sizes
+    at AA-R50's three head widths, below the recompile limit of 8, and each output is exact."""
     _, counter = aot_eager_flex
-    for H, W in MULTI_SCALE_SIZES:
-        inputs = random_inputs(2, 2, H, W, 5, 3)
+    for i, (H, W) in enumerate(MULTI_SCALE_SIZES):
+        inputs = random_inputs(2, 8, H, W, *AA_R50_HEAD_WIDTHS[i % 3])
         ref = relative_attention_2d(*(t.double() for t in inputs), impl="naive")
         assert (_compiled_flex(inputs).double() - ref).abs().max() < 1e-5, (H, W)
     assert counter.frame_count <= 3 and len(ra._FLEX_CHECKED) == len(MULTI_SCALE_SIZES)
 
 
-def test_compiled_flex_trains_the_tables_through_a_few_compiled_graphs(aot_eager_flex):
-    """The training graph: the relative tables' gradients through the score_mod's captured logits equal naive's
-    (torch's CPU FlexAttention takes no gradient for q, k, v, so only the tables train here), with at most
-    three compiled graphs for the eleven sizes."""
+def test_compiled_flex_trains_the_tables_then_evaluates_with_four_graphs(aot_eager_flex):
+    """A training then an evaluation: the relative tables' gradients through the score_mod's captured logits
+    equal naive's (torch's CPU FlexAttention takes no gradient for q, k, v, so only the tables train here) at
+    eleven map sizes and AA-R50's three head widths, then batch-1 inference; at most four graphs in all."""
     compiled, counter = aot_eager_flex
-    for H, W in MULTI_SCALE_SIZES:
-        q, k, v, rel_h, rel_w = random_inputs(2, 2, H, W, 5, 3)
+    for i, (H, W) in enumerate(MULTI_SCALE_SIZES):
+        dkh, dvh = AA_R50_HEAD_WIDTHS[i % 3]
+        q, k, v, rel_h, rel_w = random_inputs(2, 8, H, W, dkh, dvh)
         tables = (rel_h.requires_grad_(), rel_w.requires_grad_())
-        scale = 1.0 / math.sqrt(5)
-        q_flat, k_flat, v_flat, score_mod, _, _ = ra._flex_operands(q, k, v, rel_h, rel_w, scale)
-        out = compiled(q_flat, k_flat, v_flat, score_mod=score_mod, scale=scale)[..., :3].reshape(v.shape)
+        q_flat, k_flat, v_flat, score_mod, _, _ = ra._flex_operands(q, k, v, rel_h, rel_w, 1.0 / math.sqrt(dkh))
+        out = compiled(q_flat, k_flat, v_flat, score_mod=score_mod, scale=1.0)[..., :dvh].reshape(v.shape)
         ref = relative_attention_2d(q, k, v, rel_h, rel_w, impl="naive")
         grad_out = torch.randn_like(ref)
         for got, want in zip(torch.autograd.grad(out, tables, grad_out), torch.autograd.grad(ref, tables, grad_out)):
             assert (got - want).abs().max() < 1e-4 * want.abs().max(), (H, W)
         assert (out - ref).abs().max() < 1e-5
-    assert counter.frame_count <= 3
+    for i, (H, W) in enumerate(MULTI_SCALE_SIZES[:6]):
+        inputs = random_inputs(1, 8, H, W, *AA_R50_HEAD_WIDTHS[i % 3])
+        assert (_compiled_flex(inputs) - relative_attention_2d(*inputs, impl="naive")).abs().max() < 1e-5
+    assert counter.frame_count <= 4
+
+
+def test_flex_inside_a_jit_trace_records_the_fused_path(monkeypatch):
+    """fvcore's FLOP count (also at the end of every training) and TorchScript trace the model, and
+    FlexAttention cannot be traced (compiled on CUDA; its shapes become tensors eagerly): a trace records
+    the fused path, which gives the same output and FLOP count, and flex is not marked as failed."""
+    monkeypatch.setattr(ra, "_FLEX_FAILED", False)
+    torch.manual_seed(0)
+    layer = AAConv2d(16, 32, num_heads=2, impl="flex").eval()
+    naive = AAConv2d(16, 32, num_heads=2, impl="naive").eval()
+    naive.load_state_dict(layer.state_dict())
+    x = torch.randn(1, 16, 9, 11)
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, x)
+        assert (traced(x) - naive(x)).abs().max() < 1e-5
+        assert (layer(x) - naive(x)).abs().max() < 1e-5
+    assert flop_count(layer, (x,)) == flop_count(naive, (x,))
+    assert not ra._FLEX_FAILED
 
 
 def _large_logit_inputs(shape, seed=0):

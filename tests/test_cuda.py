@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from aa_detection.layers import relative_attention as ra
 from aa_detection.layers import relative_attention_2d
 
 from test_relative_attention import random_inputs
@@ -16,6 +17,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (B, Nh, H, W, dkh, dvh): odd non-square, a 1xN strip, AA-R50 res5 widths on a res5-sized map, and
 # res4 widths on a map above NAIVE_MAX_PIXELS.
 SHAPES = [(2, 8, 7, 11, 3, 2), (2, 4, 1, 33, 6, 3), (2, 8, 25, 42, 13, 6), (1, 8, 50, 84, 6, 3)]
+
+
+@pytest.fixture(autouse=True)
+def fresh_flex(monkeypatch):
+    """Each test compiles FlexAttention afresh: the graphs of earlier tests (two dtypes, batch 1, a 1xN strip)
+    would otherwise add up towards torch._dynamo's recompile limit, past which flex is refused."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(ra, "_FLEX_CHECKED", set())
+    monkeypatch.setattr(ra, "_FLEX_FAILED", False)
 
 
 def _cuda_inputs(shape, dtype):
@@ -85,6 +95,7 @@ def _training_batch(height, width, device):
 def _training_step_peak_bytes(config, height, width, device="cuda"):
     """Peak CUDA memory of one RetinaNet training step (batch 2, fp16 autocast as SOLVER.AMP), after a
     warm-up step (FlexAttention compiles there)."""
+    pytest.importorskip("detectron2", reason="detectron2 is not installed; see README.md, Install")
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 

@@ -246,14 +246,15 @@ def _out_of_memory(e: BaseException) -> bool:
     return False
 
 
-def _compiled_flex(q, k, v, score_mod, scale, layer):
-    """The compiled FlexAttention call, (B, Nh, L, d) -> (B, Nh, L, dv), never silently dense: torch runs
+def _compiled_flex(q, k, v, score_mod, layer):
+    """The compiled FlexAttention call with `score_mod` (which scales the scores itself), (B, Nh, L, d) ->
+    (B, Nh, L, dv), never silently dense: torch runs
     it uncompiled, building the whole (L, L) scores, once its compile cache for flex_attention is full
     (`torch._dynamo.config.recompile_limit`), which is an AttentionBackendError here, as is a failed
     compile (running out of GPU memory while compiling is raised as it is)."""
     try:
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-            return _compiled_flex_attention()(q, k, v, score_mod=score_mod, scale=scale)
+            return _compiled_flex_attention()(q, k, v, score_mod=score_mod, scale=1.0)
     except torch._dynamo.exc.FailOnRecompileLimitHit as e:
         raise AttentionBackendError(
             f"{layer}: FlexAttention reached torch._dynamo.config.recompile_limit "
@@ -269,21 +270,38 @@ def _compiled_flex(q, k, v, score_mod, scale, layer):
             f"{type(e).__name__}, {first_line}. Use MODEL.AA.IMPL 'fused'") from e
 
 
+@lru_cache(maxsize=64)
+def _scalar_tensor(value: float, device: torch.device) -> torch.Tensor:
+    """A 0-dim fp32 tensor holding `value` (cached, see _offset_rows)."""
+    with torch.inference_mode(False):
+        return torch.tensor(value, dtype=torch.float32, device=device)
+
+
 def _flex_operands(q, k, v, rel_h, rel_w, scale):
     """FlexAttention's operands for q, k (B, Nh, H, W, dkh) and v (B, Nh, H, W, dvh): q, k (B, Nh, HW, dq) and
-    v (B, Nh, HW, dv) zero-padded to `_flex_width`, and the score_mod adding the relative logits, precomputed
-    (fp32, scaled) as bias_h (B, Nh, HW, H) and bias_w (B, Nh, HW, W); the last three None without tables."""
+    v (B, Nh, HW, dv) zero-padded to `_flex_width`, the score_mod (to call with FlexAttention's scale 1) that
+    scales q.k and adds the relative logits, precomputed (fp32, scaled) as bias_h (B, Nh, HW, H) and
+    bias_w (B, Nh, HW, W) (None without tables).
+
+    The scale reaches the score_mod as a 0-dim tensor: torch.compile specializes on a float's value, so
+    with FlexAttention's `scale` argument each stage's head width compiled graphs of its own, and a
+    training with evaluation went past the recompile limit of 8 (3 graphs with the tensor)."""
     B, Nh, H, W, dkh = q.shape
     dvh = v.shape[-1]
-    score_mod = bias_h = bias_w = None
-    if rel_h is not None:
+    scale_tensor = _scalar_tensor(scale, q.device)
+    bias_h = bias_w = None
+    if rel_h is None:
+        def score_mod(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, query: torch.Tensor,
+                      key: torch.Tensor) -> torch.Tensor:
+            return score * scale_tensor
+    else:
         logits_h, logits_w = _relative_logits(_upcast(q), rel_h, rel_w)
         bias_h = (logits_h * scale).reshape(B, Nh, H * W, H)
         bias_w = (logits_w * scale).reshape(B, Nh, H * W, W)
 
         def score_mod(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, query: torch.Tensor,
                       key: torch.Tensor) -> torch.Tensor:
-            return score + bias_h[b, h, query, key // W] + bias_w[b, h, query, key % W]
+            return score * scale_tensor + bias_h[b, h, query, key // W] + bias_w[b, h, query, key % W]
 
     qk_width, v_width = _flex_width(dkh), _flex_width(dvh)
     q, k = (F.pad(t, (0, qk_width - dkh)).reshape(B, Nh, H * W, qk_width) for t in (q, k))
@@ -317,7 +335,7 @@ def _flex(q, k, v, rel_h, rel_w, scale, layer="attention", compiled=None):
             q, k, v = _upcast(q), _upcast(k), _upcast(v)
         q, k, v, score_mod, bias_h, bias_w = _flex_operands(q, k, v, rel_h, rel_w, scale)
         if compiled:
-            out = _compiled_flex(q, k, v, score_mod, scale, layer)
+            out = _compiled_flex(q, k, v, score_mod, layer)
             signature = (q.device.type, q.dtype, B, Nh, H, W, q.shape[-1], v.shape[-1], rel_h is not None,
                          torch.is_grad_enabled() and q.requires_grad)
             if signature not in _FLEX_CHECKED:
@@ -331,7 +349,7 @@ def _flex(q, k, v, rel_h, rel_w, scale, layer="attention", compiled=None):
         else:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-                out = _flex_attention(q, k, v, score_mod=score_mod, scale=scale)
+                out = _flex_attention(q, k, v, score_mod=score_mod, scale=1.0)
     return out[..., :dv].to(dtype)
 
 
@@ -402,8 +420,11 @@ _IMPLEMENTATIONS = {"naive": _naive, "fused": _fused, "kernel": _kernel, "flex":
 def _attend(impl, q, k, v, rel_h, rel_w, layer, auto=False):
     """(B, Nh, H, W, dvh) through path `impl`. Chosen by "auto", a FlexAttention failure (a compile error, a
     refused output) is logged once and the fused path used from then on; running out of GPU memory is
-    raised as it is (the fused path needs more)."""
+    raised as it is (the fused path needs more). Inside a torch.jit trace (fvcore's FLOP count, a
+    TorchScript export) "flex" is the fused path: the same attention, in operators a trace can record."""
     global _FLEX_FAILED
+    if impl == "flex" and torch.jit.is_tracing():
+        impl = "fused"
     scale = 1.0 / math.sqrt(q.shape[-1])
     if impl == "naive":
         out = _naive(q, k, v, rel_h, rel_w, scale)
