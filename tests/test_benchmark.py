@@ -11,6 +11,7 @@ from aa_detection.layers.relative_attention import kernel_available
 
 from common import load_tool  # noqa: E402
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is missing")
+NEEDS_DETECTRON2 = "detectron2 is not installed (the model benchmark and its rendering need it); see README.md, Install"
 
 
 
@@ -90,6 +91,7 @@ def test_sentences_follow_the_numbers():
 
 
 def test_rendering_draws_two_conclusions_from_two_results():
+    pytest.importorskip("detectron2", reason=NEEDS_DETECTRON2)
     texts = []
     for aa_runs in ([2.1, 2.2, 2.3], [3.0, 3.1, 3.2]):
         text = report.render({"cpu": {"attention": None, "models": {"res4-res5": _model_result(aa_runs, 0.11)}}})
@@ -158,7 +160,7 @@ def test_attention_tool_times_each_kernel_isa_against_naive(capsys):
 
 @pytest.mark.slow
 def test_model_tool_smoke_run(tmp_path, capsys):
-    pytest.importorskip("detectron2")
+    pytest.importorskip("detectron2", reason=NEEDS_DETECTRON2)
     out = tmp_path / "bench.json"
     load_tool("benchmark").main(["--size", "64", "96", "--repeats", "1", "--warmup", "0", "--device", "cpu",
                              "--json", str(out), "--opts", "MODEL.RESNETS.DEPTH", "18",
@@ -173,6 +175,7 @@ def test_model_tool_smoke_run(tmp_path, capsys):
 
 
 def test_make_benchmarks_renders_kept_results_without_measuring(tmp_path):
+    pytest.importorskip("detectron2", reason=NEEDS_DETECTRON2)
     folder = tmp_path / "results"
     folder.mkdir()
     result = json.dumps(_model_result([2.1, 2.2, 2.3], 0.11))
@@ -214,6 +217,8 @@ def test_one_table_format():
 @NO_CUDA
 @pytest.mark.parametrize("tool", ["benchmark_attention", "benchmark", "make_benchmarks"])
 def test_cuda_without_a_gpu_is_a_clear_error(tool, tmp_path, capsys):
+    if tool == "benchmark":
+        pytest.importorskip("detectron2", reason=NEEDS_DETECTRON2)
     argv = ["--device", "cuda"] + (["--out", str(tmp_path / "B.md")] if tool == "make_benchmarks" else [])
     with pytest.raises(SystemExit) as exit_info:
         load_tool(tool).main(argv)

@@ -115,15 +115,26 @@ def with_kernel_isas(paths: Sequence[str], isas: Optional[Sequence[str]]) -> Lis
 
 
 def make_inputs(B: int, Nh: int, H: int, W: int, dkh: int, dvh: int, device: torch.device,
-                seed: int = 0) -> Tuple[Tuple[torch.Tensor, ...], torch.Tensor]:
-    """((q, k (B, Nh, H, W, dkh), v (B, Nh, H, W, dvh), rel_h (2H-1, dkh), rel_w (2W-1, dkh)), grad_out)."""
+                amp: Optional[str] = None, seed: int = 0) -> Tuple[Tuple[torch.Tensor, ...], torch.Tensor]:
+    """((q, k (B, Nh, H, W, dkh), v (B, Nh, H, W, dvh), rel_h (2H-1, dkh), rel_w (2W-1, dkh)), grad_out).
+
+    Under --amp, q, k, v and grad_out are in its dtype, as the qkv convolution gives them under autocast;
+    the tables, parameters, stay fp32."""
     g = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(B, Nh, H, W, dkh, generator=g) for _ in range(2))
     v = torch.randn(B, Nh, H, W, dvh, generator=g)
     rel_h = torch.randn(2 * H - 1, dkh, generator=g) * dkh**-0.5
     rel_w = torch.randn(2 * W - 1, dkh, generator=g) * dkh**-0.5
     grad_out = torch.randn(B, Nh, H, W, dvh, generator=g)
-    return tuple(t.to(device) for t in (q, k, v, rel_h, rel_w)), grad_out.to(device)
+    dtype = AMP_DTYPES[amp] if amp else torch.float32
+    q, k, v, grad_out = (t.to(device, dtype) for t in (q, k, v, grad_out))
+    return (q, k, v, rel_h.to(device), rel_w.to(device)), grad_out
+
+
+def _warmup_calls(device: torch.device) -> int:
+    """Untimed calls of each path before a new map size's timed ones: one on CUDA, where FlexAttention
+    compiles for new input sizes, none on the CPU."""
+    return 1 if device.type == "cuda" else 0
 
 
 def to_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -280,7 +291,7 @@ def bench_size(name: str, args: argparse.Namespace, device: torch.device, rates:
     H, W, fout = SIZES[name]
     dk, dv = attention_depths(fout, args.heads, args.kappa, args.upsilon)
     B, Nh, dkh, dvh = args.batch, args.heads, dk // args.heads, dv // args.heads
-    inputs, grad_out = make_inputs(B, Nh, H, W, dkh, dvh, device)
+    inputs, grad_out = make_inputs(B, Nh, H, W, dkh, dvh, device, args.amp)
     logits_bytes = B * Nh * (H * W) ** 2 * 4
     modes = MODES[:1] if args.no_train else MODES
     budget = (args.naive_max_gib * GiB if args.naive_max_gib is not None else free_memory_bytes(device) / 2)
@@ -300,7 +311,8 @@ def bench_size(name: str, args: argparse.Namespace, device: torch.device, rates:
         if len(dtype_rates["exp_rates"]) > 1:
             row["floor"][mode]["seconds_torch_exp"] = floor_seconds(flops, exps, dtype_rates, "torch.exp")
         steps = {p: attention_step(inputs, grad_out, p, mode == "train", device, args.amp) for p in paths}
-        runs = run_in_turns({p: s[0] for p, s in steps.items()}, device, args.repeats, long_call=args.long_call)
+        runs = run_in_turns({p: s[0] for p, s in steps.items()}, device, args.repeats, _warmup_calls(device),
+                            long_call=args.long_call)
         results = {p: steps[p][1](runs[p].result) for p in paths}
         for p in paths:
             row["paths"][p][mode] = _path_figures(runs[p], results[p], results.get(reference), row["floor"][mode],
@@ -379,7 +391,7 @@ def rates_line(meta: Dict) -> str:
 
 def warm_up(device: torch.device, amp: Optional[str]) -> None:
     """One call of each path and mode on a small map (thread pools, caches, first-call costs)."""
-    inputs, grad_out = make_inputs(2, 8, 12, 20, 13, 6, device)
+    inputs, grad_out = make_inputs(2, 8, 12, 20, 13, 6, device, amp)
     for train in (False, True):
         steps = {p: attention_step(inputs, grad_out, p, train, device, amp)[0]
                  for p in paths_for(device, PATHS, 0, 1)}
@@ -393,10 +405,10 @@ def sweep(args: argparse.Namespace, device: torch.device) -> Dict:
     paths = paths_for(device, args.paths.split(","), 0, 1)
     rows, table = [], []
     for H, W in SWEEP_SIZES:
-        inputs, grad_out = make_inputs(B, Nh, H, W, dk // Nh, dv // Nh, device)
+        inputs, grad_out = make_inputs(B, Nh, H, W, dk // Nh, dv // Nh, device, args.amp)
         for mode in MODES:
             steps = {p: attention_step(inputs, grad_out, p, mode == "train", device, args.amp)[0] for p in paths}
-            runs = run_in_turns(steps, device, max(args.repeats, 5))
+            runs = run_in_turns(steps, device, max(args.repeats, 5), _warmup_calls(device))
             ms = {p: runs[p].summary()["median"] * 1e3 for p in paths}
             rows.append({"H": H, "W": W, "mode": mode, "ms": ms})
             table.append((f"{H}x{W}", H * W, mode, *(f"{ms[p]:.1f}" for p in paths), min(ms, key=ms.get)))

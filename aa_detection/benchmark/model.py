@@ -13,12 +13,14 @@ On a GPU peak memory is the CUDA allocator's and the profile's times are device 
 models' forward passes under torch.autocast (bf16 or fp16).
 """
 import argparse
+from collections import Counter
 import json
 import statistics
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from detectron2.config import CfgNode
 import torch
+from torch.autograd import DeviceType
 
 from ..analysis import count_parameters, flop_count
 from ..config import add_trust_config_argument, setup_cfg
@@ -98,7 +100,9 @@ def training_step(model: torch.nn.Module, inputs: List[Dict], device: torch.devi
 
 def profile_inference(model: torch.nn.Module, inputs: List[Dict], device: torch.device,
                       amp: Optional[str]) -> Dict[str, float]:
-    """{op name: self seconds} of one inference: CPU time on the CPU, device time on a GPU."""
+    """{op name: self seconds} of one inference: CPU time on the CPU; on a GPU, the device time of the
+    kernels each operator launched (the operators' events only: the kernels' own events hold the same
+    time again)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -106,7 +110,11 @@ def profile_inference(model: torch.nn.Module, inputs: List[Dict], device: torch.
     with torch.inference_mode(), autocast(device, amp), torch.profiler.profile(activities=activities) as prof:
         model(inputs)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return {event.key: getattr(event, key) / 1e6 for event in prof.key_averages() if getattr(event, key) > 0}
+    seconds = Counter()
+    for event in prof.key_averages():
+        if event.device_type == DeviceType.CPU and not event.is_user_annotation and getattr(event, key) > 0:
+            seconds[event.key] += getattr(event, key) / 1e6
+    return dict(seconds)
 
 
 def extra_time_by_op(profile: Dict[str, Dict[str, float]], rows: int = 12) -> List[Tuple[str, float, float, float]]:

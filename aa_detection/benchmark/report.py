@@ -17,7 +17,7 @@ import time
 from typing import Dict, List, Optional
 
 from ..safe_io import atomic_write
-from . import attention, model
+from . import attention
 from ..utils.table import format_table
 from .common import AMP_DTYPES, compare_times, fmt_bytes, resolve_device
 
@@ -86,6 +86,8 @@ def jobs(args: argparse.Namespace, key: str, folder: str) -> Dict[str, tuple]:
 
 
 def _run_benchmark(benchmark: str, argv: List[str]) -> None:
+    from . import model  # needs detectron2, which the attention benchmark does not
+
     module = {"attention": attention, "model": model}[benchmark]
     module.main(module.add_arguments(argparse.ArgumentParser()).parse_args(argv))
 
@@ -206,6 +208,8 @@ def profile_summary(result: Dict) -> str:
 
 
 def model_section(variant: str, result: Dict, level: str = "##") -> List[str]:
+    from . import model
+
     lines = ["", f"{level} AA-R50 / R50 RetinaNet, attention in {variant}", "", model.report(result), ""]
     base, aa = result["baseline"], result["aa"]
     for label, key in (("inference", "inference_s"), ("training step", "train_iter_s")):
