@@ -23,10 +23,14 @@ Backward adds the gradient matmuls: 2 B Nh (HW)^2 (2 dkh + 2 dvh) FLOPs (dq, dk,
 Exps are counted once for forward+backward, so a path that recomputes them (as every path that does
 not store (HW)^2 probabilities must) pays them twice. Adds count at the matmul rate. On the CPU the exp
 rate is the faster of torch.exp and the kernel's own exp, and "cores used" is the process's CPU seconds
-per wall second during a path's calls (the floor assumes every thread had a core).
+per wall second during a path's calls (the floor assumes every thread had a core). On CUDA torch.exp
+over a large tensor is bound by memory bandwidth (8 bytes per exp), while an attention kernel computes its
+exps in registers: the exp rate there is the faster of torch.exp and a compiled kernel applying 32
+chained exps to each element it loads.
 """
 import argparse
 import contextlib
+from functools import lru_cache
 import json
 import math
 import time
@@ -242,18 +246,34 @@ def _best_rates(device, dtype, repeats):
     for n in sizes:
         a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
         mm = max(mm, 2 * n**3 / _best_time(lambda _: torch.mm(a, b), repeats, device))
-    exps = {"torch.exp": lambda x: torch.exp(x, out=x)}
+    exps = {"torch.exp": (lambda x: torch.exp(x, out=x), 1)}  # name: (call, exps per element)
     if device.type == "cpu" and dtype == torch.float32 and relative_attention.kernel_available():
-        exps["kernel exp"] = kernel._C.fast_exp_
+        exps["kernel exp"] = (kernel._C.fast_exp_, 1)
+    if device.type == "cuda":  # torch.exp there is bound by memory, an attention kernel's exps are not
+        exps[f"{EXP_CHAIN} chained exps"] = (_compiled_exp_chain(), EXP_CHAIN)
     lengths = (1 << 24, 1 << 26) if device.type == "cuda" else (1 << 18, 1 << 20, 1 << 22)
     ex = {}
-    for name, exp in exps.items():
+    for name, (exp, per_element) in exps.items():
         ex[name] = 0.0
         for n in lengths:
             x = (-torch.rand(n, device=device) * 20).to(dtype)  # logits minus their max
             reps = max(repeats, (1 << 25) // n)
-            ex[name] = max(ex[name], n / _best_time(exp, reps, device, prepare=x.clone))
+            ex[name] = max(ex[name], per_element * n / _best_time(exp, reps, device, prepare=x.clone))
     return {"matmul_flops": mm, "exp_rates": ex, "exp_per_s": max(ex.values())}
+
+
+# Exps per element of the GPU's exp-rate kernel: enough to make it bound by exp throughput, not memory.
+EXP_CHAIN = 32
+
+
+@lru_cache(maxsize=1)
+def _compiled_exp_chain() -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> exp(-exp(-...exp(-x))), EXP_CHAIN exps of each element in one compiled kernel (values stay in (0, 1])."""
+    def chain(x: torch.Tensor) -> torch.Tensor:
+        for _ in range(EXP_CHAIN):
+            x = torch.exp(-x)
+        return x
+    return torch.compile(chain)
 
 
 def compute_dtype(amp: Optional[str]) -> str:
