@@ -248,10 +248,10 @@ def _out_of_memory(e: BaseException) -> bool:
 
 def _compiled_flex(q, k, v, score_mod, layer):
     """The compiled FlexAttention call with `score_mod` (which scales the scores itself), (B, Nh, L, d) ->
-    (B, Nh, L, dv), never silently dense: torch runs
-    it uncompiled, building the whole (L, L) scores, once its compile cache for flex_attention is full
-    (`torch._dynamo.config.recompile_limit`), which is an AttentionBackendError here, as is a failed
-    compile (running out of GPU memory while compiling is raised as it is)."""
+    (B, Nh, L, dv), never silently dense: torch runs it uncompiled, building the whole (L, L) scores, once
+    its compile cache for flex_attention is full (`torch._dynamo.config.recompile_limit`), which is an
+    AttentionBackendError here, as is a failed compile (running out of GPU memory while compiling is
+    raised as it is)."""
     try:
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
             return _compiled_flex_attention()(q, k, v, score_mod=score_mod, scale=1.0)
@@ -285,7 +285,7 @@ def _flex_operands(q, k, v, rel_h, rel_w, scale):
 
     The scale reaches the score_mod as a 0-dim tensor: torch.compile specializes on a float's value, so
     with FlexAttention's `scale` argument each stage's head width compiled graphs of its own, and a
-    training with evaluation went past the recompile limit of 8 (3 graphs with the tensor)."""
+    training with evaluation went past the recompile limit of 8 (at most 4 graphs with the tensor)."""
     B, Nh, H, W, dkh = q.shape
     dvh = v.shape[-1]
     scale_tensor = _scalar_tensor(scale, q.device)
