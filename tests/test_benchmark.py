@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ from aa_detection.benchmark.common import compare_times, run_in_turns
 from aa_detection.utils.table import format_table
 from aa_detection.layers.relative_attention import kernel_available
 
-from common import load_tool  # noqa: E402
+from common import ROOT, load_tool  # noqa: E402
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is missing")
 NEEDS_DETECTRON2 = "detectron2 is not installed (the model benchmark and its rendering need it); see README.md, Install"
 
@@ -197,6 +199,37 @@ def test_a_benchmark_runs_in_its_own_process(tmp_path):
     report.run_isolated("attention", ["--sizes", "res5", "--batch", "1", "--repeats", "1", "--no-train",
                                       "--paths", "fused", "--json", str(out)])
     assert json.loads(out.read_text())["rows"][0]["paths"]["fused"]["forward"]["time"]["median"] > 0
+
+
+# Python code that makes importing detectron2 fail, as on a machine without it.
+WITHOUT_DETECTRON2 = """
+import sys
+class NoDetectron2:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "detectron2":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, NoDetectron2())
+"""
+
+
+@pytest.mark.slow
+def test_the_attention_benchmark_runs_without_detectron2(tmp_path):
+    """As on a GPU machine without detectron2: make_benchmarks' attention job needs only torch, its model
+    job names the missing package."""
+    out = tmp_path / "attention.json"
+    flags = ["--sizes", "res5", "--batch", "1", "--repeats", "1", "--no-train", "--paths", "fused", "--json", str(out)]
+    code = WITHOUT_DETECTRON2 + f"""
+from aa_detection.benchmark import report
+report._run_benchmark("attention", {flags!r})
+try:
+    report._run_benchmark("model", ["--help"])
+except ModuleNotFoundError as e:
+    print("model:", e)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text())["rows"][0]["paths"]["fused"]["forward"]["time"]["median"] > 0
+    assert "model: No module named 'detectron2" in result.stdout
 
 
 def test_make_benchmarks_checks_the_targets():

@@ -173,8 +173,13 @@ def test_inputs_follow_the_demo_rule_patterns_and_folders_without_images_are_err
     first = sorted(setup["images"].iterdir())[0]
     assert predict(str(setup["images"] / (first.stem + ".*"))) == 0
     assert os.listdir(tmp_path / "out") == [first.stem + ".jpg"]
+    bracketed = tmp_path / "in" / "shot[1].png"  # an existing file is a file, whatever its name holds
+    bracketed.parent.mkdir()
+    bracketed.write_bytes(first.read_bytes())
+    assert predict(str(bracketed)) == 0 and (tmp_path / "out" / "shot[1].jpg").is_file()
     (tmp_path / "empty").mkdir()
-    for item in (str(tmp_path / "empty"), str(tmp_path / "nothing*.png")):
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    for item in (str(tmp_path / "empty"), str(tmp_path / "nothing*.png"), str(tmp_path / "empty" / "*")):
         with pytest.raises(InputError, match=f"--input {re.escape(item)}: no images found"):
             predict(item)
 

@@ -24,9 +24,9 @@ Exps are counted once for forward+backward, so a path that recomputes them (as e
 not store (HW)^2 probabilities must) pays them twice. Adds count at the matmul rate. On the CPU the exp
 rate is the faster of torch.exp and the kernel's own exp, and "cores used" is the process's CPU seconds
 per wall second during a path's calls (the floor assumes every thread had a core). On CUDA torch.exp
-over a large tensor is bound by memory bandwidth (8 bytes per exp), while an attention kernel computes its
-exps in registers: the exp rate there is the faster of torch.exp and a compiled kernel applying 32
-chained exps to each element it loads.
+over a large tensor is bound by memory bandwidth (a read and a write per exp), while an attention kernel
+computes its exps in registers: the exp rate there is the faster of torch.exp and a compiled kernel
+applying 32 chained exps to each element it loads.
 """
 import argparse
 import contextlib
@@ -54,6 +54,8 @@ SIZES = {"res5": (25, 42, 512), "res4": (50, 84, 256), "res3": (100, 167, 128)}
 PATHS = ("naive", "fused", "kernel", "flex")
 MODES = ("forward", "train")
 SWEEP_SIZES = ((4, 4), (8, 8), (12, 16), (16, 24), (20, 32), (24, 40), (28, 44), (32, 48))
+# Exps per element of the GPU's exp-rate kernel: enough to make it bound by exp throughput, not memory.
+EXP_CHAIN = 32
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -200,8 +202,9 @@ def measure_rates(device: torch.device, dtypes: Sequence[torch.dtype], repeats: 
 
     On the CPU, for the current thread count N: the larger of the best call at N threads and N times the
     best call at one thread (on a shared CPU, calls at N threads wait for the slowest thread), with the
-    kernel's own exp beside torch.exp where it is built. On CUDA, the best of synchronized calls. Each
-    size gets `repeats` timed calls or half a second, whichever ends first."""
+    kernel's own exp beside torch.exp where it is built. On CUDA, the best of synchronized calls, with a
+    compiled kernel of EXP_CHAIN chained exps per element beside torch.exp. Each size gets `repeats` timed
+    calls or half a second, whichever ends first."""
     if device.type == "cuda":
         return {_dtype_name(dt): _best_rates(device, dt, repeats) for dt in dtypes}
     threads = torch.get_num_threads()
@@ -262,13 +265,10 @@ def _best_rates(device, dtype, repeats):
     return {"matmul_flops": mm, "exp_rates": ex, "exp_per_s": max(ex.values())}
 
 
-# Exps per element of the GPU's exp-rate kernel: enough to make it bound by exp throughput, not memory.
-EXP_CHAIN = 32
-
 
 @lru_cache(maxsize=1)
 def _compiled_exp_chain() -> Callable[[torch.Tensor], torch.Tensor]:
-    """x -> exp(-exp(-...exp(-x))), EXP_CHAIN exps of each element in one compiled kernel (values stay in (0, 1])."""
+    """x -> exp(-exp(-...exp(-x))), EXP_CHAIN exps of each element in one compiled kernel (values stay finite)."""
     def chain(x: torch.Tensor) -> torch.Tensor:
         for _ in range(EXP_CHAIN):
             x = torch.exp(-x)

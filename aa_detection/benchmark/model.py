@@ -112,7 +112,7 @@ def profile_inference(model: torch.nn.Module, inputs: List[Dict], device: torch.
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     seconds = Counter()
     for event in prof.key_averages():
-        if event.device_type == DeviceType.CPU and not event.is_user_annotation and getattr(event, key) > 0:
+        if event.device_type == DeviceType.CPU and getattr(event, key) > 0:
             seconds[event.key] += getattr(event, key) / 1e6
     return dict(seconds)
 

@@ -86,9 +86,10 @@ def jobs(args: argparse.Namespace, key: str, folder: str) -> Dict[str, tuple]:
 
 
 def _run_benchmark(benchmark: str, argv: List[str]) -> None:
-    from . import model  # needs detectron2, which the attention benchmark does not
-
-    module = {"attention": attention, "model": model}[benchmark]
+    if benchmark == "model":
+        from . import model as module  # needs detectron2, which the attention benchmark does not
+    else:
+        module = attention
     module.main(module.add_arguments(argparse.ArgumentParser()).parse_args(argv))
 
 

@@ -236,14 +236,14 @@ def _flex_row_error(out, q, k, v, bias_h, bias_w, scale, width):
     return error.item() if error.isfinite() else math.inf
 
 
-def _out_of_memory(e: BaseException) -> bool:
-    """Whether `e` is a CUDA out-of-memory error, also one that torch.compile wrapped (a compile error
-    keeps it as `inner_exception`, others as their cause)."""
+def _out_of_memory(e: BaseException) -> Optional[torch.cuda.OutOfMemoryError]:
+    """The CUDA out-of-memory error that `e` is or that torch.compile wrapped in it (a compile error keeps
+    it as `inner_exception`, others as their cause); None if there is none."""
     while e is not None:
         if isinstance(e, torch.cuda.OutOfMemoryError):
-            return True
+            return e
         e = getattr(e, "inner_exception", None) or e.__cause__
-    return False
+    return None
 
 
 def _compiled_flex(q, k, v, score_mod, layer):
@@ -261,8 +261,9 @@ def _compiled_flex(q, k, v, score_mod, layer):
             f"({torch._dynamo.config.recompile_limit} compiled input signatures); beyond it torch would run it "
             "uncompiled, building the dense (HW, HW) scores. Raise the limit or use MODEL.AA.IMPL 'fused'") from e
     except torch._dynamo.exc.BackendCompilerFailed as e:
-        if _out_of_memory(e):
-            raise
+        out_of_memory = _out_of_memory(e)
+        if out_of_memory is not None:
+            raise out_of_memory from e
         first_line = str(e).partition("\n")[0]
         raise AttentionBackendError(
             f"{layer}: torch {torch.__version__} failed to compile FlexAttention for {q.shape[2]} pixels with "
@@ -432,7 +433,7 @@ def _attend(impl, q, k, v, rel_h, rel_w, layer, auto=False):
         try:
             out = _flex(q, k, v, rel_h, rel_w, scale, layer)
         except Exception as e:  # a torch.compile / Triton failure or a refused output: the exact fused path
-            if _out_of_memory(e):  # the fused path needs more memory, not less
+            if _out_of_memory(e) is not None:  # the fused path needs more memory, not less
                 raise
             _FLEX_FAILED = True
             logger.warning("%s: FlexAttention failed (%s: %s); using the fused path from now on",

@@ -4,6 +4,6 @@ from .attention import (  # noqa: F401
     find_aa_layer, query_cell,
 )
 from .predictions import (  # noqa: F401
-    InputError, ModelRunner, class_names, draw_boxes, draw_ground_truth, draw_predictions, instances_to_arrays,
-    label_image, read_image, side_by_side, to_rgb, write_image,
+    InputError, ModelRunner, class_names, draw_boxes, draw_ground_truth, draw_predictions, expand_inputs,
+    instances_to_arrays, label_image, read_image, side_by_side, to_rgb, write_image,
 )

@@ -31,14 +31,15 @@ _PALETTE = colormap(rgb=True, maximum=1)
 
 
 def expand_inputs(items: List[str]) -> List[str]:
-    """Image paths from files, glob patterns and folders (their images, sorted); InputError naming an
-    item that matches nothing."""
+    """Image paths from files, folders and glob patterns (the images of a folder or a pattern's matches,
+    sorted); InputError naming a folder or pattern without images. An item that exists is a file or a
+    folder, even with * ? [ in its name; other items without those are files (reading them reports them)."""
     paths = []
     for item in items:
         if os.path.isdir(item):
             found = sorted(os.path.join(item, f) for f in os.listdir(item) if f.lower().endswith(IMAGE_EXTENSIONS))
-        elif any(c in item for c in "*?["):
-            found = sorted(glob.glob(os.path.expanduser(item)))
+        elif not os.path.exists(item) and any(c in item for c in "*?["):
+            found = sorted(p for p in glob.glob(os.path.expanduser(item)) if p.lower().endswith(IMAGE_EXTENSIONS))
         else:
             found = [item]
         if not found:
