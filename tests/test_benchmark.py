@@ -50,6 +50,15 @@ def test_floor_matches_a_hand_count():
     assert attention.floor_seconds(1920, 72, rates, "torch.exp") == pytest.approx(1.92 + 7.2)
 
 
+@pytest.mark.parametrize("amp, dtype", [(None, torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_inputs_come_in_the_amp_dtype_as_the_qkv_convolution_gives_them(amp, dtype):
+    (q, k, v, rel_h, rel_w), grad_out = attention.make_inputs(2, 8, 5, 7, 13, 6, torch.device("cpu"), amp)
+    assert {t.dtype for t in (q, k, v, grad_out)} == {dtype}
+    assert rel_h.dtype == rel_w.dtype == torch.float32  # parameters stay fp32 under autocast
+    reference, _ = attention.make_inputs(2, 8, 5, 7, 13, 6, torch.device("cpu"))
+    assert torch.equal(q, reference[0].to(dtype)) and torch.equal(rel_h, reference[3])  # the same draws
+
+
 def test_paths_run_where_they_can():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     every = attention.PATHS
