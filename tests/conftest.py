@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from common import TINY_SYNTHETIC
 
@@ -20,3 +21,18 @@ def tiny_synthetic(tmp_path_factory):
 
     root = str(tmp_path_factory.mktemp("data") / "synthetic")
     return ensure_synthetic_dataset(root, **TINY_SYNTHETIC)
+
+
+@pytest.fixture
+def aot_eager_flex(monkeypatch):
+    """FlexAttention through torch.compile's front end (dynamo and AOT autograd) as on CUDA, with the aot_eager
+    backend standing in for Inductor, and the counter of the graphs it compiled."""
+    from aa_detection.layers import relative_attention as ra
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(ra._flex_attention, backend=counter, dynamic=None)
+    torch._dynamo.reset()
+    monkeypatch.setattr(ra, "_compiled_flex_attention", lambda: compiled)
+    monkeypatch.setattr(ra, "_FLEX_CHECKED", set())
+    yield compiled, counter
+    torch._dynamo.reset()  # later compiles start static again

@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-from torch._dynamo.testing import CompileCounterWithBackend
 from torch._inductor.exc import InductorError
 
 from aa_detection.analysis import flop_count
@@ -244,19 +243,6 @@ MULTI_SCALE_SIZES = [(20, 24), (20, 28), (24, 30), (26, 34), (18, 40), (30, 22),
                      (16, 44), (21, 33)]
 # (dkh, dvh) of AA-R50's res3, res4 and res5 layers (8 heads): three scales, one padded width.
 AA_R50_HEAD_WIDTHS = [(3, 2), (6, 3), (13, 6)]
-
-
-@pytest.fixture
-def aot_eager_flex(monkeypatch):
-    """FlexAttention through torch.compile's front end (dynamo and AOT autograd) as on CUDA, with the aot_eager
-    backend standing in for Inductor, and the counter of the graphs it compiled."""
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(ra._flex_attention, backend=counter, dynamic=None)
-    torch._dynamo.reset()
-    monkeypatch.setattr(ra, "_compiled_flex_attention", lambda: compiled)
-    monkeypatch.setattr(ra, "_FLEX_CHECKED", set())
-    yield compiled, counter
-    torch._dynamo.reset()  # later compiles start static again
 
 
 def test_compiled_flex_serves_many_map_sizes_and_head_widths_with_three_graphs(aot_eager_flex):

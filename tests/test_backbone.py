@@ -1,3 +1,4 @@
+import functools
 import math
 import os
 
@@ -13,6 +14,7 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 
 from aa_detection.config import setup_cfg  # noqa: E402
 from aa_detection.layers import AAConv2d  # noqa: E402
+from aa_detection.layers import relative_attention as ra  # noqa: E402
 from aa_detection.modeling import AABasicBlock, AABottleneckBlock, build_aa_resnet_backbone  # noqa: E402
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -124,6 +126,26 @@ def test_fpn_output_shape_matches_outputs():
     assert set(feats) == set(shapes) == {"p3", "p4", "p5", "p6", "p7"}
     for name, spec in shapes.items():
         assert feats[name].shape == (1, spec.channels, math.ceil(224 / spec.stride), math.ceil(256 / spec.stride))
+
+
+@pytest.mark.slow
+def test_backbone_on_compiled_flex_matches_naive_over_multi_scale_batches(aot_eager_flex, monkeypatch):
+    """AA-R50's backbone (res3-res5) on the CUDA path, compiled FlexAttention (torch.compile's front end,
+    aot_eager standing in for Inductor): its FPN features equal the naive path's on six batches of other
+    sizes and batch sizes, with at most three compiled graphs for all its attention layers."""
+    _, counter = aot_eager_flex
+    monkeypatch.setitem(ra._IMPLEMENTATIONS, "flex", functools.partial(ra._flex, compiled=True))  # as on CUDA
+    model, _ = _retinanet(False, ["MODEL.AA.IMPL", "flex", "MODEL.AA.ZERO_INIT", "False"])
+    naive, _ = _retinanet(False, ["MODEL.AA.IMPL", "naive", "MODEL.AA.ZERO_INIT", "False"])
+    naive.load_state_dict(model.state_dict())
+    for batch, height, width in [(1, 320, 480), (1, 352, 512), (2, 384, 448), (1, 416, 544), (2, 288, 640),
+                                 (1, 448, 576)]:
+        x = torch.randn(batch, 3, height, width)
+        with torch.no_grad():
+            feats, ref = model.backbone(x), naive.backbone(x)
+        for name in ref:
+            assert (feats[name] - ref[name]).abs().max() < 1e-4 * ref[name].abs().max(), (height, width, name)
+    assert counter.frame_count <= 3
 
 
 def test_retinanet_inference_on_odd_size():
