@@ -190,7 +190,8 @@ def test_auto_raises_running_out_of_gpu_memory_instead_of_trying_fused(monkeypat
         raise error
 
     monkeypatch.setattr(ra, "_FLEX_FAILED", False)
-    monkeypatch.setattr(ra, "_compiled_flex_attention", _compiled_flex_raising(error) if wrapped else lambda: out_of_memory)
+    compiled = _compiled_flex_raising(error) if wrapped else lambda: out_of_memory
+    monkeypatch.setattr(ra, "_compiled_flex_attention", compiled)
     monkeypatch.setattr(ra, "_flex", functools.partial(ra._flex, compiled=True))  # as on CUDA
     with pytest.raises(torch.cuda.OutOfMemoryError) as raised, torch.no_grad():
         ra._attend("flex", *random_inputs(1, 2, 5, 7, 3, 2), layer="res3.0.conv2", auto=True)

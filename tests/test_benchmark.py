@@ -12,9 +12,9 @@ from aa_detection.utils.table import format_table
 from aa_detection.layers.relative_attention import kernel_available
 
 from common import ROOT, load_tool  # noqa: E402
+
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is missing")
 NEEDS_DETECTRON2 = "detectron2 is not installed (the model benchmark and its rendering need it); see README.md, Install"
-
 
 
 def _summary(runs):

@@ -265,7 +265,6 @@ def _best_rates(device, dtype, repeats):
     return {"matmul_flops": mm, "exp_rates": ex, "exp_per_s": max(ex.values())}
 
 
-
 @lru_cache(maxsize=1)
 def _compiled_exp_chain() -> Callable[[torch.Tensor], torch.Tensor]:
     """x -> exp(-exp(-...exp(-x))), EXP_CHAIN exps of each element in one compiled kernel (values stay finite)."""
