@@ -135,7 +135,8 @@ def test_compiled_flex_is_exact_or_refused_at_every_map_size():
             out = _compiled_flex(inputs, "res3.0.conv2")
         except ra.AttentionBackendError as e:
             assert re.match(f"res3.0.conv2: (the compiled FlexAttention output differs from the exact softmax on "
-                            f"a {H}x{W} map|torch .* failed to compile FlexAttention for {H * W} pixels)", str(e))
+                            f"a {H}x{W} map|torch .* failed to compile or run FlexAttention for {H * W} pixels)",
+                            str(e))
             continue
         assert (out.double() - ref).abs().max() < 1e-5
         served.append(shape)
@@ -201,9 +202,9 @@ def test_auto_raises_running_out_of_gpu_memory_instead_of_trying_fused(monkeypat
 def test_a_failed_flex_compile_is_an_error_naming_the_layer_and_auto_answers_it_with_fused(monkeypatch, attention_log):
     inputs = random_inputs(1, 2, 5, 7, 3, 2)
     monkeypatch.setattr(ra, "_compiled_flex_attention", _compiled_flex_raising(ValueError("cannot lower score_mod")))
-    with pytest.raises(ra.AttentionBackendError, match=r"res4\.0\.conv2: torch .* failed to compile FlexAttention for "
-                       r"35 pixels with query/key width 16 and value width 16 \(torch.float32, cpu\): InductorError, "
-                       r"ValueError: cannot lower score_mod\. Use MODEL\.AA\.IMPL 'fused'"):
+    with pytest.raises(ra.AttentionBackendError, match=r"res4\.0\.conv2: torch .* failed to compile or run "
+                       r"FlexAttention for 35 pixels with query/key width 16 and value width 16 \(torch.float32, "
+                       r"cpu\): InductorError, ValueError: cannot lower score_mod\. Use MODEL\.AA\.IMPL 'fused'"):
         _compiled_flex(inputs, "res4.0.conv2")
     monkeypatch.setattr(ra, "_FLEX_FAILED", False)
     monkeypatch.setattr(ra, "_flex", functools.partial(ra._flex, compiled=True))  # as on CUDA
@@ -211,6 +212,18 @@ def test_a_failed_flex_compile_is_an_error_naming_the_layer_and_auto_answers_it_
         out = ra._attend("flex", *inputs, layer="res4.0.conv2", auto=True)
     assert ra._FLEX_FAILED and "res4.0.conv2: FlexAttention failed (AttentionBackendError" in attention_log.text
     assert (out - relative_attention_2d(*inputs, impl="naive")).abs().max() < 1e-5
+
+
+def test_a_failed_flex_launch_is_an_error_naming_the_layer(monkeypatch):
+    """As Triton raises at a kernel's first launch when it needs more shared memory than the GPU has."""
+    def launch(*args, **kwargs):
+        raise RuntimeError("out of resource: shared memory, Required: 264192, Hardware limit: 232448")
+
+    monkeypatch.setattr(ra, "_compiled_flex_attention", lambda: launch)
+    with pytest.raises(ra.AttentionBackendError, match=r"res5\.1\.conv2: .* FlexAttention for 35 pixels .*: "
+                       r"RuntimeError, out of resource: shared memory") as raised:
+        _compiled_flex(random_inputs(1, 2, 5, 7, 3, 2), "res5.1.conv2")
+    assert isinstance(raised.value.__cause__, RuntimeError)
 
 
 def test_flex_row_check_catches_a_wrong_map_width():

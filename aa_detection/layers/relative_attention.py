@@ -250,8 +250,8 @@ def _compiled_flex(q, k, v, score_mod, layer):
     """The compiled FlexAttention call with `score_mod` (which scales the scores itself), (B, Nh, L, d) ->
     (B, Nh, L, dv), never silently dense: torch runs it uncompiled, building the whole (L, L) scores, once
     its compile cache for flex_attention is full (`torch._dynamo.config.recompile_limit`), which is an
-    AttentionBackendError here, as is a failed compile (running out of GPU memory while compiling is
-    raised as it is)."""
+    AttentionBackendError here, as is any other failure of the call (running out of GPU memory is raised
+    as it is)."""
     try:
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
             return _compiled_flex_attention()(q, k, v, score_mod=score_mod, scale=1.0)
@@ -260,14 +260,16 @@ def _compiled_flex(q, k, v, score_mod, layer):
             f"{layer}: FlexAttention reached torch._dynamo.config.recompile_limit "
             f"({torch._dynamo.config.recompile_limit} compiled input signatures); beyond it torch would run it "
             "uncompiled, building the dense (HW, HW) scores. Raise the limit or use MODEL.AA.IMPL 'fused'") from e
-    except torch._dynamo.exc.BackendCompilerFailed as e:
+    except Exception as e:  # dynamo, Inductor or Triton, compiling or at the first launch
         out_of_memory = _out_of_memory(e)
+        if out_of_memory is e:
+            raise
         if out_of_memory is not None:
             raise out_of_memory from e
         first_line = str(e).partition("\n")[0]
         raise AttentionBackendError(
-            f"{layer}: torch {torch.__version__} failed to compile FlexAttention for {q.shape[2]} pixels with "
-            f"query/key width {q.shape[-1]} and value width {v.shape[-1]} ({q.dtype}, {q.device.type}): "
+            f"{layer}: torch {torch.__version__} failed to compile or run FlexAttention for {q.shape[2]} pixels "
+            f"with query/key width {q.shape[-1]} and value width {v.shape[-1]} ({q.dtype}, {q.device.type}): "
             f"{type(e).__name__}, {first_line}. Use MODEL.AA.IMPL 'fused'") from e
 
 
