@@ -1,6 +1,5 @@
 import pytest
 import torch
-from torch._dynamo.testing import CompileCounterWithBackend
 
 from common import TINY_SYNTHETIC
 
@@ -27,6 +26,8 @@ def tiny_synthetic(tmp_path_factory):
 def aot_eager_flex(monkeypatch):
     """FlexAttention through torch.compile's front end (dynamo and AOT autograd) as on CUDA, with the aot_eager
     backend standing in for Inductor, and the counter of the graphs it compiled."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
     from aa_detection.layers import relative_attention as ra
 
     counter = CompileCounterWithBackend("aot_eager")

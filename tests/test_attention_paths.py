@@ -120,12 +120,13 @@ def _compiled_flex(inputs, layer="attention"):
         return ra._flex(*inputs, 1.0 / math.sqrt(q.shape[-1]), layer, compiled=True).reshape(v.shape)
 
 
-def test_compiled_flex_is_exact_or_refused_at_every_map_size():
+def test_compiled_flex_is_exact_or_refused_at_every_map_size(monkeypatch):
     """The compiled FlexAttention never returns wrong values: each new input signature is checked against
     the exact softmax, and a miscompile or a failed compile is an error naming the layer and the map
     (torch 2.14.1's CPU kernel fails to build, or gives wrong values, once it compiles with dynamic
     shapes; the first, static, size is served)."""
     torch._dynamo.reset()  # the first size compiles static
+    monkeypatch.setattr(ra, "_FLEX_CHECKED", set())
     served = []
     for shape in COMPILED_FLEX_SHAPES:
         B, Nh, H, W = shape[:4]
@@ -161,7 +162,7 @@ def test_flex_checks_each_new_signature_once_and_auto_answers_a_wrong_output_wit
         _compiled_flex(inputs, "res3.1.conv2")
     assert not ra._FLEX_CHECKED  # a refused signature is checked again next time
     monkeypatch.setattr(ra, "_FLEX_FAILED", False)
-    monkeypatch.setattr(ra, "_flex", functools.partial(ra._flex, compiled=True))  # as on CUDA
+    monkeypatch.setitem(ra._IMPLEMENTATIONS, "flex", functools.partial(ra._flex, compiled=True))  # as on CUDA
     with torch.no_grad():
         out = ra._attend("flex", *inputs, layer="res3.1.conv2", auto=True)
     assert ra._FLEX_FAILED and "res3.1.conv2: FlexAttention failed (AttentionBackendError" in attention_log.text
@@ -193,7 +194,7 @@ def test_auto_raises_running_out_of_gpu_memory_instead_of_trying_fused(monkeypat
     monkeypatch.setattr(ra, "_FLEX_FAILED", False)
     compiled = _compiled_flex_raising(error) if wrapped else lambda: out_of_memory
     monkeypatch.setattr(ra, "_compiled_flex_attention", compiled)
-    monkeypatch.setattr(ra, "_flex", functools.partial(ra._flex, compiled=True))  # as on CUDA
+    monkeypatch.setitem(ra._IMPLEMENTATIONS, "flex", functools.partial(ra._flex, compiled=True))  # as on CUDA
     with pytest.raises(torch.cuda.OutOfMemoryError) as raised, torch.no_grad():
         ra._attend("flex", *random_inputs(1, 2, 5, 7, 3, 2), layer="res3.0.conv2", auto=True)
     assert raised.value is error and not ra._FLEX_FAILED
@@ -203,11 +204,12 @@ def test_a_failed_flex_compile_is_an_error_naming_the_layer_and_auto_answers_it_
     inputs = random_inputs(1, 2, 5, 7, 3, 2)
     monkeypatch.setattr(ra, "_compiled_flex_attention", _compiled_flex_raising(ValueError("cannot lower score_mod")))
     with pytest.raises(ra.AttentionBackendError, match=r"res4\.0\.conv2: torch .* failed to compile or run "
-                       r"FlexAttention for 35 pixels with query/key width 16 and value width 16 \(torch.float32, "
-                       r"cpu\): InductorError, ValueError: cannot lower score_mod\. Use MODEL\.AA\.IMPL 'fused'"):
+                       r"FlexAttention for 35 pixels with padded query/key width 16 and value width 16 "
+                       r"\(torch.float32, cpu\): InductorError, ValueError: cannot lower score_mod\. "
+                       r"Use MODEL\.AA\.IMPL 'fused'"):
         _compiled_flex(inputs, "res4.0.conv2")
     monkeypatch.setattr(ra, "_FLEX_FAILED", False)
-    monkeypatch.setattr(ra, "_flex", functools.partial(ra._flex, compiled=True))  # as on CUDA
+    monkeypatch.setitem(ra._IMPLEMENTATIONS, "flex", functools.partial(ra._flex, compiled=True))  # as on CUDA
     with torch.no_grad():
         out = ra._attend("flex", *inputs, layer="res4.0.conv2", auto=True)
     assert ra._FLEX_FAILED and "res4.0.conv2: FlexAttention failed (AttentionBackendError" in attention_log.text
@@ -242,9 +244,10 @@ def test_flex_row_check_catches_a_wrong_map_width():
     assert ra._flex_row_error(wrong.reshape(out.shape), *flat, bias_h, bias_w, scale, 10) > ra.FLEX_CHECK_TOLERANCE
 
 
-def test_compiled_flex_past_the_recompile_limit_is_an_error_not_dense_attention():
+def test_compiled_flex_past_the_recompile_limit_is_an_error_not_dense_attention(monkeypatch):
     """Past torch._dynamo's recompile limit torch runs FlexAttention uncompiled (dense (HW, HW) scores):
     an AttentionBackendError instead, which auto answers with the fused path."""
+    monkeypatch.setattr(ra, "_FLEX_CHECKED", set())
     torch._dynamo.reset()
     with torch._dynamo.config.patch(recompile_limit=1):
         _compiled_flex(random_inputs(1, 2, 5, 7, 3, 2))

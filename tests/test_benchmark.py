@@ -210,15 +210,8 @@ def test_a_benchmark_runs_in_its_own_process(tmp_path):
     assert json.loads(out.read_text())["rows"][0]["paths"]["fused"]["forward"]["time"]["median"] > 0
 
 
-# Python code that makes importing detectron2 fail, as on a machine without it.
-WITHOUT_DETECTRON2 = """
-import sys
-class NoDetectron2:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "detectron2":
-            raise ModuleNotFoundError(f"No module named {name!r}")
-sys.meta_path.insert(0, NoDetectron2())
-"""
+# Python code that makes importing detectron2 fail in a fresh process, as on a machine without it.
+WITHOUT_DETECTRON2 = "import sys\nsys.modules['detectron2'] = None\n"
 
 
 @pytest.mark.slow

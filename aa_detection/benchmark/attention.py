@@ -177,7 +177,7 @@ def attention_step(inputs: Sequence[torch.Tensor], grad_out: torch.Tensor, impl:
         leaves = [t.detach().requires_grad_(train) for t in tensors]
         if train:
             out = attend(leaves)
-            grads = torch.autograd.grad(out, leaves, grad.to(out.dtype))
+            grads = torch.autograd.grad(out, leaves, grad)
         else:
             with torch.inference_mode():
                 out = attend(leaves)

@@ -122,7 +122,7 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, rel_h: Optional[torch.Te
     return torch.softmax(logits.reshape(B, Nh, H * W, H * W) * scale, dim=-1)
 
 
-def _naive(q, k, v, rel_h, rel_w, scale):
+def _naive(q, k, v, rel_h, rel_w, scale, layer="attention"):
     B, Nh, H, W, _ = q.shape
     with _autocast_off(q):
         out = attention_weights(q, k, rel_h, rel_w, scale) @ _upcast(v).reshape(B, Nh, H * W, -1)
@@ -265,12 +265,12 @@ def _compiled_flex(q, k, v, score_mod, layer):
         if out_of_memory is e:
             raise
         if out_of_memory is not None:
-            raise out_of_memory from e
+            raise out_of_memory
         first_line = str(e).partition("\n")[0]
         raise AttentionBackendError(
             f"{layer}: torch {torch.__version__} failed to compile or run FlexAttention for {q.shape[2]} pixels "
-            f"with query/key width {q.shape[-1]} and value width {v.shape[-1]} ({q.dtype}, {q.device.type}): "
-            f"{type(e).__name__}, {first_line}. Use MODEL.AA.IMPL 'fused'") from e
+            f"with padded query/key width {q.shape[-1]} and value width {v.shape[-1]} ({q.dtype}, "
+            f"{q.device.type}): {type(e).__name__}, {first_line}. Use MODEL.AA.IMPL 'fused'") from e
 
 
 @lru_cache(maxsize=64)
@@ -429,20 +429,19 @@ def _attend(impl, q, k, v, rel_h, rel_w, layer, auto=False):
     if impl == "flex" and torch.jit.is_tracing():
         impl = "fused"
     scale = 1.0 / math.sqrt(q.shape[-1])
-    if impl == "naive":
-        out = _naive(q, k, v, rel_h, rel_w, scale)
-    elif impl == "flex" and auto:
+    attend = _IMPLEMENTATIONS[impl]
+    if impl == "flex" and auto:
         try:
-            out = _flex(q, k, v, rel_h, rel_w, scale, layer)
+            out = attend(q, k, v, rel_h, rel_w, scale, layer)
         except Exception as e:  # a torch.compile / Triton failure or a refused output: the exact fused path
-            if _out_of_memory(e) is not None:  # the fused path needs more memory, not less
+            if isinstance(e, torch.cuda.OutOfMemoryError):  # the fused path needs more memory, not less
                 raise
             _FLEX_FAILED = True
             logger.warning("%s: FlexAttention failed (%s: %s); using the fused path from now on",
                            layer, type(e).__name__, e)
             out = _fused(q, k, v, rel_h, rel_w, scale, layer)
     else:
-        out = _IMPLEMENTATIONS[impl](q, k, v, rel_h, rel_w, scale, layer)
+        out = attend(q, k, v, rel_h, rel_w, scale, layer)
     return out.reshape(v.shape)
 
 
