@@ -33,6 +33,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 import torch
 
+from .errors import WeightsError
 from .layers import AAConv2d
 from .layers.relative_attention import resize_relative_table
 from .safe_io import AtomicWritePathManager, load_pickle_weights, load_torch_weights
@@ -71,6 +72,13 @@ class AACheckpointer(DetectionCheckpointer):
         self.last_load_report = None
 
     # ---- reading untrusted files -------------------------------------------------------------------
+    def load(self, path: str, *args, **kwargs):
+        """detectron2's load; a local weights file that does not exist is a WeightsError naming it (fvcore
+        asserts)."""
+        if path and "://" not in path and not os.path.isfile(path):
+            raise WeightsError(f"weights file not found: {path}")
+        return super().load(path, *args, **kwargs)
+
     def _load_file(self, filename):
         if filename.endswith(".pkl") and not self.allow_unsafe_pickle:
             load_pickle_weights(filename)  # raises UnsafePickleError naming the file and the object

@@ -46,6 +46,8 @@ __all__ = ["convert_pretrained", "check_weights_format", "describe_resnet", "arc
            "torchvision_to_d2_names", "IMAGENET_PIXEL_MEAN", "IMAGENET_PIXEL_STD", "METADATA_KEY"]
 
 METADATA_KEY = "aa_detection"
+# The metadata fields check_weights_format reads (convert_pretrained writes them, and more).
+CHECKED_METADATA_FIELDS = ("pixel_mean", "pixel_std", "input_format", "description")
 # torchvision's and timm's ResNet normalisation (ImageNet mean/std of RGB images) in 0-255 units.
 IMAGENET_PIXEL_MEAN = [123.675, 116.28, 103.53]
 IMAGENET_PIXEL_STD = [58.395, 57.12, 57.375]
@@ -261,7 +263,7 @@ def check_weights_format(cfg: CfgNode, path: str) -> None:
             metadata = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise WeightsError(f"{sidecar}: the metadata beside {path} cannot be read ({e})") from e
-    if not isinstance(metadata, dict) or not {"pixel_mean", "pixel_std", "input_format", "description"} <= set(metadata):
+    if not isinstance(metadata, dict) or not set(CHECKED_METADATA_FIELDS) <= set(metadata):
         return  # not the converter's
     problems = []
     for key, value in (("MODEL.PIXEL_MEAN", cfg.MODEL.PIXEL_MEAN), ("MODEL.PIXEL_STD", cfg.MODEL.PIXEL_STD)):

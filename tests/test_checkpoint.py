@@ -17,6 +17,7 @@ from torch import nn  # noqa: E402
 
 from aa_detection.checkpoint import AACheckpointer  # noqa: E402
 from aa_detection.config import setup_cfg  # noqa: E402
+from aa_detection.errors import WeightsError  # noqa: E402
 from aa_detection.layers import AAConv2d  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -78,6 +79,15 @@ def _check_loaded(model, before, expected, checkpointer):
     random = checkpointer.last_load_report["random"]
     assert not any(k.startswith(PREFIX) and k.split(".")[-2] not in ATTENTION and "rel_" not in k
                    and "running" not in k for k in random)
+
+
+def test_a_missing_weights_file_is_a_weights_error_naming_it(tmp_path):
+    """For every tool that loads weights through AACheckpointer (training, evaluation, export, the demo):
+    fvcore's own check is an AssertionError."""
+    missing = str(tmp_path / "model_final.pth")
+    with pytest.raises(WeightsError, match=f"weights file not found: {re.escape(missing)}"):
+        AACheckpointer(nn.Linear(2, 2)).load(missing)
+    assert AACheckpointer(nn.Linear(2, 2)).load("") == {}  # no weights asked for: the initialisation stays
 
 
 def test_msra_caffe2_pkl_loads_into_aa_resnet(tmp_path):

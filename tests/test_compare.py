@@ -46,6 +46,8 @@ def test_two_single_runs_side_by_side(tmp_path):
     assert os.path.getsize(plot) > 1000 and os.listdir(tmp_path / "plots") == ["p.png"]  # no temporary file left
     with open(plot, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"  # the format of the name, not of the temporary file's
+    with open(plot_runs(runs, str(tmp_path / "plots" / "p.pdf")), "rb") as f:
+        assert f.read(4) == b"%PDF"  # also a format that is not matplotlib's default
 
 
 def test_seeds_are_grouped_and_summarised(tmp_path):

@@ -126,8 +126,8 @@ def _run(items, out_names, args, export, what):
 # --------------------------------------------------------------------------------------------- commands
 def cmd_predict(args: argparse.Namespace) -> int:
     cfg = _setup(args.config_file, args)
+    items = _items(args)  # bad inputs fail before the model is built
     runner = ModelRunner(cfg, args.weights)
-    items = _items(args)
     names = _dataset_names(args, runner.class_names)
 
     def export(item: Item, path: str) -> None:
@@ -211,9 +211,9 @@ def cmd_attention(args: argparse.Namespace) -> int:
     from .attention import attention_grid, compute_attention, find_aa_layer
 
     cfg = _setup(args.config_file, args)
+    items = _items(args)  # bad inputs fail before the model is built
     runner = ModelRunner(cfg, args.weights)
     layer, _ = find_aa_layer(runner.model, args.layer)  # a bad name fails before any image is read
-    items = _items(args)
     logger.info("attention of %s", layer)
 
     def export(item: Item, path: str) -> None:
@@ -263,13 +263,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if len(args.config_file) != 2 or len(args.weights) != 2:
         raise UsageError("compare: give two --config-file and two --weights (baseline first, then AA)")
     titles = args.names or [os.path.splitext(os.path.basename(c))[0] for c in args.config_file]
-    runners = []
-    for config_file, weights in zip(args.config_file, args.weights):
-        runners.append(ModelRunner(_setup(config_file, args), weights))
+    cfgs = [_setup(config_file, args) for config_file in args.config_file]
+    items = _items(args)  # bad inputs fail before the models are built
+    runners = [ModelRunner(cfg, weights) for cfg, weights in zip(cfgs, args.weights)]
     if runners[0].class_names != runners[1].class_names:
         logger.warning("the two models name their classes differently: %s vs %s",
                        runners[0].class_names, runners[1].class_names)
-    items = _items(args)
     names = _dataset_names(args, runners[0].class_names)
 
     def export(item: Item, path: str) -> None:

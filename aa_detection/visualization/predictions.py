@@ -17,7 +17,7 @@ from detectron2.utils.colormap import colormap
 from detectron2.utils.visualizer import Visualizer
 
 from ..checkpoint import AACheckpointer
-from ..errors import InputError, WeightsError
+from ..errors import InputError
 from ..safe_io import atomic_write
 
 __all__ = [
@@ -183,8 +183,6 @@ class ModelRunner(DefaultPredictor):
 
     def __init__(self, cfg, weights=None):
         weights = cfg.MODEL.WEIGHTS if weights is None else weights
-        if weights and not os.path.isfile(weights) and "://" not in weights:
-            raise WeightsError(f"weights file not found: {weights}")
         cfg = cfg.clone()
         cfg.defrost()
         cfg.MODEL.WEIGHTS = ""  # DefaultPredictor's DetectionCheckpointer loads nothing; AACheckpointer does
