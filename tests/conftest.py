@@ -1,3 +1,5 @@
+import logging
+
 import pytest
 import torch
 
@@ -37,3 +39,19 @@ def aot_eager_flex(monkeypatch):
     monkeypatch.setattr(ra, "_FLEX_CHECKED", set())
     yield compiled, counter
     torch._dynamo.reset()  # later compiles start static again
+
+
+@pytest.fixture
+def listen_to(caplog):
+    """listen_to(name) -> caplog, which then receives the named logger's records also after detectron2's
+    setup_logger stopped the "aa_detection" logger from propagating (a training earlier in the session)."""
+    loggers = []
+
+    def attach(name):
+        loggers.append(logging.getLogger(name))
+        loggers[-1].addHandler(caplog.handler)
+        return caplog
+
+    yield attach
+    for logger in loggers:
+        logger.removeHandler(caplog.handler)

@@ -9,7 +9,6 @@ from aa_detection.layers.kernel import kernel_attention, kernel_isas, using_kern
 from aa_detection.layers.relative_attention import kernel_available
 
 from test_relative_attention import brute_force, random_inputs
-from test_relative_attention import test_bfloat16_close_to_float32 as bfloat16_close_to_float32
 
 pytestmark = pytest.mark.skipif(
     not kernel_available(),
@@ -74,10 +73,6 @@ def test_kernel_gradients_match_naive(shape, isa):
         # A table with a single offset (H or W = 1) adds one constant per query: its gradient is zero
         # up to rounding, so compare absolutely there.
         assert torch.allclose(g_kernel, g_naive, rtol=1e-4, atol=1e-5), name
-
-
-def test_kernel_bfloat16():
-    bfloat16_close_to_float32("kernel")
 
 
 def test_kernel_threads_agree():

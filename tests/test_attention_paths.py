@@ -19,12 +19,9 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # choose_impl reads the d
 
 
 @pytest.fixture
-def attention_log(caplog):
-    """caplog receiving the attention module's records also after detectron2's setup_logger stopped the
-    "aa_detection" logger from propagating (a training earlier in the session)."""
-    ra.logger.addHandler(caplog.handler)
-    yield caplog
-    ra.logger.removeHandler(caplog.handler)
+def attention_log(listen_to):
+    """caplog receiving the attention module's records."""
+    return listen_to(ra.logger.name)
 
 
 @pytest.mark.skipif(not ra.kernel_available(), reason="aa_detection._C is not built")

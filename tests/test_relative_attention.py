@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from aa_detection.layers import relative_attention_2d, relative_table
+from aa_detection.layers.relative_attention import kernel_available
 
 
 def brute_force(q, k, v, rel_h, rel_w):
@@ -81,7 +82,8 @@ def _relative_norm_error(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.mark.parametrize("impl", ["naive", "fused"])
+@pytest.mark.parametrize("impl", ["naive", "fused", pytest.param("kernel", marks=pytest.mark.skipif(
+    not kernel_available(), reason="aa_detection._C is not built"))])
 def test_bfloat16_close_to_float32(impl):
     """bf16 inputs: the fp32 computation on the same (rounded) values, rounded once to bf16; gradients
     within bf16's precision of the fp32 ones."""

@@ -141,23 +141,17 @@ def test_results_json_without_model(setup, tmp_path):
         assert np.abs(gt - none[:, :w].astype(np.int16)).max() <= 2
 
 
-def test_missing_and_corrupt_inputs_are_named_and_others_exported(setup, tmp_path, caplog):
+def test_missing_and_corrupt_inputs_are_named_and_others_exported(setup, tmp_path, listen_to):
     folder = tmp_path / "in"
     folder.mkdir()
     good = sorted(setup["images"].iterdir())[0]
     (folder / good.name).write_bytes(good.read_bytes())
     (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     missing = str(tmp_path / "missing.png")
-    # Training sets the "aa_detection" logger not to propagate: listen on the tool's logger itself.
-    tool_logger = logging.getLogger("aa_detection.visualize")
-    tool_logger.addHandler(caplog.handler)
-    try:
-        with caplog.at_level(logging.ERROR, logger="aa_detection.visualize"):
-            status = main(["predict", "--config-file", AA_CFG, "--weights", setup["weights"]["aa"], "--quiet",
-                           "--input", str(folder), missing, "--output", str(tmp_path / "out"),
-                           "--opts", *setup["opts"]])
-    finally:
-        tool_logger.removeHandler(caplog.handler)
+    caplog = listen_to("aa_detection.visualize")
+    with caplog.at_level(logging.ERROR, logger="aa_detection.visualize"):
+        status = main(["predict", "--config-file", AA_CFG, "--weights", setup["weights"]["aa"], "--quiet",
+                       "--input", str(folder), missing, "--output", str(tmp_path / "out"), "--opts", *setup["opts"]])
     assert status == 1
     assert "corrupt.jpg" in caplog.text and "missing.png" in caplog.text and "2 input(s)" in caplog.text
     assert sorted(os.listdir(tmp_path / "out")) == [good.stem + ".jpg"]

@@ -41,21 +41,23 @@ def _glibc():
 def _give_back_free_heap():
     """Return the heap's free memory to the system (malloc_trim), which would otherwise serve a measured
     allocation without new pages. It walks the heap: not done before timed calls."""
-    if _glibc() is not None:
-        _glibc().malloc_trim(0)
+    glibc = _glibc()
+    if glibc is not None:
+        glibc.malloc_trim(0)
 
 
-def _pin_malloc_thresholds():
-    """Make glibc map every block above 128 KiB on its own and return it on free (once per process),
-    giving back what the heap holds free from before."""
+def _pin_malloc_thresholds() -> bool:
+    """Make glibc map every block above 128 KiB on its own and return it on free (once per process);
+    True when this call pinned them (what the heap holds free from before is then still to give back)."""
     global _malloc_pinned
     if _malloc_pinned:
-        return
+        return False
     _malloc_pinned = True
-    if _glibc() is not None:
-        _glibc().mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
-        _glibc().mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
-        _give_back_free_heap()
+    glibc = _glibc()
+    if glibc is not None:
+        glibc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+        glibc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+    return True
 
 
 def _status_kib(field):
@@ -128,7 +130,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
         else:
-            _pin_malloc_thresholds()
+            if _pin_malloc_thresholds():
+                _give_back_free_heap()
             if not _reset_peak_rss():
                 raise OSError("/proc/self/clear_refs cannot be written: use measure_peak_memory (forked child)")
             self._start = _status_kib("VmRSS") * 1024
