@@ -71,6 +71,11 @@ class AACheckpointer(DetectionCheckpointer):
         self.allow_unsafe_pickle = bool(allow_unsafe_pickle)
         self.last_load_report = None
 
+    @classmethod
+    def from_config(cls, model, cfg, save_dir: str = "", **kwargs) -> "AACheckpointer":
+        """An AACheckpointer that loads .pkl files with plain pickle only if cfg.MODEL.WEIGHTS_ALLOW_UNSAFE_PICKLE."""
+        return cls(model, save_dir, allow_unsafe_pickle=cfg.MODEL.WEIGHTS_ALLOW_UNSAFE_PICKLE, **kwargs)
+
     # ---- reading untrusted files -------------------------------------------------------------------
     def load(self, path: str, *args, **kwargs):
         """detectron2's load; a local weights file that does not exist is a WeightsError naming it (fvcore

@@ -169,7 +169,7 @@ def export_model(cfg: CfgNode, output_dir: str, export_format: str = "torchscrip
     if export_format not in FORMATS:
         raise ValueError(f"export format {export_format!r}: allowed values are {list(FORMATS)}")
     model = build_model(cfg).eval()
-    AACheckpointer(model, allow_unsafe_pickle=cfg.MODEL.WEIGHTS_ALLOW_UNSAFE_PICKLE).load(cfg.MODEL.WEIGHTS)
+    AACheckpointer.from_config(model, cfg).load(cfg.MODEL.WEIGHTS)
     image = sample_image(cfg, image_path)
     PathManager.mkdirs(output_dir)
     path = output_path(output_dir, export_format)

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 import weakref
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 import yaml
@@ -42,7 +42,7 @@ from .lazy import is_lazy_config
 from .resilience import MetricsWriter, check_run_identity
 
 __all__ = ["Trainer", "argument_parser", "setup", "main", "launch_main", "RESULTS_FILE",
-           "model_complexity", "inference_seconds_per_image"]
+           "inference_gflops", "inference_seconds_per_image"]
 
 logger = logging.getLogger("aa_detection")
 
@@ -87,13 +87,9 @@ class Trainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     @classmethod
-    def build_checkpointer(cls, model: torch.nn.Module, save_dir: str, cfg: Optional[CfgNode] = None,
-                           **kwargs) -> AACheckpointer:
-        """An AACheckpointer; with a cfg, .pkl files load with plain pickle only if
-        MODEL.WEIGHTS_ALLOW_UNSAFE_PICKLE."""
-        if cfg is not None:
-            kwargs.setdefault("allow_unsafe_pickle", cfg.MODEL.WEIGHTS_ALLOW_UNSAFE_PICKLE)
-        return AACheckpointer(model, save_dir, **kwargs)
+    def build_checkpointer(cls, model: torch.nn.Module, save_dir: str, cfg: CfgNode, **kwargs) -> AACheckpointer:
+        """The AACheckpointer of `cfg` (`AACheckpointer.from_config`) saving into `save_dir`."""
+        return AACheckpointer.from_config(model, cfg, save_dir, **kwargs)
 
     def build_hooks(self) -> List[hooks.HookBase]:
         """DefaultTrainer's hooks, its EvalHook evaluating through `evaluate` (same period)."""
@@ -156,8 +152,8 @@ class Trainer(DefaultTrainer):
                           "no box evaluator here: allowed values are 'coco', 'lvis' and 'pascal_voc'")
 
 
-def model_complexity(cfg: CfgNode, model: torch.nn.Module) -> Tuple[int, float]:
-    """(parameters, GFLOPs) of `model` on the first image of the first test dataset.
+def inference_gflops(cfg: CfgNode, model: torch.nn.Module) -> float:
+    """GFLOPs of `model` on the first image of the first test dataset.
 
     GFLOPs count one fused multiply-add as one FLOP (fvcore's convention, the papers' one), attention
     cores included (`aa_detection.analysis.flop_count`).
@@ -167,7 +163,7 @@ def model_complexity(cfg: CfgNode, model: torch.nn.Module) -> Tuple[int, float]:
     model.eval()
     flops, _ = flop_count(model, (inputs,))
     model.train(was_training)
-    return count_parameters(model)["total"], flops / 1e9
+    return flops / 1e9
 
 
 def inference_seconds_per_image(cfg: CfgNode, model: torch.nn.Module, num_images: int = 30, warmup: int = 3) -> float:
@@ -199,18 +195,16 @@ def save_results(cfg: CfgNode, model: torch.nn.Module, results: Optional[Dict], 
     results = dict(results or {})
     if len(cfg.DATASETS.TEST) == 1 and cfg.DATASETS.TEST[0] not in results:
         results = {cfg.DATASETS.TEST[0]: results}  # DefaultTrainer.test unwraps a single dataset
+    gflops = seconds_per_image = None  # without test images there is nothing to measure on
     if cfg.DATASETS.TEST:
-        params, gflops = model_complexity(cfg, model)
-        seconds_per_image = inference_seconds_per_image(cfg, model)
-    else:  # no test images to measure on
-        params, gflops, seconds_per_image = count_parameters(model)["total"], None, None
+        gflops, seconds_per_image = inference_gflops(cfg, model), inference_seconds_per_image(cfg, model)
     data = {
         "config_file": config_file,
         "backbone": cfg.MODEL.BACKBONE.NAME,
         "datasets": {"train": list(cfg.DATASETS.TRAIN), "test": list(cfg.DATASETS.TEST)},
         "iteration": iteration,
         "results": {k: {t: dict(m) for t, m in v.items()} for k, v in results.items()},
-        "params": params,
+        "params": count_parameters(model)["total"],
         "gflops": gflops,
         "seconds_per_image": seconds_per_image,
         "train_seconds": train_seconds,  # training wall time without the periodic evaluations

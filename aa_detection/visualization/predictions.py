@@ -187,7 +187,7 @@ class ModelRunner(DefaultPredictor):
         cfg.defrost()
         cfg.MODEL.WEIGHTS = ""  # DefaultPredictor's DetectionCheckpointer loads nothing; AACheckpointer does
         super().__init__(cfg)
-        AACheckpointer(self.model, allow_unsafe_pickle=cfg.MODEL.WEIGHTS_ALLOW_UNSAFE_PICKLE).load(weights)
+        AACheckpointer.from_config(self.model, cfg).load(weights)
         self.weights = weights
         names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
         meta = MetadataCatalog.get(names[0]) if names else None
