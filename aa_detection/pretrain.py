@@ -141,20 +141,23 @@ def _unwrap(model):
 
 # ---- data --------------------------------------------------------------------------------------------
 def _datasets(root: str):
+    """(train, val) ImageFolder datasets of `root`; the val split is read only once train/ was found."""
+    train = _split_dataset(root, "train", is_training=True)
+    return train, _split_dataset(root, "val", class_map=train.reader.class_to_idx)
+
+
+def _split_dataset(root: str, split: str, **kwargs):
     from timm.data import create_dataset
 
     expected = "expected images in train/<class>/ and val/<class>/"
     try:
-        train = create_dataset("", root=root, split="train", is_training=True)
-        val = create_dataset("", root=root, split="val", class_map=train.reader.class_to_idx)
+        dataset = create_dataset("", root=root, split=split, **kwargs)
     except RuntimeError as e:  # timm finds no images
         raise DatasetError(f"--data {root}: {e}; {expected}") from e
-    # timm reads `root` itself as a split it finds no folder for (by its own names: train/, val/, validation/...)
-    missing = [split for split, dataset in (("train", train), ("val", val))
-               if os.path.abspath(dataset.reader.root) == os.path.abspath(root)]
-    if missing:
-        raise DatasetError(f"--data {root}: no {' or '.join(f'{split}/' for split in missing)} folder; {expected}")
-    return train, val
+    # timm reads `root` itself for a split it finds no folder of (by its names: train/, val/, validation/...)
+    if os.path.abspath(dataset.reader.root) == os.path.abspath(root):
+        raise DatasetError(f"--data {root}: no {split}/ folder; {expected}")
+    return dataset
 
 
 def _loaders(args, data_config, train_set, val_set, device, distributed):
@@ -269,6 +272,7 @@ def pretrain(args: argparse.Namespace) -> dict:
     import aa_detection.classification  # noqa: F401  (registers the models)
 
     rank, world_size, device = _init_distributed(args.device)
+    train_set, val_set = _datasets(args.data)  # before anything is written
     os.makedirs(args.output, exist_ok=True)
     setup_logger(os.path.join(args.output, "log.txt"), distributed_rank=rank, name="aa_detection")
     amp = args.amp and device.type == "cuda"
@@ -276,7 +280,6 @@ def pretrain(args: argparse.Namespace) -> dict:
                 args.seed, world_size, device, amp, json.dumps(vars(args)))
     _seed_epoch(args.seed, -1, rank)  # model initialisation
 
-    train_set, val_set = _datasets(args.data)
     classes = sorted(train_set.reader.class_to_idx, key=train_set.reader.class_to_idx.get)
     kwargs = model_kwargs(args)
     input_size = (3, args.img_size, args.img_size)

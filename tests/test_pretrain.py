@@ -129,12 +129,18 @@ def test_converted_classifier_is_the_detection_backbone(pretrained_run, tmp_path
 
 
 def test_a_data_folder_without_its_splits_is_named(tmp_path):
+    out = tmp_path / "out"
+    (tmp_path / "square").mkdir()
+    torchvision.utils.save_image(torch.rand(3, 8, 8), str(tmp_path / "square" / "0.png"))
+    with pytest.raises(DatasetError, match=re.escape(f"--data {tmp_path}: no train/ folder")):  # images, no splits
+        pretrain(_args(str(tmp_path), str(out)))
     (tmp_path / "train" / "square").mkdir(parents=True)
     with pytest.raises(DatasetError, match=re.escape(f"--data {tmp_path}: Found 0 images")):  # an empty split
-        pretrain(_args(str(tmp_path), str(tmp_path / "out")))
+        pretrain(_args(str(tmp_path), str(out)))
     torchvision.utils.save_image(torch.rand(3, 8, 8), str(tmp_path / "train" / "square" / "0.png"))
     with pytest.raises(DatasetError, match=re.escape(f"--data {tmp_path}: no val/ folder")):
-        pretrain(_args(str(tmp_path), str(tmp_path / "out")))
+        pretrain(_args(str(tmp_path), str(out)))
+    assert not out.exists()  # checked before the output folder is made
 
 
 def test_other_architecture_or_format_is_refused(pretrained_run, tmp_path):
