@@ -8,6 +8,7 @@ from detectron2.data import DatasetCatalog  # noqa: E402
 
 from aa_detection.config import setup_cfg  # noqa: E402
 from aa_detection.data import SYNTHETIC_CLASSES, ensure_synthetic_dataset, generate_split  # noqa: E402
+from aa_detection.data.synthetic import generate_once  # noqa: E402
 from aa_detection.errors import ConfigError, DatasetError  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,6 +48,37 @@ def test_ensure_is_idempotent(tmp_path):
     ensure_synthetic_dataset(root, num_train=4, num_val=2)
     assert os.path.getmtime(os.path.join(root, "train.json")) == stamp
     assert sorted(os.listdir(tmp_path)) == ["syn"]  # no temporary folder left behind
+
+
+def _write(folder, name, text):
+    with open(os.path.join(folder, name), "w") as f:
+        f.write(text)
+
+
+def test_a_set_another_process_finished_meanwhile_is_kept_and_a_partial_one_replaced(tmp_path):
+    root = tmp_path / "set"
+
+    def finished_by_another_process(folder):
+        root.mkdir()
+        _write(root, "DONE", json.dumps({"seed": 0, "by": "other"}))
+        _write(folder, "data", "ours")
+        return {"by": "us"}
+
+    generate_once(str(root), {"seed": 0}, finished_by_another_process)
+    assert json.loads((root / "DONE").read_text()) == {"seed": 0, "by": "other"}
+    assert sorted(os.listdir(tmp_path)) == ["set"]  # ours removed, no temporary folder left
+
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    _write(partial, "half", "killed before its DONE stamp")
+    generate_once(str(partial), {"seed": 1}, lambda folder: _write(folder, "data", "ours") or {"by": "us"})
+    assert sorted(os.listdir(partial)) == ["DONE", "data"]
+    assert json.loads((partial / "DONE").read_text()) == {"seed": 1, "by": "us"}
+    calls = []
+    generate_once(str(partial), {"seed": 1}, calls.append)
+    assert calls == []  # finished with these arguments: not generated again
+    with pytest.raises(DatasetError, match=r"partial holds a set generated with other arguments: seed 1 \(asked 2\)"):
+        generate_once(str(partial), {"seed": 2}, calls.append)
 
 
 def _coco(path, names, image_root):

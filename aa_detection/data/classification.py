@@ -15,11 +15,10 @@ folder and renamed into place.
 import json
 import os
 import shutil
-import tempfile
 
 import cv2
 
-from .synthetic import CLASSES, generate_split, is_generated, move_into_place
+from .synthetic import CLASSES, generate_once, generate_split
 
 __all__ = ["ensure_shapes_classification_set"]
 
@@ -46,34 +45,25 @@ def _write_crops(detection_root: str, split: str, out_dir: str, margin: float, m
 
 def ensure_shapes_classification_set(root: str, num_train_images: int = 800, num_val_images: int = 50,
                                      seed: int = 0, margin: float = 0.15, min_side: int = 12) -> str:
-    """Generate the set under `root` unless it is there (idempotent); returns `root`. A set made there
-    with other arguments is a DatasetError naming them.
+    """Generate the set under `root` unless it is there (`generate_once`); returns the absolute `root`. A set
+    made there with other arguments is a DatasetError naming them.
 
     num_*_images detection images per split (1-8 objects each) are cut into crops: each object's box
     plus `margin` times its longer side on every side; objects shorter than `min_side` px are skipped.
     """
-    root = os.path.abspath(root)
     arguments = {"seed": seed, "num_train_images": num_train_images, "num_val_images": num_val_images,
                  "margin": margin, "min_side": min_side}
-    if is_generated(root, arguments):
-        return root
-    parent = os.path.dirname(root)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".shapes-cls-", dir=parent)
-    try:
+
+    def generate(folder):
         counts = {}
         for split, num_images in (("train", num_train_images), ("val", num_val_images)):
-            detection = os.path.join(tmp, "detection")
+            detection = os.path.join(folder, "detection")
             generate_split(detection, split, num_images, seed=seed)  # images differ per split
-            counts[split] = _write_crops(detection, split, tmp, margin, min_side)
+            counts[split] = _write_crops(detection, split, folder, margin, min_side)
             shutil.rmtree(detection)
-        with open(os.path.join(tmp, "DONE"), "w") as f:
-            json.dump({"classes": list(CLASSES), "crops": counts, **arguments}, f)
-        move_into_place(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+        return {"classes": list(CLASSES), "crops": counts}
 
+    return generate_once(root, arguments, generate)
 
 if __name__ == "__main__":
     import argparse
