@@ -15,15 +15,16 @@ CONFIG = os.path.join(ROOT, "configs/synthetic/retinanet_R_18_FPN_synthetic.yaml
 pytestmark = pytest.mark.slow
 
 
-def _run(tmp_path, data, output, seeds):
+def _run(tmp_path, data, output, seeds, config=CONFIG, max_iter=20, trusted=()):
     opts = ["DATASETS.SYNTHETIC.ROOT", data, "DATASETS.SYNTHETIC.NUM_TRAIN", "32", "DATASETS.SYNTHETIC.NUM_VAL", "6",
             "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96", "INPUT.MIN_SIZE_TEST", "64",
-            "INPUT.MAX_SIZE_TEST", "96", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "20",
+            "INPUT.MAX_SIZE_TEST", "96", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", str(max_iter),
             "SOLVER.WARMUP_ITERS", "2", "SOLVER.STEPS", "()", "TEST.EVAL_PERIOD", "10",
             "SOLVER.CHECKPOINT_PERIOD", "100", "DATALOADER.NUM_WORKERS", "1",
             "DATASETS.CHECK_CACHE_DIR", str(tmp_path / "cache")]
-    return subprocess.run([sys.executable, os.path.join(ROOT, "tools/run_synthetic.py"), "--configs", CONFIG,
-                           "--seeds", str(seeds), "--output", output, *opts],
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools/run_synthetic.py"), "--configs", config,
+                           *(f"--trust-config={f}" for f in trusted), "--seeds", str(seeds), "--output", output,
+                           *opts],
                           capture_output=True, text=True, cwd=ROOT)
 
 
@@ -47,3 +48,19 @@ def test_seeds_are_separate_runs_and_a_seed_repeats_exactly(tmp_path, tiny_synth
     repeat = str(tmp_path / "b" / "retinanet_R_18_FPN" / "seed1")
     assert _losses(repeat) == _losses(runs[1])  # losses and AP at every logged iteration
     assert any(ap is not None for _, _, ap in _losses(repeat))
+
+
+def test_a_trusted_config_reaches_every_run(tmp_path, tiny_synthetic):
+    """--trust-config is checked by run_synthetic and passed on to each run's train_net.py, which reads the
+    config again: without it the runs would refuse the tag."""
+    tagged = tmp_path / "tagged_synthetic.yaml"
+    tagged.write_text(f'_BASE_: "{CONFIG}"\nMODEL:\n  ANCHOR_GENERATOR:\n    SIZES: !!python/object/apply:eval '
+                      '["[[x, x * 2 ** (1 / 3), x * 2 ** (2 / 3)] for x in [10, 20, 40, 80, 160]]"]\n')
+    refused = _run(tmp_path, tiny_synthetic, str(tmp_path / "a"), seeds=1, config=str(tagged), max_iter=2)
+    assert refused.returncode == 2 and "tagged_synthetic.yaml: refusing an unsafe YAML tag" in refused.stderr
+    assert not (tmp_path / "a").exists()
+    trusted = _run(tmp_path, tiny_synthetic, str(tmp_path / "a"), seeds=1, config=str(tagged), max_iter=2,
+                   trusted=[str(tagged)])
+    assert trusted.returncode == 0, trusted.stderr[-3000:]
+    with open(tmp_path / "a" / "tagged" / "seed1" / "config.yaml") as f:
+        assert "- 10\n" in f.read()  # the tag's anchor sizes (the config's own start at 12), evaluated

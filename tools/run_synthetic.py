@@ -17,7 +17,8 @@ from aa_detection.engine.compare import format_table, load_run, plot_runs
 from aa_detection.engine.runs import train_seeds
 from aa_detection.errors import exit_on_user_error
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "synthetic")
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+CONFIG_DIR = os.path.join(os.path.dirname(TOOLS), "configs", "synthetic")
 CONFIGS = [os.path.join(CONFIG_DIR, f"retinanet_{m}_FPN_synthetic.yaml") for m in ("R_18", "AA_R_18")]
 
 
@@ -31,8 +32,8 @@ def main(argv=None):
     p.add_argument("--eval-only", action="store_true", help="only compare existing runs")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every run")
     args = p.parse_args(argv)
-    runs, failed = train_seeds(args.configs, range(1, args.seeds + 1), args.output, args.opts, not args.eval_only,
-                               args.trust_config)
+    runs, failed = train_seeds(os.path.join(TOOLS, "train_net.py"), args.configs, range(1, args.seeds + 1),
+                               args.output, args.opts, not args.eval_only, args.trust_config)
     runs = [load_run(run) for run in runs]
     if runs:
         print("\n" + format_table(runs))

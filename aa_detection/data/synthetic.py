@@ -2,8 +2,8 @@
 
 Each image is a textured, noisy background with distractor strokes and 1-8 objects of five shape
 classes (rectangle, ellipse, triangle, cross, ring) in random colours, sizes from about 10 px to about
-half the image (images are 128 to 192 px a side), placed so that later objects may partly occlude earlier ones. Colour carries no class
-information: the detector has to learn shape. Boxes and areas are exact, computed from each object's
+half the image (images are 128 to 192 px a side), placed so that later objects may partly occlude
+earlier ones. Colour carries no class information: the detector has to learn shape. Boxes and areas are exact, computed from each object's
 own drawn mask (amodal, like a full outline).
 
 The dataset is a pure function of its arguments (seed, sizes, counts): generating it twice gives the

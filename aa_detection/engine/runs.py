@@ -20,9 +20,10 @@ def model_name(config_file: str) -> str:
     return os.path.splitext(os.path.basename(config_file))[0].replace("_synthetic", "")
 
 
-def train_seeds(configs: Sequence[str], seeds: Sequence[int], output: str, opts: Sequence[str] = (),
+def train_seeds(train_tool: str, configs: Sequence[str], seeds: Sequence[int], output: str, opts: Sequence[str] = (),
                 train: bool = True, trusted: Sequence[str] = ()) -> Tuple[List[str], List[str]]:
-    """Train every config once per seed with tools/train_net.py (one process each, one after the other).
+    """Train every config once per seed with the script `train_tool` (tools/train_net.py; one process each,
+    one after the other).
 
     Every config is checked (and its datasets prepared) before the first run starts; `trusted` are the
     config files that may hold Python tags (--trust-config). Returns (the run folders that exist, the
@@ -34,11 +35,10 @@ def train_seeds(configs: Sequence[str], seeds: Sequence[int], output: str, opts:
             run_opts = list(opts) + ["SEED", str(seed), "OUTPUT_DIR", out]
             setup_cfg(config, run_opts, prepare_data=True, trusted=trusted)  # a bad config fails before any training
             plans.append((config, out, run_opts))
-    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                        "tools", "train_net.py")
     failed = []
     for config, out, run_opts in plans if train else ():
-        cmd = [sys.executable, tool, "--config-file", config, *(f"--trust-config={f}" for f in trusted), *run_opts]
+        trust = [f"--trust-config={f}" for f in trusted]
+        cmd = [sys.executable, train_tool, "--config-file", config, *trust, *run_opts]
         print(">>", " ".join(cmd), flush=True)
         start = time.perf_counter()
         rc = subprocess.call(cmd)
