@@ -36,7 +36,7 @@ def aot_eager_flex(monkeypatch):
     compiled = torch.compile(ra._flex_attention, backend=counter, dynamic=None)
     torch._dynamo.reset()
     monkeypatch.setattr(ra, "_compiled_flex_attention", lambda: compiled)
-    monkeypatch.setattr(ra, "_FLEX_CHECKED", set())
+    monkeypatch.setattr(ra, "_FLEX_SIGNATURES", {})
     yield compiled, counter
     torch._dynamo.reset()  # later compiles start static again
 

@@ -123,7 +123,7 @@ def test_compiled_flex_is_exact_or_refused_at_every_map_size(monkeypatch):
     (torch 2.14.1's CPU kernel fails to build, or gives wrong values, once it compiles with dynamic
     shapes; the first, static, size is served)."""
     torch._dynamo.reset()  # the first size compiles static
-    monkeypatch.setattr(ra, "_FLEX_CHECKED", set())
+    monkeypatch.setattr(ra, "_FLEX_SIGNATURES", {})
     served = []
     for shape in COMPILED_FLEX_SHAPES:
         B, Nh, H, W = shape[:4]
@@ -153,11 +153,11 @@ def _eager_flex_times(factor):
 def test_flex_checks_each_new_signature_once_and_auto_answers_a_wrong_output_with_fused(monkeypatch, attention_log):
     inputs = random_inputs(1, 2, 5, 7, 3, 2)
     ref = relative_attention_2d(*inputs, impl="naive")
-    monkeypatch.setattr(ra, "_FLEX_CHECKED", set())
+    monkeypatch.setattr(ra, "_FLEX_SIGNATURES", {})
     monkeypatch.setattr(ra, "_compiled_flex", _eager_flex_times(1.5))
     with pytest.raises(ra.AttentionBackendError, match=r"res3\.1\.conv2: .*differs from the exact softmax on a 5x7"):
         _compiled_flex(inputs, "res3.1.conv2")
-    assert not ra._FLEX_CHECKED  # a refused signature is checked again next time
+    assert ra._FLEX_SIGNATURES and not any(ra._FLEX_SIGNATURES.values())  # a refused one is checked again
     monkeypatch.setattr(ra, "_FLEX_FAILED", False)
     monkeypatch.setitem(ra._IMPLEMENTATIONS, "flex", functools.partial(ra._flex, compiled=True))  # as on CUDA
     with torch.no_grad():
@@ -165,11 +165,13 @@ def test_flex_checks_each_new_signature_once_and_auto_answers_a_wrong_output_wit
     assert ra._FLEX_FAILED and "res3.1.conv2: FlexAttention failed (AttentionBackendError" in attention_log.text
     assert (out - ref).abs().max() < 1e-5  # the fused path's answer
     monkeypatch.setattr(ra, "_compiled_flex", _eager_flex_times(1.0))
-    assert (_compiled_flex(inputs) - ref).abs().max() < 1e-5 and len(ra._FLEX_CHECKED) == 1
+    assert (_compiled_flex(inputs) - ref).abs().max() < 1e-5 and list(ra._FLEX_SIGNATURES.values()) == [True]
     monkeypatch.setattr(ra, "_compiled_flex", _eager_flex_times(1.5))
     _compiled_flex(inputs)  # a signature that passed is not checked again (the check costs 8 rows once)
     with pytest.raises(ra.AttentionBackendError):  # a new map size is
         _compiled_flex(random_inputs(1, 2, 6, 7, 3, 2))
+    with pytest.raises(ra.AttentionBackendError):  # and so, once more, is every signature seen before it:
+        _compiled_flex(inputs)  # the new size may have compiled the graph that serves them now
 
 
 def _compiled_flex_raising(error):
@@ -244,7 +246,7 @@ def test_flex_row_check_catches_a_wrong_map_width():
 def test_compiled_flex_past_the_recompile_limit_is_an_error_not_dense_attention(monkeypatch):
     """Past torch._dynamo's recompile limit torch runs FlexAttention uncompiled (dense (HW, HW) scores):
     an AttentionBackendError instead, which auto answers with the fused path."""
-    monkeypatch.setattr(ra, "_FLEX_CHECKED", set())
+    monkeypatch.setattr(ra, "_FLEX_SIGNATURES", {})
     torch._dynamo.reset()
     with torch._dynamo.config.patch(recompile_limit=1):
         _compiled_flex(random_inputs(1, 2, 5, 7, 3, 2))
@@ -263,11 +265,13 @@ def test_compiled_flex_serves_many_map_sizes_and_head_widths_with_three_graphs(a
     """The project's score_mod compiles at most three times (static, then dynamic sizes) for eleven map sizes
     at AA-R50's three head widths, below the recompile limit of 8, and each output is exact."""
     _, counter = aot_eager_flex
-    for i, (H, W) in enumerate(MULTI_SCALE_SIZES):
-        inputs = random_inputs(2, 8, H, W, *AA_R50_HEAD_WIDTHS[i % 3])
-        ref = relative_attention_2d(*(t.double() for t in inputs), impl="naive")
-        assert (_compiled_flex(inputs).double() - ref).abs().max() < 1e-5, (H, W)
-    assert counter.frame_count <= 3 and len(ra._FLEX_CHECKED) == len(MULTI_SCALE_SIZES)
+    for second_pass in (False, True):  # the second checks each size once more, after the last new one
+        for i, (H, W) in enumerate(MULTI_SCALE_SIZES):
+            inputs = random_inputs(2, 8, H, W, *AA_R50_HEAD_WIDTHS[i % 3])
+            ref = relative_attention_2d(*(t.double() for t in inputs), impl="naive")
+            assert (_compiled_flex(inputs).double() - ref).abs().max() < 1e-5, (H, W)
+        assert counter.frame_count <= 3 and len(ra._FLEX_SIGNATURES) == len(MULTI_SCALE_SIZES)
+        assert sum(ra._FLEX_SIGNATURES.values()) == (len(MULTI_SCALE_SIZES) if second_pass else 1)
 
 
 def test_compiled_flex_trains_the_tables_then_evaluates_with_four_graphs(aot_eager_flex):

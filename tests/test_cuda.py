@@ -24,7 +24,7 @@ def fresh_flex(monkeypatch):
     """Each test compiles FlexAttention afresh: the graphs of earlier tests (two dtypes, batch 1, a 1xN strip)
     would otherwise add up towards torch._dynamo's recompile limit, past which flex is refused."""
     torch._dynamo.reset()
-    monkeypatch.setattr(ra, "_FLEX_CHECKED", set())
+    monkeypatch.setattr(ra, "_FLEX_SIGNATURES", {})
     monkeypatch.setattr(ra, "_FLEX_FAILED", False)
 
 

@@ -215,7 +215,10 @@ def _flex_width(n):
 # TF32 rounding by about 1e-2 at most).
 FLEX_CHECK_ROWS = 8
 FLEX_CHECK_TOLERANCE = 0.05
-_FLEX_CHECKED = set()  # input signatures whose compiled output passed the check
+# {input signature: whether its output passed the check since the last new signature}. A new signature
+# may compile a graph (a dynamic one after the first static size) that then also serves the signatures
+# seen before it, so each of those is checked once more.
+_FLEX_SIGNATURES = {}
 
 
 def _flex_row_error(out, q, k, v, bias_h, bias_w, scale, width):
@@ -316,9 +319,9 @@ def _flex(q, k, v, rel_h, rel_w, scale, layer="attention", compiled=None):
     """FlexAttention with a score_mod adding the relative logits of each query, precomputed (fp32, scaled)
     as (B, Nh, HW, H) and (B, Nh, HW, W): no (HW, HW) tensor, no padded logit width.
 
-    Compiled where `compiled` (default: on CUDA); the first output of each new input signature is checked
-    on FLEX_CHECK_ROWS query rows against the exact softmax, and a wrong one (a miscompile) is an
-    AttentionBackendError. Uncompiled it builds dense scores: a reference, capped at NAIVE_MAX_PIXELS.
+    Compiled where `compiled` (default: on CUDA); the first output of each new input signature, and of every
+    earlier one after it, is checked on FLEX_CHECK_ROWS query rows against the exact softmax, and a wrong one
+    (a miscompile) is an AttentionBackendError. Uncompiled it builds dense scores: a reference, capped at NAIVE_MAX_PIXELS.
     Training (a backward) needs CUDA."""
     if _flex_attention is None:
         raise AttentionBackendError(f"{layer}: impl='flex' needs torch.nn.attention.flex_attention (torch >= 2.5)")
@@ -339,16 +342,19 @@ def _flex(q, k, v, rel_h, rel_w, scale, layer="attention", compiled=None):
         q, k, v, score_mod, bias_h, bias_w = _flex_operands(q, k, v, rel_h, rel_w, scale)
         if compiled:
             out = _compiled_flex(q, k, v, score_mod, layer)
-            signature = (q.device.type, q.dtype, B, Nh, H, W, q.shape[-1], v.shape[-1], rel_h is not None,
-                         torch.is_grad_enabled() and q.requires_grad)
-            if signature not in _FLEX_CHECKED:
+            signature = (q.device.type, q.dtype, B, Nh, H, W, q.shape[-1], v.shape[-1], torch.is_grad_enabled(),
+                         *(t is not None and t.requires_grad for t in (q, k, v, bias_h)), rel_h is not None)
+            if signature not in _FLEX_SIGNATURES:
+                _FLEX_SIGNATURES.update(dict.fromkeys(_FLEX_SIGNATURES, False))
+                _FLEX_SIGNATURES[signature] = False
+            if not _FLEX_SIGNATURES[signature]:
                 error = _flex_row_error(out, q, k, v, bias_h, bias_w, scale, W)
                 if not error <= FLEX_CHECK_TOLERANCE:
                     raise AttentionBackendError(
                         f"{layer}: the compiled FlexAttention output differs from the exact softmax on a {H}x{W} "
                         f"map ({q.dtype}, relative error {error:.3g} on {min(FLEX_CHECK_ROWS, H * W)} query "
                         f"rows): a miscompile of torch {torch.__version__}; use MODEL.AA.IMPL 'fused'")
-                _FLEX_CHECKED.add(signature)
+                _FLEX_SIGNATURES[signature] = True
         else:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
