@@ -128,4 +128,5 @@ def test_aa_r50_training_step_memory_within_1_3x_of_r50():
     augmented = _training_step_peak_bytes("retinanet_AA_R_50_FPN_1x.yaml", 800, 1344)
     print(f"training step peak: R50 {baseline / 2**30:.2f} GiB, AA-R50 {augmented / 2**30:.2f} GiB, "
           f"ratio {augmented / baseline:.3f}")
+    assert not ra._FLEX_FAILED  # auto served the AA model with FlexAttention, not the fused fallback
     assert augmented <= 1.3 * baseline

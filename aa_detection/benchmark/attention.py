@@ -315,7 +315,8 @@ def bench_size(name: str, args: argparse.Namespace, device: torch.device, rates:
     modes = MODES[:1] if args.no_train else MODES
     budget = (args.naive_max_gib * GiB if args.naive_max_gib is not None else free_memory_bytes(device) / 2)
     estimates = {m: factors[m] * logits_bytes for m in modes}
-    paths = with_kernel_isas(paths_for(device, args.paths.split(","), estimates["forward"], budget), args.kernel_isas)
+    naive_estimate = max(estimates.values())  # naive is the reference of every mode or of none
+    paths = with_kernel_isas(paths_for(device, args.paths.split(","), naive_estimate, budget), args.kernel_isas)
     reference = "naive" if "naive" in paths else None
     row = {"size": name, "H": H, "W": W, "B": B, "Nh": Nh, "dkh": dkh, "dvh": dvh, "reference": reference,
            "threads": torch.get_num_threads(), "naive_logits_bytes": logits_bytes, "paths": {p: {} for p in paths},

@@ -174,6 +174,14 @@ def _memory_lean_sdpa(q, k, v, scale, layer):
             "'kernel' (CPU), or attend over a smaller map") from e
 
 
+def _flat_padded(t: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, Nh, H, W, d) -> (B, Nh, HW, width), zero columns added, contiguous: the memory-lean SDPA kernels
+    need a last-dimension stride of 1 (FlexAttention reads rows faster with it), which split_heads' views
+    lack where no column is added (F.pad by 0 keeps the strides)."""
+    B, Nh, H, W, d = t.shape
+    return F.pad(t, (0, width - d)).reshape(B, Nh, H * W, width).contiguous()
+
+
 def _fused(q, k, v, rel_h, rel_w, scale, layer="attention"):
     """Exact low-rank form: q' = [q, q.r^H, q.r^W], k' = [k, onehot(y), onehot(x)], so q'.k' is the
     full logit and one memory-lean scaled_dot_product_attention call needs no dense (HW, HW) bias.
@@ -188,9 +196,8 @@ def _fused(q, k, v, rel_h, rel_w, scale, layer="attention"):
             onehots = _key_position_onehots(H, W, k.dtype, k.device).expand(B, Nh, H, W, H + W)
             k = torch.cat([k, onehots], dim=-1)
         qk_width, v_width = fused_widths(q.shape[-1], dv, q.device.type)
-        q, k = (F.pad(t, (0, qk_width - t.shape[-1])).reshape(B, Nh, H * W, qk_width) for t in (q, k))
-        v = F.pad(v, (0, v_width - dv)).reshape(B, Nh, H * W, v_width)
-        out = _memory_lean_sdpa(q, k, v, scale, layer)
+        q, k = (_flat_padded(t, qk_width) for t in (q, k))
+        out = _memory_lean_sdpa(q, k, _flat_padded(v, v_width), scale, layer)
     return out[..., :dv].to(dtype)
 
 
@@ -215,10 +222,15 @@ def _flex_width(n):
 # TF32 rounding by about 1e-2 at most).
 FLEX_CHECK_ROWS = 8
 FLEX_CHECK_TOLERANCE = 0.05
-# {input signature: whether its output passed the check since the last new signature}. A new signature
-# may compile a graph (a dynamic one after the first static size) that then also serves the signatures
-# seen before it, so each of those is checked once more.
+# {input signature: whether its output passed the check since the last compile}. A compile (a dynamic graph
+# after the first, static, size) may make the new graph serve the signatures seen before it too, so each of
+# those is checked once more.
 _FLEX_SIGNATURES = {}
+
+
+def _compiled_graphs() -> int:
+    """How many graphs torch.compile has compiled in this process (dynamo's count)."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
 def _flex_row_error(out, q, k, v, bias_h, bias_w, scale, width):
@@ -249,14 +261,25 @@ def _out_of_memory(e: BaseException) -> Optional[torch.cuda.OutOfMemoryError]:
     return None
 
 
+def _backward_compiled_with_forward():
+    """torch's switch (where it has one) that compiles the backward graph together with the forward: a
+    backward that fails to compile then fails in the forward call, where the fused path can still take
+    over, instead of at loss.backward() (for dynamic shapes torch would only log it until then)."""
+    import torch._functorch.config as functorch_config
+
+    if hasattr(functorch_config, "force_non_lazy_backward_lowering"):
+        return functorch_config.patch(force_non_lazy_backward_lowering=True)
+    return contextlib.nullcontext()
+
+
 def _compiled_flex(q, k, v, score_mod, layer):
     """The compiled FlexAttention call with `score_mod` (which scales the scores itself), (B, Nh, L, d) ->
     (B, Nh, L, dv), never silently dense: torch runs it uncompiled, building the whole (L, L) scores, once
     its compile cache for flex_attention is full (`torch._dynamo.config.recompile_limit`), which is an
-    AttentionBackendError here, as is any other failure of the call (running out of GPU memory is raised
-    as it is)."""
+    AttentionBackendError here, as is any other failure of the call, its backward's compilation included
+    (running out of GPU memory is raised as it is)."""
     try:
-        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True), _backward_compiled_with_forward():
             return _compiled_flex_attention()(q, k, v, score_mod=score_mod, scale=1.0)
     except torch._dynamo.exc.FailOnRecompileLimitHit as e:
         raise AttentionBackendError(
@@ -269,11 +292,12 @@ def _compiled_flex(q, k, v, score_mod, layer):
             raise
         if out_of_memory is not None:
             raise out_of_memory
-        first_line = str(e).partition("\n")[0]
+        cause = getattr(e, "inner_exception", None) or e  # what a backend compiler raised, as dynamo keeps it
+        first_line = next((line for line in str(cause).splitlines() if line.strip()), "")
         raise AttentionBackendError(
             f"{layer}: torch {torch.__version__} failed to compile or run FlexAttention for {q.shape[2]} pixels "
             f"with padded query/key width {q.shape[-1]} and value width {v.shape[-1]} ({q.dtype}, "
-            f"{q.device.type}): {type(e).__name__}, {first_line}. Use MODEL.AA.IMPL 'fused'") from e
+            f"{q.device.type}): {type(cause).__name__}, {first_line}. Use MODEL.AA.IMPL 'fused'") from e
 
 
 @lru_cache(maxsize=64)
@@ -309,20 +333,18 @@ def _flex_operands(q, k, v, rel_h, rel_w, scale):
                       key: torch.Tensor) -> torch.Tensor:
             return score * scale_tensor + bias_h[b, h, query, key // W] + bias_w[b, h, query, key % W]
 
-    qk_width, v_width = _flex_width(dkh), _flex_width(dvh)
-    q, k = (F.pad(t, (0, qk_width - dkh)).reshape(B, Nh, H * W, qk_width) for t in (q, k))
-    v = F.pad(v, (0, v_width - dvh)).reshape(B, Nh, H * W, v_width)
-    return q, k, v, score_mod, bias_h, bias_w
+    q, k = (_flat_padded(t, _flex_width(dkh)) for t in (q, k))
+    return q, k, _flat_padded(v, _flex_width(dvh)), score_mod, bias_h, bias_w
 
 
 def _flex(q, k, v, rel_h, rel_w, scale, layer="attention", compiled=None):
     """FlexAttention with a score_mod adding the relative logits of each query, precomputed (fp32, scaled)
     as (B, Nh, HW, H) and (B, Nh, HW, W): no (HW, HW) tensor, no padded logit width.
 
-    Compiled where `compiled` (default: on CUDA); the first output of each new input signature, and of every
-    earlier one after it, is checked on FLEX_CHECK_ROWS query rows against the exact softmax, and a wrong one
-    (a miscompile) is an AttentionBackendError. Uncompiled it builds dense scores: a reference, capped at NAIVE_MAX_PIXELS.
-    Training (a backward) needs CUDA."""
+    Compiled where `compiled` (default: on CUDA); the first output of each input signature, and again after
+    each compile, is checked on FLEX_CHECK_ROWS query rows against the exact softmax, and a wrong one (a
+    miscompile) is an AttentionBackendError. Uncompiled it builds dense scores: a reference, capped at
+    NAIVE_MAX_PIXELS. Training (a backward) needs CUDA."""
     if _flex_attention is None:
         raise AttentionBackendError(f"{layer}: impl='flex' needs torch.nn.attention.flex_attention (torch >= 2.5)")
     B, Nh, H, W, _ = q.shape
@@ -341,13 +363,13 @@ def _flex(q, k, v, rel_h, rel_w, scale, layer="attention", compiled=None):
             q, k, v = _upcast(q), _upcast(k), _upcast(v)
         q, k, v, score_mod, bias_h, bias_w = _flex_operands(q, k, v, rel_h, rel_w, scale)
         if compiled:
+            graphs = _compiled_graphs()
             out = _compiled_flex(q, k, v, score_mod, layer)
+            if _compiled_graphs() != graphs:
+                _FLEX_SIGNATURES.update(dict.fromkeys(_FLEX_SIGNATURES, False))
             signature = (q.device.type, q.dtype, B, Nh, H, W, q.shape[-1], v.shape[-1], torch.is_grad_enabled(),
                          *(t is not None and t.requires_grad for t in (q, k, v, bias_h)), rel_h is not None)
-            if signature not in _FLEX_SIGNATURES:
-                _FLEX_SIGNATURES.update(dict.fromkeys(_FLEX_SIGNATURES, False))
-                _FLEX_SIGNATURES[signature] = False
-            if not _FLEX_SIGNATURES[signature]:
+            if not _FLEX_SIGNATURES.get(signature, False):
                 error = _flex_row_error(out, q, k, v, bias_h, bias_w, scale, W)
                 if not error <= FLEX_CHECK_TOLERANCE:
                     raise AttentionBackendError(
