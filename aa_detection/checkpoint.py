@@ -73,8 +73,10 @@ class AACheckpointer(DetectionCheckpointer):
 
     @classmethod
     def from_config(cls, model, cfg, save_dir: str = "", **kwargs) -> "AACheckpointer":
-        """An AACheckpointer that loads .pkl files with plain pickle only if cfg.MODEL.WEIGHTS_ALLOW_UNSAFE_PICKLE."""
-        return cls(model, save_dir, allow_unsafe_pickle=cfg.MODEL.WEIGHTS_ALLOW_UNSAFE_PICKLE, **kwargs)
+        """An AACheckpointer that loads .pkl files with plain pickle only if cfg.MODEL.WEIGHTS_ALLOW_UNSAFE_PICKLE
+        (unless `allow_unsafe_pickle` is given)."""
+        kwargs.setdefault("allow_unsafe_pickle", cfg.MODEL.WEIGHTS_ALLOW_UNSAFE_PICKLE)
+        return cls(model, save_dir, **kwargs)
 
     # ---- reading untrusted files -------------------------------------------------------------------
     def load(self, path: str, *args, **kwargs):

@@ -88,13 +88,13 @@ def test_fused_path_never_falls_back_to_dense_attention():
         ra._memory_lean_sdpa(q, q, torch.randn(1, 2, 300, 8), 0.25, "res3.0.conv2")
 
 
-@pytest.mark.parametrize("relative", [False, True])
-def test_fused_path_takes_widths_that_need_no_zero_columns(relative):
-    """Head widths already aligned (8 for q, k and v without relative logits) leave split_heads' strided views
-    unpadded: the operands are still made contiguous, which the memory-lean kernels need."""
+def test_fused_path_takes_widths_that_need_no_zero_columns():
+    """Head widths already aligned (8 for q, k and v without relative logits, whose concatenation copies q and
+    k) leave split_heads' strided views unpadded: the operands are still made contiguous, which the
+    memory-lean kernels need."""
     torch.manual_seed(0)
-    layer = AAConv2d(16, 32, num_heads=2, key_depth=16, value_depth=16, relative=relative, impl="fused").eval()
-    naive = AAConv2d(16, 32, num_heads=2, key_depth=16, value_depth=16, relative=relative, impl="naive").eval()
+    layer = AAConv2d(16, 32, num_heads=2, key_depth=16, value_depth=16, relative=False, impl="fused").eval()
+    naive = AAConv2d(16, 32, num_heads=2, key_depth=16, value_depth=16, relative=False, impl="naive").eval()
     naive.load_state_dict(layer.state_dict())
     x = torch.randn(2, 16, 10, 12)
     with torch.no_grad():
@@ -357,13 +357,13 @@ def test_compiled_flex_trains_the_tables_then_evaluates_with_four_graphs(aot_eag
     """A training then an evaluation: the relative tables' gradients through the score_mod's captured logits
     equal naive's (torch's CPU FlexAttention takes no gradient for q, k, v, so only the tables train here) at
     eleven map sizes and AA-R50's three head widths, then batch-1 inference; at most four graphs in all."""
-    compiled, counter = aot_eager_flex
+    _, counter = aot_eager_flex
     for i, (H, W) in enumerate(MULTI_SCALE_SIZES):
         dkh, dvh = AA_R50_HEAD_WIDTHS[i % 3]
         q, k, v, rel_h, rel_w = random_inputs(2, 8, H, W, dkh, dvh)
         tables = (rel_h.requires_grad_(), rel_w.requires_grad_())
         q_flat, k_flat, v_flat, score_mod, _, _ = ra._flex_operands(q, k, v, rel_h, rel_w, 1.0 / math.sqrt(dkh))
-        out = compiled(q_flat, k_flat, v_flat, score_mod=score_mod, scale=1.0)[..., :dvh].reshape(v.shape)
+        out = ra._compiled_flex(q_flat, k_flat, v_flat, score_mod, "res3.0.conv2")[..., :dvh].reshape(v.shape)
         ref = relative_attention_2d(q, k, v, rel_h, rel_w, impl="naive")
         grad_out = torch.randn_like(ref)
         for got, want in zip(torch.autograd.grad(out, tables, grad_out), torch.autograd.grad(ref, tables, grad_out)):

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 pytest.importorskip("detectron2", reason="detectron2 is not installed; see README.md, Install")
+from aa_detection.engine.runs import train_seeds  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs/synthetic/retinanet_R_18_FPN_synthetic.yaml")
@@ -15,13 +16,17 @@ CONFIG = os.path.join(ROOT, "configs/synthetic/retinanet_R_18_FPN_synthetic.yaml
 pytestmark = pytest.mark.slow
 
 
-def _run(tmp_path, data, output, seeds, config=CONFIG, max_iter=20, trusted=()):
-    opts = ["DATASETS.SYNTHETIC.ROOT", data, "DATASETS.SYNTHETIC.NUM_TRAIN", "32", "DATASETS.SYNTHETIC.NUM_VAL", "6",
+def _opts(tmp_path, data, max_iter=20):
+    return ["DATASETS.SYNTHETIC.ROOT", data, "DATASETS.SYNTHETIC.NUM_TRAIN", "32", "DATASETS.SYNTHETIC.NUM_VAL", "6",
             "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96", "INPUT.MIN_SIZE_TEST", "64",
             "INPUT.MAX_SIZE_TEST", "96", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", str(max_iter),
             "SOLVER.WARMUP_ITERS", "2", "SOLVER.STEPS", "()", "TEST.EVAL_PERIOD", "10",
             "SOLVER.CHECKPOINT_PERIOD", "100", "DATALOADER.NUM_WORKERS", "1",
             "DATASETS.CHECK_CACHE_DIR", str(tmp_path / "cache")]
+
+
+def _run(tmp_path, data, output, seeds, config=CONFIG, max_iter=20, trusted=()):
+    opts = _opts(tmp_path, data, max_iter)
     return subprocess.run([sys.executable, os.path.join(ROOT, "tools/run_synthetic.py"), "--configs", config,
                            *(f"--trust-config={f}" for f in trusted), "--seeds", str(seeds), "--output", output,
                            *opts],
@@ -64,3 +69,24 @@ def test_a_trusted_config_reaches_every_run(tmp_path, tiny_synthetic):
     assert trusted.returncode == 0, trusted.stderr[-3000:]
     with open(tmp_path / "a" / "tagged" / "seed1" / "config.yaml") as f:
         assert "- 10\n" in f.read()  # the tag's anchor sizes (the config's own start at 12), evaluated
+
+
+def test_each_seed_runs_the_named_training_script_once(tmp_path, tiny_synthetic):
+    """train_seeds runs the script it is given (tools/ beside the caller, not beside the package, which a
+    non-editable install moves) once per config and seed, with the trusted configs, the seed and the run's
+    folder; a run that fails is named, the others are returned."""
+    script = tmp_path / "record_args.py"
+    script.write_text("import json, os, sys\n"
+                      "out = sys.argv[sys.argv.index('OUTPUT_DIR') + 1]\n"
+                      "os.makedirs(out)\n"
+                      "json.dump(sys.argv[1:], open(os.path.join(out, 'argv.json'), 'w'))\n"
+                      "sys.exit(3 if out.endswith('seed2') else 0)\n")
+    runs, failed = train_seeds(str(script), [CONFIG], [1, 2], str(tmp_path / "out"), _opts(tmp_path, tiny_synthetic),
+                               trusted=[CONFIG])
+    folders = [str(tmp_path / "out" / "retinanet_R_18_FPN" / f"seed{seed}") for seed in (1, 2)]
+    assert runs == folders[:1] and failed == folders[1:]
+    for seed, folder in zip((1, 2), folders):
+        with open(os.path.join(folder, "argv.json")) as f:
+            argv = json.load(f)
+        assert argv[:3] == ["--config-file", CONFIG, f"--trust-config={CONFIG}"]
+        assert argv[-4:] == ["SEED", str(seed), "OUTPUT_DIR", folder]

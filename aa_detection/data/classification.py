@@ -65,6 +65,7 @@ def ensure_shapes_classification_set(root: str, num_train_images: int = 800, num
 
     return generate_once(root, arguments, generate)
 
+
 if __name__ == "__main__":
     import argparse
 

@@ -3,8 +3,8 @@
 Each image is a textured, noisy background with distractor strokes and 1-8 objects of five shape
 classes (rectangle, ellipse, triangle, cross, ring) in random colours, sizes from about 10 px to about
 half the image (images are 128 to 192 px a side), placed so that later objects may partly occlude
-earlier ones. Colour carries no class information: the detector has to learn shape. Boxes and areas are exact, computed from each object's
-own drawn mask (amodal, like a full outline).
+earlier ones. Colour carries no class information: the detector has to learn shape. Boxes and areas
+are exact, computed from each object's own drawn mask (amodal, like a full outline).
 
 The dataset is a pure function of its arguments (seed, sizes, counts): generating it twice gives the
 same bytes. It is written to a temporary folder first and renamed into place, so an interrupted
@@ -239,6 +239,7 @@ def ensure_synthetic_dataset(root: str, num_train: int = 800, num_val: int = 200
         return {"image_size": list(size)}
 
     return generate_once(root, arguments, generate)
+
 
 if __name__ == "__main__":
     import argparse

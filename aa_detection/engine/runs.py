@@ -35,9 +35,8 @@ def train_seeds(train_tool: str, configs: Sequence[str], seeds: Sequence[int], o
             run_opts = list(opts) + ["SEED", str(seed), "OUTPUT_DIR", out]
             setup_cfg(config, run_opts, prepare_data=True, trusted=trusted)  # a bad config fails before any training
             plans.append((config, out, run_opts))
-    failed = []
+    failed, trust = [], [f"--trust-config={f}" for f in trusted]
     for config, out, run_opts in plans if train else ():
-        trust = [f"--trust-config={f}" for f in trusted]
         cmd = [sys.executable, train_tool, "--config-file", config, *trust, *run_opts]
         print(">>", " ".join(cmd), flush=True)
         start = time.perf_counter()
