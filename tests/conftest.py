@@ -25,20 +25,32 @@ def tiny_synthetic(tmp_path_factory):
 
 
 @pytest.fixture
-def aot_eager_flex(monkeypatch):
+def flex_compiled_with(monkeypatch):
+    """flex_compiled_with(backend) -> FlexAttention compiled by torch.compile with that backend, which the
+    attention module then uses as it would Inductor's on CUDA (its output checks start afresh); dynamo is
+    reset before and after the test, so the first size compiles static."""
+    from aa_detection.layers import relative_attention as ra
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(ra, "_FLEX_SIGNATURES", {})
+
+    def compile_with(backend):
+        compiled = torch.compile(ra._flex_attention, backend=backend, dynamic=None)
+        monkeypatch.setattr(ra, "_compiled_flex_attention", lambda: compiled)
+        return compiled
+
+    yield compile_with
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def aot_eager_flex(flex_compiled_with):
     """FlexAttention through torch.compile's front end (dynamo and AOT autograd) as on CUDA, with the aot_eager
     backend standing in for Inductor, and the counter of the graphs it compiled."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    from aa_detection.layers import relative_attention as ra
-
     counter = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(ra._flex_attention, backend=counter, dynamic=None)
-    torch._dynamo.reset()
-    monkeypatch.setattr(ra, "_compiled_flex_attention", lambda: compiled)
-    monkeypatch.setattr(ra, "_FLEX_SIGNATURES", {})
-    yield compiled, counter
-    torch._dynamo.reset()  # later compiles start static again
+    return flex_compiled_with(counter), counter
 
 
 @pytest.fixture

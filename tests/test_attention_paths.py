@@ -187,7 +187,7 @@ def test_flex_checks_each_new_signature_once_and_auto_answers_a_wrong_output_wit
         _compiled_flex(random_inputs(1, 2, 6, 7, 3, 2))
 
 
-def test_after_a_compile_every_signature_is_checked_again(monkeypatch):
+def test_after_a_compile_every_signature_is_checked_again(flex_compiled_with, monkeypatch):
     """A recompile (dynamic shapes after the first, static, size) makes the new graph serve the sizes checked
     before it, too. Here FlexAttention runs through torch.compile's front end with a backend whose second graph
     is wrong (as torch 2.14.1's CPU kernel is once dynamic): the static size passes, the dynamic graph then
@@ -201,10 +201,7 @@ def test_after_a_compile_every_signature_is_checked_again(monkeypatch):
         run = lookup_backend("aot_eager")(gm, example_inputs)
         return run if len(graphs) == 1 else lambda *args: [t * 1.5 for t in run(*args)]
 
-    compiled = torch.compile(ra._flex_attention, backend=wrong_after_the_first_graph, dynamic=None)
-    torch._dynamo.reset()
-    monkeypatch.setattr(ra, "_compiled_flex_attention", lambda: compiled)
-    monkeypatch.setattr(ra, "_FLEX_SIGNATURES", {})
+    flex_compiled_with(wrong_after_the_first_graph)
     row_error, checks = ra._flex_row_error, []
 
     def counted_row_error(out, *args):
@@ -213,19 +210,16 @@ def test_after_a_compile_every_signature_is_checked_again(monkeypatch):
 
     monkeypatch.setattr(ra, "_flex_row_error", counted_row_error)
     first, second, third = (random_inputs(1, 2, H, 7, 3, 2) for H in (5, 6, 8))
-    try:
-        _compiled_flex(first)
-        _compiled_flex(first)
-        assert len(graphs) == 1 and len(checks) == 1  # the static graph, checked once
-        with pytest.raises(ra.AttentionBackendError, match="differs from the exact softmax on a 6x7"):
-            _compiled_flex(second)  # the dynamic graph compiles
-        with pytest.raises(ra.AttentionBackendError, match="differs from the exact softmax on a 5x7"):
-            _compiled_flex(first)  # now served by it: checked again
-        with pytest.raises(ra.AttentionBackendError, match="on a 8x7"):
-            _compiled_flex(third)
-        assert len(graphs) == 2 and len(checks) == 4
-    finally:
-        torch._dynamo.reset()
+    _compiled_flex(first)
+    _compiled_flex(first)
+    assert len(graphs) == 1 and len(checks) == 1  # the static graph, checked once
+    with pytest.raises(ra.AttentionBackendError, match="differs from the exact softmax on a 6x7"):
+        _compiled_flex(second)  # the dynamic graph compiles
+    with pytest.raises(ra.AttentionBackendError, match="differs from the exact softmax on a 5x7"):
+        _compiled_flex(first)  # now served by it: checked again
+    with pytest.raises(ra.AttentionBackendError, match="on a 8x7"):
+        _compiled_flex(third)
+    assert len(graphs) == 2 and len(checks) == 4
 
 
 def _compiled_flex_raising(error):
@@ -328,7 +322,7 @@ def test_compiled_flex_serves_many_map_sizes_and_head_widths_with_three_graphs(a
         assert all(ra._FLEX_SIGNATURES.values()) == rerun  # the first size was served by a later graph
 
 
-def test_a_backward_that_fails_to_compile_fails_in_the_forward_call(monkeypatch):
+def test_a_backward_that_fails_to_compile_fails_in_the_forward_call(flex_compiled_with):
     """torch compiles a backward graph at the first backward (for dynamic shapes it only logs a failure
     until then), out of reach of auto's fallback: here it is compiled with the forward, so its failure is an
     AttentionBackendError of the forward call."""
@@ -337,20 +331,14 @@ def test_a_backward_that_fails_to_compile_fails_in_the_forward_call(monkeypatch)
     def backward_compiler(gm, example_inputs):
         raise RuntimeError("cannot lower the backward")
 
-    backend = aot_autograd(fw_compiler=lambda gm, example_inputs: gm, bw_compiler=backward_compiler)
-    compiled = torch.compile(ra._flex_attention, backend=backend, dynamic=None)
-    torch._dynamo.reset()
-    monkeypatch.setattr(ra, "_compiled_flex_attention", lambda: compiled)
+    flex_compiled_with(aot_autograd(fw_compiler=lambda gm, example_inputs: gm, bw_compiler=backward_compiler))
     q, k, v, rel_h, rel_w = random_inputs(1, 2, 5, 7, 3, 2)
-    try:
-        with torch.no_grad():  # no backward to compile
-            ra._compiled_flex(*ra._flex_operands(q, k, v, rel_h, rel_w, 0.5)[:4], "res4.0.conv2")
-        q_flat, k_flat, v_flat, score_mod, _, _ = ra._flex_operands(q, k, v, rel_h.requires_grad_(), rel_w, 0.5)
-        with pytest.raises(ra.AttentionBackendError, match=r"res4\.0\.conv2: .*failed to compile or run FlexAttention"
-                                                           r".*cannot lower the backward"):
-            ra._compiled_flex(q_flat, k_flat, v_flat, score_mod, "res4.0.conv2")
-    finally:
-        torch._dynamo.reset()
+    with torch.no_grad():  # no backward to compile
+        ra._compiled_flex(*ra._flex_operands(q, k, v, rel_h, rel_w, 0.5)[:4], "res4.0.conv2")
+    q_flat, k_flat, v_flat, score_mod, _, _ = ra._flex_operands(q, k, v, rel_h.requires_grad_(), rel_w, 0.5)
+    with pytest.raises(ra.AttentionBackendError, match=r"res4\.0\.conv2: .*failed to compile or run FlexAttention"
+                                                       r".*cannot lower the backward"):
+        ra._compiled_flex(q_flat, k_flat, v_flat, score_mod, "res4.0.conv2")
 
 
 def test_compiled_flex_trains_the_tables_then_evaluates_with_four_graphs(aot_eager_flex):

@@ -13,7 +13,6 @@ from torch import nn  # noqa: E402
 
 from aa_detection.checkpoint import AACheckpointer  # noqa: E402
 from aa_detection.config import setup_cfg  # noqa: E402
-from aa_detection.engine.trainer import Trainer  # noqa: E402
 from aa_detection.safe_io import UnsafePickleError  # noqa: E402
 
 NO_DATA = ["DATASETS.TRAIN", "()", "DATASETS.TEST", "()"]
@@ -41,7 +40,7 @@ def _weights():
 
 def _checkpointer(tmp_path, *opts):
     cfg = setup_cfg(None, list(opts) + NO_DATA)
-    return Trainer.build_checkpointer(_model(), str(tmp_path / "out"), cfg)
+    return AACheckpointer.from_config(_model(), cfg, str(tmp_path / "out"))
 
 
 def test_trainer_uses_the_safe_checkpointer(tmp_path):

@@ -64,7 +64,7 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg):
         """DefaultTrainer.__init__, with the two things it hard-codes replaced:
 
-        - the checkpointer is `build_checkpointer`'s (AACheckpointer) instead of a DetectionCheckpointer;
+        - the checkpointer is an AACheckpointer (`AACheckpointer.from_config`) instead of a DetectionCheckpointer;
         - a CPU model of a multi-process run is wrapped in DistributedDataParallel with
           `device_ids=None` (`ddp_model`), and DefaultTrainer offers no hook for it.
           tests/test_train_net.py checks that this constructor sets every attribute DefaultTrainer's sets.
@@ -77,7 +77,7 @@ class Trainer(DefaultTrainer):
         model = ddp_model(model, broadcast_buffers=False)
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = self.build_checkpointer(model, cfg.OUTPUT_DIR, cfg, trainer=weakref.proxy(self))
+        self.checkpointer = AACheckpointer.from_config(model, cfg, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -85,11 +85,6 @@ class Trainer(DefaultTrainer):
         self.eval_seconds = 0.0
         self.metrics_writer = None
         self.register_hooks(self.build_hooks())
-
-    @classmethod
-    def build_checkpointer(cls, model: torch.nn.Module, save_dir: str, cfg: CfgNode, **kwargs) -> AACheckpointer:
-        """The AACheckpointer of `cfg` (`AACheckpointer.from_config`) saving into `save_dir`."""
-        return AACheckpointer.from_config(model, cfg, save_dir, **kwargs)
 
     def build_hooks(self) -> List[hooks.HookBase]:
         """DefaultTrainer's hooks, its EvalHook evaluating through `evaluate` (same period)."""
@@ -270,7 +265,7 @@ def main(args: argparse.Namespace) -> Optional[dict]:
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        checkpointer = Trainer.build_checkpointer(model, cfg.OUTPUT_DIR, cfg)
+        checkpointer = AACheckpointer.from_config(model, cfg, cfg.OUTPUT_DIR)
         checkpoint = checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
         iteration = checkpoint.get("iteration")
