@@ -59,7 +59,7 @@ class AAResNetClassifier(nn.Module):
         relative: bool = True,
         impl: str = "auto",
         attention_norm: str = "",
-        zero_init: bool = True,
+        attention_gain: float = 0.1,
         downsample_stages: Sequence[str] = ("res3",),
         max_input_size: int = 224,
     ):
@@ -78,7 +78,7 @@ class AAResNetClassifier(nn.Module):
         )
         resnet = aa_resnet(
             **self.architecture, out_features=("res5",), in_channels=in_chans, norm=norm, impl=impl,
-            attention_norm=attention_norm, zero_init=zero_init, max_input_size=max_input_size,
+            attention_norm=attention_norm, attention_gain=attention_gain, max_input_size=max_input_size,
             num_classes=num_classes or None,
         )
         for name, child in resnet.named_children():

@@ -57,12 +57,14 @@ def add_aa_config(cfg: CN) -> CN:
     # Stages whose attention runs on its input average-pooled 2x2 (stride 2), the output upsampled
     # bilinearly before the concatenation: the paper's way of affording the largest maps.
     cfg.MODEL.AA.DOWNSAMPLE_STAGES = ["res3"]
-    # The norm after the augmented convolutions ("BN", "SyncBN", "GN", ...); "" keeps the block's own
-    # (MODEL.RESNETS.NORM), e.g. FrozenBN with ImageNet weights, which the paper's trained BN is not.
+    # The attention channels' norm. "" keeps a trained block norm (MODEL.RESNETS.NORM BN, SyncBN, GN) over
+    # the concatenation, the paper's batch norm after the augmented convolution, and gives the attention
+    # channels of a frozen one (FrozenBN, statistics of pretrained filters) a trained BN of their own; a norm
+    # name ("BN", "SyncBN" to share statistics across GPUs, ...) normalises the attention channels with it.
     cfg.MODEL.AA.NORM = ""
-    # Start the attention output projections at zero: at step 0 the attention channels are zero (the
-    # measured best of the synthetic ablation, docs/ABLATION.md; False is the paper's initialisation).
-    cfg.MODEL.AA.ZERO_INIT = True
+    # The initial weight of the attention channels in their norm: the attention starts small but never at
+    # exact zeros, which a ReLU would never pass a gradient (1.0 is the norm's own initialisation).
+    cfg.MODEL.AA.ATTENTION_GAIN = 0.1
     # Each augmented stage sizes its relative tables from the longest padded image side the config can
     # produce (max(INPUT.MAX_SIZE_TRAIN, INPUT.MAX_SIZE_TEST) rounded up to the FPN's size divisibility):
     # that side / stride rows per side (res3 stride 8, res4 16, res5 32; twice that when downsampled).

@@ -41,7 +41,7 @@ __all__ = ["build_argument_parser", "pretrain", "model_kwargs"]
 logger = logging.getLogger("aa_detection.pretrain")
 
 # Model keyword arguments settable from the command line (MODEL.AA's meanings; None keeps the model default).
-MODEL_OPTIONS = ("aa_stages", "num_heads", "kappa", "upsilon", "relative", "impl", "attention_norm", "zero_init",
+MODEL_OPTIONS = ("aa_stages", "num_heads", "kappa", "upsilon", "relative", "impl", "attention_norm", "attention_gain",
                  "downsample_stages", "stride_in_1x1", "norm", "stem_out_channels", "res2_out_channels",
                  "width_per_group")
 
@@ -87,8 +87,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
     g.add_argument("--upsilon", type=float, default=None, help="dv / Fout")
     g.add_argument("--relative", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--impl", default=None, help="attention path: auto, naive, fused, kernel, flex")
-    g.add_argument("--attention-norm", default=None, help="norm after the augmented convolutions")
-    g.add_argument("--zero-init", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--attention-norm", default=None, help="the attention channels' norm (MODEL.AA.NORM)")
+    g.add_argument("--attention-gain", type=float, default=None,
+                   help="initial weight of the attention channels in their norm (MODEL.AA.ATTENTION_GAIN)")
     g.add_argument("--downsample-stages", nargs="*", default=None)
     g.add_argument("--stride-in-1x1", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--norm", default=None, help="block norm (default BN)")

@@ -36,6 +36,7 @@ from ..data import prepare_datasets, register_datasets
 from ..errors import ConfigError
 from ..safe_io import load_yaml_data
 from .distributed import ddp_model
+from .liveness import AttentionLivenessHook
 from .resilience import MetricsWriter, check_run_identity
 
 __all__ = ["is_lazy_config", "load_lazy_config", "prepare_lazy_datasets", "setup", "train_loader", "evaluate", "main"]
@@ -169,6 +170,7 @@ def _train(args: argparse.Namespace, cfg: DictConfig) -> dict:
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if writers else None,
+        AttentionLivenessHook(cfg.train.eval_period),
         hooks.EvalHook(cfg.train.eval_period, test),
         hooks.PeriodicWriter(writers, period=cfg.train.log_period) if writers else None,
     ])

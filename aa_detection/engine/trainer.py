@@ -38,6 +38,7 @@ from ..solver import adamw
 from . import lazy
 from .compare import RESULTS_FILE
 from .distributed import ddp_model
+from .liveness import AttentionLivenessHook
 from .lazy import is_lazy_config
 from .resilience import MetricsWriter, check_run_identity
 
@@ -87,10 +88,15 @@ class Trainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     def build_hooks(self) -> List[hooks.HookBase]:
-        """DefaultTrainer's hooks, its EvalHook evaluating through `evaluate` (same period)."""
-        built = super().build_hooks()
-        return [hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self.evaluate) if isinstance(h, hooks.EvalHook) else h
-                for h in built]
+        """DefaultTrainer's hooks, its EvalHook evaluating through `evaluate` (same period), after an
+        AttentionLivenessHook measuring the step before each evaluation."""
+        built = []
+        for h in super().build_hooks():
+            if isinstance(h, hooks.EvalHook):
+                h = hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self.evaluate)
+                built.append(AttentionLivenessHook(self.cfg.TEST.EVAL_PERIOD))
+            built.append(h)
+        return built
 
     def evaluate(self) -> dict:
         """`test` on the current model, keeping its results in `eval_results` and adding its wall time

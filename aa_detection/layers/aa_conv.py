@@ -33,9 +33,15 @@ class AAConv2d(nn.Module):
     With stride 2 the attention runs on x average-pooled 2x2 (ceil mode), the convolution's output size.
     With `attention_downsample` 2 it runs on a map pooled once more by 2 (the paper's way of keeping the
     largest maps affordable), and its projected output is upsampled bilinearly to the convolution's size
-    before the concatenation. `zero_init` starts the output projection at zero, so at step 0 the layer's
-    attention channels are zero and random attention does not perturb the (pretrained) convolution.
-    `norm` and `activation`, when given, follow the concatenation, as in detectron2's Conv2d.
+    before the concatenation.
+
+    `norm` and `activation`, when given, follow the concatenation, as in detectron2's Conv2d: the paper's
+    batch norm after the augmented convolution, which learns to weigh the two branches. With
+    `attention_norm` the branches are normalised apart, `norm` over the Fout - dv convolution channels and
+    `attention_norm` over the dv attention channels: a frozen norm of pretrained filters (FrozenBN) then
+    leaves the attention a trained norm with statistics of its own. `attention_gain` is the initial weight
+    of the attention channels in the norm that covers them (1 is a norm's own initialisation): below 1
+    the attention starts small, never at exact zeros, which a following ReLU would never pass a gradient.
 
     With `keep_attention = True` the layer computes its attention from dense softmax weights and keeps
     them, detached, in `last_attention` (B, Nh, h, w, h, w), (h, w) = attention_size(H', W') for an output
@@ -64,9 +70,10 @@ class AAConv2d(nn.Module):
         max_relative_size=64,
         impl="auto",
         attention_downsample=1,
-        zero_init=False,
+        attention_gain=1.0,
         bias=False,
         norm=None,
+        attention_norm=None,
         activation=None,
     ):
         super().__init__()
@@ -90,6 +97,8 @@ class AAConv2d(nn.Module):
             raise ValueError(f"attention_downsample must be 1 or 2, got {attention_downsample}")
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if not attention_gain > 0:
+            raise ValueError(f"attention_gain must be > 0 (a zero start never trains behind a ReLU), got {attention_gain}")
         if relative and max_relative_size < 1:
             raise ValueError(f"max_relative_size must be >= 1, got {max_relative_size}")
 
@@ -115,17 +124,28 @@ class AAConv2d(nn.Module):
             self.register_parameter("rel_h", None)
             self.register_parameter("rel_w", None)
         self.norm = norm
+        self.attention_norm = attention_norm
         self.activation = activation
-        self.zero_init = zero_init
+        self.attention_gain = attention_gain
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The convolution branch as nn.Conv2d initialises its weight; the output projection at zero with
-        `zero_init`."""
+        """The convolution branch as nn.Conv2d initialises its weight; the weight of the attention channels
+        in their norm (when it has one) at `attention_gain`."""
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.zero_init:
-            nn.init.zeros_(self.attn_out.weight)
-            nn.init.zeros_(self.attn_out.bias)
+        scale = self.attention_scale()
+        if scale is not None:
+            with torch.no_grad():
+                scale.fill_(self.attention_gain)
+
+    def attention_scale(self):
+        """The affine weight of the attention channels in the norm that covers them (dv,), a view; None
+        without a norm, or with one that has no per-channel weight."""
+        norm = self.norm if self.attention_norm is None else self.attention_norm
+        weight = getattr(norm, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+            return None
+        return weight[-self.value_depth:]
 
     @property
     def relative(self) -> bool:
@@ -176,9 +196,14 @@ class AAConv2d(nn.Module):
         attn = self.attn_out(attn)
         if self.attention_downsample > 1:
             attn = F.interpolate(attn, size=conv.shape[-2:], mode="bilinear", align_corners=False)
-        out = torch.cat([conv, attn], dim=1)
-        if self.norm is not None:
-            out = self.norm(out)
+        if self.attention_norm is not None:
+            if self.norm is not None:
+                conv = self.norm(conv)
+            out = torch.cat([conv, self.attention_norm(attn)], dim=1)
+        else:
+            out = torch.cat([conv, attn], dim=1)
+            if self.norm is not None:
+                out = self.norm(out)
         if self.activation is not None:
             out = self.activation(out)
         return out

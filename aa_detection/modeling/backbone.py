@@ -30,6 +30,7 @@ __all__ = [
     "build_retinanet_aa_resnet_fpn_backbone",
     "aa_resnet",
     "aa_resnet_arguments",
+    "aa_norms",
     "max_input_size",
     "relative_table_size",
 ]
@@ -38,13 +39,27 @@ STAGE_NAMES = ("res2", "res3", "res4", "res5")
 RESNET_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
 
+def aa_norms(norm: str, attention_norm: str, out_channels: int, value_depth: int):
+    """(norm, attention_norm) modules of an AAConv2d with `out_channels` outputs, dv = `value_depth`.
+
+    `attention_norm` "" (MODEL.AA.NORM's default) keeps a trained block norm (BN, SyncBN, GN, ...) over the
+    concatenation, the paper's design, and gives the attention channels of a frozen one (FrozenBN, whose
+    statistics belong to pretrained filters) a trained BN of their own. Any other norm name ("SyncBN" to
+    share the statistics across GPUs) normalises the attention channels with it, and the convolution
+    channels with the block's.
+    """
+    if not attention_norm and norm != "FrozenBN":
+        return get_norm(norm, out_channels), None
+    return get_norm(norm, out_channels - value_depth), get_norm(attention_norm or "BN", value_depth)
+
+
 def _aa_conv(in_channels, out_channels, *, stride, dilation, norm, aa):
-    """AAConv2d with the block's norm (or aa["norm"], the attention-augmented convolutions' own)."""
+    """AAConv2d with the block's norm and the attention channels' (aa["norm"], see `aa_norms`)."""
     aa = dict(aa)
-    norm = aa.pop("norm", "") or norm
-    conv = AAConv2d(
-        in_channels, out_channels, 3, stride=stride, dilation=dilation, norm=get_norm(norm, out_channels), **aa
-    )
+    attention_norm = aa.pop("norm", "")
+    conv = AAConv2d(in_channels, out_channels, 3, stride=stride, dilation=dilation, **aa)
+    conv.norm, conv.attention_norm = aa_norms(norm, attention_norm, out_channels, conv.value_depth)
+    conv.reset_parameters()  # attention_gain in the norms just set
     weight_init.c2_msra_fill(conv)  # the conv branch starts like detectron2's convolutions
     return conv
 
@@ -132,7 +147,7 @@ def aa_resnet(
     relative: bool = True,
     impl: str = "auto",
     attention_norm: str = "",
-    zero_init: bool = True,
+    attention_gain: float = 0.1,
     downsample_stages: Sequence[str] = ("res3",),
     max_input_size: int = 1344,
     num_classes: Optional[int] = None,
@@ -143,8 +158,8 @@ def aa_resnet(
     The ResNet arguments mean what detectron2's MODEL.RESNETS keys mean (res2_out_channels defaults to 64
     for depths below 50, 256 otherwise). The attention arguments are MODEL.AA's: num_heads, kappa =
     dk / Fout, upsilon = dv / Fout, relative positions, the attention path `impl`, `attention_norm` (the
-    norm after the augmented convolutions; "" keeps the block's `norm`), `zero_init` (attention output
-    projections start at zero), `downsample_stages` (attention over a map pooled 2x2 more, upsampled
+    attention channels' norm, see `aa_norms`), `attention_gain` (the initial weight of the attention
+    channels in their norm), `downsample_stages` (attention over a map pooled 2x2 more, upsampled
     back) and `max_input_size` (the longest padded image side, which sizes the relative tables).
     `num_classes` adds detectron2's classifier head (`avgpool`, `linear`; output "linear").
     """
@@ -171,7 +186,7 @@ def aa_resnet(
             f"freezes: its attention would never train. Use FREEZE_AT <= {STAGE_NAMES.index(frozen[0]) + 1} or "
             "leave the stage out of MODEL.AA.STAGES")
     aa_common = dict(num_heads=num_heads, kappa=kappa, upsilon=upsilon, relative=relative, impl=impl,
-                     norm=attention_norm, zero_init=zero_init)
+                     norm=attention_norm, attention_gain=attention_gain)
 
     stem = BasicStem(in_channels=in_channels, out_channels=stem_out_channels, norm=norm)
     stride = stem.stride
@@ -226,7 +241,7 @@ def aa_resnet_arguments(cfg: CfgNode, input_shape: ShapeSpec, size_divisibility:
         res5_dilation=r.RES5_DILATION, deform_on_per_stage=r.DEFORM_ON_PER_STAGE,
         deform_modulated=r.DEFORM_MODULATED, deform_num_groups=r.DEFORM_NUM_GROUPS,
         freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT, aa_stages=aa.STAGES, num_heads=aa.NUM_HEADS, kappa=aa.KAPPA,
-        upsilon=aa.UPSILON, relative=aa.RELATIVE, impl=aa.IMPL, attention_norm=aa.NORM, zero_init=aa.ZERO_INIT,
+        upsilon=aa.UPSILON, relative=aa.RELATIVE, impl=aa.IMPL, attention_norm=aa.NORM, attention_gain=aa.ATTENTION_GAIN,
         downsample_stages=aa.DOWNSAMPLE_STAGES, max_input_size=max_input_size(cfg, size_divisibility),
     )
 
