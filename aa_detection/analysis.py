@@ -13,7 +13,7 @@ import torch
 
 from .layers import AAConv2d
 
-__all__ = ["analyze_config", "count_parameters", "flop_count"]
+__all__ = ["analyze_config", "attention_liveness", "count_parameters", "flop_count"]
 
 # fvcore operator names an attention path may emit; inside an AAConv2d they are the attention core.
 _ATTENTION_OPS = ("einsum", "matmul", "bmm", "scaled_dot_product_attention")
@@ -83,3 +83,30 @@ def analyze_config(config_file: str, opts: Sequence[str] = (), size: Tuple[int, 
         total, by_op = flop_count(model, ([{"image": image, "height": size[0], "width": size[1]}],))
         row["gflops"], row["attention_gflops"] = total / 1e9, by_op["attention"] / 1e9
     return row
+
+
+def attention_liveness(config_file: str, opts: Sequence[str] = (), num_images: int = 4,
+                       trusted: Sequence[str] = ()) -> Dict[str, Any]:
+    """{AAConv2d name: LayerLiveness} of a config's model with its MODEL.WEIGHTS (random without), over one
+    training step (forward and backward, no update) on the first `num_images` images of its first
+    training dataset, on the CPU; see `aa_detection.modeling.liveness`."""
+    from detectron2.data import DatasetCatalog, DatasetMapper
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    from .checkpoint import AACheckpointer
+    from .config import setup_cfg
+    from .modeling.liveness import AttentionProbe
+
+    cfg = setup_cfg(config_file, list(opts) + ["MODEL.DEVICE", "cpu"], prepare_data=True, trusted=trusted)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    if cfg.MODEL.WEIGHTS:
+        AACheckpointer.from_config(model, cfg).load(cfg.MODEL.WEIGHTS)
+    mapper = DatasetMapper(cfg, is_train=True)
+    batch = [mapper(d) for d in DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[:num_images]]
+    probe = AttentionProbe(model.train())
+    with probe, EventStorage():
+        loss = sum(model(batch).values())
+    loss.backward()
+    return probe.report()

@@ -4,7 +4,10 @@ Every AAConv2d keeps the name of the 3x3 convolution it replaces, so pretrained 
 
 - the convolution branch (`...convK.weight`, shape (Fout - dv, Cin, 3, 3)) takes the FIRST Fout - dv output
   filters of the pretrained (Fout, Cin, 3, 3) kernel;
-- the norm after the concatenation (`...convK.norm.*`, Fout channels) loads whole;
+- the norm after the concatenation (`...convK.norm.*`, Fout channels) loads whole; where the layer's
+  branches have norms of their own (`attention_norm`, under a frozen block norm), the convolution's norm
+  takes the first Fout - dv channels and `attention_norm` the last dv, from weights trained with their
+  attention (an AA classifier's), else stays at its initialisation;
 - the attention branch (`qkv`, `attn_out`, `rel_h`, `rel_w`) has no pretrained counterpart and stays at its
   random initialisation; the checkpointer logs it and keeps the lists in `last_load_report`.
 
@@ -27,21 +30,23 @@ Files are read and written defensively:
 import fnmatch
 import logging
 import os
-from typing import List
+from typing import Dict, List, Tuple
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 import torch
+from torch import nn
 
 from .errors import WeightsError
 from .layers import AAConv2d
 from .layers.relative_attention import resize_relative_table
 from .safe_io import AtomicWritePathManager, load_pickle_weights, load_torch_weights
 
-__all__ = ["AACheckpointer", "ATTENTION_PARAMETERS", "is_attention_parameter"]
+__all__ = ["AACheckpointer", "ATTENTION_PARAMETERS", "is_attention_parameter", "fit_aa_layers", "pretrained_shapes"]
 
 # Parameters of an AAConv2d that no ResNet checkpoint has.
-ATTENTION_PARAMETERS = ("qkv", "attn_out", "rel_h", "rel_w")
+ATTENTION_PARAMETERS = ("qkv", "attn_out", "attention_norm", "rel_h", "rel_w")
+NORM_ENTRIES = ("weight", "bias", "running_mean", "running_var")
 
 
 def is_attention_parameter(key: str) -> bool:
@@ -49,6 +54,48 @@ def is_attention_parameter(key: str) -> bool:
     "...conv2.rel_h")."""
     parts = key.split(".")
     return (len(parts) >= 2 and parts[-2] in ATTENTION_PARAMETERS) or parts[-1] in ("rel_h", "rel_w")
+
+
+def _aa_layers(model: nn.Module, prefix: str = ""):
+    return [(prefix + name, m) for name, m in model.named_modules() if isinstance(m, AAConv2d)]
+
+
+def pretrained_shapes(model: nn.Module, prefix: str = "") -> Dict[str, tuple]:
+    """{state-dict key: its shape in a plain ResNet} for the AAConv2d entries narrower than there: each
+    conv-branch weight (Fout, Cin, k, k) and, where the attention has a norm of its own, the entries of
+    the convolution's norm (Fout,)."""
+    shapes = {}
+    for name, m in _aa_layers(model, prefix):
+        shapes[f"{name}.weight"] = (m.out_channels, m.in_channels, m.kernel_size, m.kernel_size)
+        if m.attention_norm is not None and m.norm is not None:
+            own = dict(m.norm.named_parameters(), **dict(m.norm.named_buffers()))
+            shapes.update({f"{name}.norm.{e}": (m.out_channels,) for e in NORM_ENTRIES if e in own})
+    return shapes
+
+
+def fit_aa_layers(state: dict, model: nn.Module, prefix: str = "") -> Dict[str, Tuple[tuple, tuple]]:
+    """Fit the full-width entries of `state` (a plain ResNet's, or an AA classifier's whose norm covers the
+    concatenation) to the AAConv2d layers of `model` (keys with `prefix`), in place.
+
+    A conv-branch weight takes the first Fout - dv filters. Where the attention has a norm of its own,
+    the convolution's norm takes the first Fout - dv channels, and `attention_norm` the last dv when
+    `state` holds the layer's attention (`qkv`): weights trained with it; otherwise those channels were
+    statistics of the filters the attention replaced and are dropped. Returns {key: (full shape, fitted
+    shape)} of the entries sliced."""
+    fitted = {}
+    shapes = pretrained_shapes(model, prefix)
+    for name, m in _aa_layers(model, prefix):
+        keep = m.out_channels - m.value_depth
+        trained_with_attention = f"{name}.qkv.weight" in state
+        for key in [k for k in shapes if k.rpartition(".")[0] in (name, f"{name}.norm")]:
+            if key not in state or tuple(state[key].shape) != shapes[key]:
+                continue
+            full = state[key]
+            state[key] = full[:keep]
+            fitted[key] = (shapes[key], tuple(state[key].shape))
+            if trained_with_attention and key.startswith(f"{name}.norm."):
+                state[f"{name}.attention_norm.{key.rpartition('.')[2]}"] = full[keep:]
+    return fitted
 
 
 # Names of the temporary files `atomic_write` leaves when a save is killed.
@@ -120,34 +167,20 @@ class AACheckpointer(DetectionCheckpointer):
         return stale
 
     # ---- ResNet weights into AAConv2d --------------------------------------------------------------
-    def _aa_conv_shapes(self):
-        """{state-dict key of each AAConv2d's conv-branch weight: full (Fout, Cin, k, k) pretrained shape}."""
-        return {
-            f"{name}.weight": (m.out_channels, m.in_channels, m.kernel_size, m.kernel_size)
-            for name, m in self.model.named_modules()
-            if isinstance(m, AAConv2d)
-        }
-
     def _load_model(self, checkpoint):
-        """Slice pretrained (Fout, Cin, k, k) kernels to the AAConv2d conv branches, then detectron2's load.
+        """Fit pretrained full-width entries to the AAConv2d branches (`fit_aa_layers`), then detectron2's load.
 
         detectron2's name matching (checkpoints with `matching_heuristics`) skips keys whose shapes
-        differ from the model's, so it runs here against the model's keys with the AA conv weights at
+        differ from the model's, so it runs here against the model's keys with the AA layers' entries at
         their pretrained shape.
         """
-        full_shapes = self._aa_conv_shapes()
         model_state = self.model.state_dict()
         state = checkpoint["model"]
         if checkpoint.pop("matching_heuristics", False):
-            pretrained_view = {**model_state, **{k: torch.empty(s, device="meta") for k, s in full_shapes.items()}}
+            full = {k: torch.empty(s, device="meta") for k, s in pretrained_shapes(self.model).items()}
             state = align_and_update_state_dicts(
-                pretrained_view, state, c2_conversion=checkpoint.get("__author__", None) == "Caffe2")
-        sliced = {}
-        for key, full_shape in full_shapes.items():
-            target = tuple(model_state[key].shape)
-            if key in state and tuple(state[key].shape) == full_shape != target:
-                state[key] = state[key][: target[0]]
-                sliced[key] = (full_shape, target)
+                {**model_state, **full}, state, c2_conversion=checkpoint.get("__author__", None) == "Caffe2")
+        sliced = fit_aa_layers(state, self.model)
         self._resize_relative_tables(state, model_state)
         checkpoint["model"] = state
         incompatible = super()._load_model(checkpoint)
@@ -176,8 +209,8 @@ class AACheckpointer(DetectionCheckpointer):
         attention = [k for k in random if is_attention_parameter(k)]
         other = [k for k in random if not is_attention_parameter(k)]
         lines = [
-            f"AA-ResNet weights: {len(sliced)} attention-augmented convolutions took the first Fout - dv "
-            "filters of their pretrained 3x3 kernel (their norms loaded whole).",
+            f"AA-ResNet weights: {len(sliced)} entries of attention-augmented convolutions took the first Fout - dv "
+            "channels of their pretrained kernel or norm.",
             f"Left at random initialisation: {len(attention)} attention parameters "
             f"({', '.join(ATTENTION_PARAMETERS)} of every AAConv2d)"
             + (f" and {len(other)} other entries outside AA convolutions (listed with the missing keys)."

@@ -22,9 +22,10 @@ backbone differs (depth, widths, stride placement, attention stages, heads, dk/d
 differences named. `check_weights_format(cfg, path)` makes the same checks, plus MODEL.PIXEL_MEAN,
 MODEL.PIXEL_STD and INPUT.FORMAT, for a converted file before it is loaded.
 
-Weights without attention (torchvision, timm, d2_resnet*) also go into AA-ResNet configs: the
-checkpointer then gives each augmented convolution the first Fout - dv filters and leaves the
-attention at its initialisation (see `aa_detection.checkpoint`).
+Entries wider than the target's AA layers are fitted to them (`aa_detection.checkpoint.fit_aa_layers`):
+weights without attention (torchvision, timm, d2_resnet*) give each augmented convolution the first
+Fout - dv filters and norm channels and leave the attention at its initialisation; an AA classifier's
+norm over the concatenation is split between the convolution's frozen norm and the attention's own.
 """
 import json
 import os
@@ -35,7 +36,7 @@ from detectron2.config import CfgNode
 import torch
 from torch import nn
 
-from .checkpoint import is_attention_parameter
+from .checkpoint import fit_aa_layers, is_attention_parameter
 from .errors import ConfigError, UsageError, WeightsError
 from .layers import AAConv2d
 from .layers.relative_attention import resize_relative_table
@@ -230,6 +231,7 @@ def convert_pretrained(src: str, dst: str, cfg: Optional[CfgNode] = None, max_in
         if key.endswith("num_batches_tracked") and key not in target_state:
             continue  # FrozenBN targets have no counters
         state[key] = value.detach().clone().contiguous()
+    fit_aa_layers(state, target)  # full-width kernels and norms to the AA layers' branches
     missing = [k for k in target_state if k not in state and not k.endswith("num_batches_tracked")
                and not (not described["attention"] and is_attention_parameter(k))]
     unexpected = [k for k in state if k not in target_state]

@@ -100,13 +100,33 @@ def test_downsampling_divides_the_attention_flops():
     assert pooled.attention_flops(output) == core(pooled_hw, 8, 12)
 
 
-def test_zero_init_starts_the_attention_channels_at_zero_and_trains_them():
-    layer = AAConv2d(8, 16, num_heads=2, key_depth=4, value_depth=4, zero_init=True)
+def test_attention_gain_starts_the_attention_small_and_alive_behind_a_relu():
+    """The attention channels' norm weight starts at attention_gain: outputs small but not zero, so a
+    following ReLU passes a gradient to every row of the projections; a gain of 0 is refused."""
+    norm = nn.BatchNorm2d(16)
+    layer = AAConv2d(8, 16, num_heads=2, key_depth=4, value_depth=4, norm=norm, attention_gain=0.1)
+    assert torch.equal(norm.weight[12:], torch.full((4,), 0.1)) and torch.equal(norm.weight[:12], torch.ones(12))
+    out = layer(torch.randn(2, 8, 6, 7))
+    assert 0 < out[:, 12:].std() < 0.2 and 0.8 < out[:, :12].std() < 1.2
+    torch.relu(out).sum().backward()
+    for part in (layer.qkv, layer.attn_out):
+        assert (part.weight.grad.flatten(1).abs().sum(dim=1) > 0).all()
+    with pytest.raises(ValueError, match="attention_gain"):
+        AAConv2d(8, 16, num_heads=2, key_depth=4, value_depth=4, attention_gain=0.0)
+
+
+def test_attention_norm_normalises_the_branches_apart():
+    """With attention_norm, `norm` covers the Fout - dv convolution channels and attention_norm the dv
+    attention channels, each over its own channels, as one per-channel norm over the concatenation would."""
+    torch.manual_seed(0)
+    split = AAConv2d(8, 16, num_heads=2, key_depth=4, value_depth=4, norm=nn.BatchNorm2d(12),
+                     attention_norm=nn.BatchNorm2d(4), attention_gain=0.5)
+    whole = AAConv2d(8, 16, num_heads=2, key_depth=4, value_depth=4, norm=nn.BatchNorm2d(16), attention_gain=0.5)
+    whole.load_state_dict({k: v for k, v in split.state_dict().items() if not k.startswith(("norm.", "attention_norm."))},
+                          strict=False)
     x = torch.randn(2, 8, 6, 7)
-    out = layer(x)
-    assert torch.count_nonzero(out[:, 12:]) == 0 and torch.count_nonzero(out[:, :12]) > 0
-    (out * torch.randn_like(out)).sum().backward()  # a loss whose gradient on the zero channels is not zero
-    assert layer.attn_out.weight.grad.abs().sum() > 0
+    assert torch.allclose(split(x), whole(x), atol=1e-6)
+    assert torch.equal(split.attention_norm.weight, torch.full((4,), 0.5))
 
 
 def test_gradients_reach_every_parameter():

@@ -12,14 +12,16 @@ from detectron2.modeling.backbone import build_resnet_backbone  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
+from aa_detection.checkpoint import pretrained_shapes  # noqa: E402
 from aa_detection.config import setup_cfg  # noqa: E402
 from aa_detection.layers import AAConv2d  # noqa: E402
 from aa_detection.layers import relative_attention as ra  # noqa: E402
 from aa_detection.modeling import AABasicBlock, AABottleneckBlock, build_aa_resnet_backbone  # noqa: E402
 
-CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
+from common import CONFIG_DIR, imagenet_like_frozen_bn  # noqa: E402
+
 ALL_OUT = ["MODEL.RESNETS.OUT_FEATURES", "['res2', 'res3', 'res4', 'res5']"]
-ATTENTION = ("qkv", "attn_out", "rel_h", "rel_w")
+ATTENTION = ("qkv", "attn_out", "attention_norm", "rel_h", "rel_w")
 
 
 def _is_attention(key):
@@ -37,13 +39,17 @@ def test_names_match_detectron2_resnet(depth, stride_in_1x1):
     cfg = setup_cfg(None, ["MODEL.RESNETS.DEPTH", str(depth), "MODEL.RESNETS.STRIDE_IN_1X1", str(stride_in_1x1)]
                     + ALL_OUT + (["MODEL.RESNETS.RES2_OUT_CHANNELS", "64"] if depth < 50 else []))
     plain = build_resnet_backbone(cfg, ShapeSpec(channels=3)).state_dict()
-    aa = build_aa_resnet_backbone(cfg, ShapeSpec(channels=3)).state_dict()
+    model = build_aa_resnet_backbone(cfg, ShapeSpec(channels=3))
+    aa = model.state_dict()
     assert {k for k in aa if not _is_attention(k)} == set(plain)
     assert all(_is_attention(k) for k in set(aa) - set(plain))
-    for key, value in plain.items():
-        if aa[key].shape != value.shape:  # only the conv branch of augmented convolutions is narrower
-            assert key.split(".")[0] in ("res3", "res4", "res5") and key.endswith("weight")
-            assert aa[key].shape[1:] == value.shape[1:] and aa[key].shape[0] < value.shape[0]
+    narrower = {key for key, value in plain.items() if aa[key].shape != value.shape}
+    # the conv branch of augmented convolutions and, under FrozenBN, its norm; checkpoints widen them back
+    assert narrower == set(pretrained_shapes(model))
+    for key in narrower:
+        assert key.split(".")[0] in ("res3", "res4", "res5")
+        assert tuple(plain[key].shape) == pretrained_shapes(model)[key]
+        assert aa[key].shape[1:] == plain[key].shape[1:] and aa[key].shape[0] < plain[key].shape[0]
 
 
 @pytest.mark.parametrize("depth", [18, 50])
@@ -65,7 +71,7 @@ def test_augmented_convolutions_and_output_shape(depth, stride_in_1x1):
                 assert isinstance(block.conv2, AAConv2d) == augmented  # the 3x3 convolution only
                 assert not isinstance(block.conv1, AAConv2d) and not isinstance(block.conv3, AAConv2d)
             if augmented:
-                assert isinstance(block.conv2.norm, FrozenBatchNorm2d)  # MODEL.RESNETS.NORM follows the concat
+                assert isinstance(block.conv2.norm, FrozenBatchNorm2d)  # MODEL.RESNETS.NORM, convolution channels
     for size in [(67, 93), (1, 33)]:
         with torch.no_grad():
             out = model(torch.randn(1, 3, *size))
@@ -91,17 +97,26 @@ def test_frozen_attention_is_refused_naming_both_keys():
         build_aa_resnet_backbone(cfg, ShapeSpec(channels=3))
 
 
-def test_attention_norm_and_zero_init_keys():
-    """MODEL.AA.NORM puts a trainable norm after the augmented convolutions while the network keeps
-    FrozenBN; MODEL.AA.ZERO_INIT starts their attention channels at zero."""
-    cfg = setup_cfg(None, ["MODEL.RESNETS.NORM", "FrozenBN", "MODEL.AA.NORM", "BN", "MODEL.AA.ZERO_INIT", "True"]
-                    + ALL_OUT)
-    model = build_aa_resnet_backbone(cfg, ShapeSpec(channels=3))
+def test_attention_norm_under_frozen_and_trained_block_norms():
+    """Under FrozenBN (the COCO configs) the attention channels get a trained BN of their own and the
+    convolution channels keep FrozenBN; a trained block norm covers the concatenation; MODEL.AA.NORM names
+    the attention channels' norm; MODEL.AA.ATTENTION_GAIN is their norm's initial weight."""
+    model = build_aa_resnet_backbone(setup_cfg(None, ALL_OUT), ShapeSpec(channels=3))
     for block in model.res4:
-        assert isinstance(block.conv2.norm, torch.nn.BatchNorm2d)  # trainable, not frozen
+        conv2 = block.conv2
+        assert isinstance(conv2.norm, FrozenBatchNorm2d) and isinstance(conv2.attention_norm, torch.nn.BatchNorm2d)
+        assert conv2.norm.weight.numel() == conv2.out_channels - conv2.value_depth
+        assert torch.equal(conv2.attention_norm.weight, torch.full((conv2.value_depth,), 0.1))
         assert isinstance(block.conv1.norm, FrozenBatchNorm2d) and isinstance(block.conv3.norm, FrozenBatchNorm2d)
-        assert torch.count_nonzero(block.conv2.attn_out.weight) == 0
     assert isinstance(model.res2[0].conv2.norm, FrozenBatchNorm2d)
+    trained = build_aa_resnet_backbone(setup_cfg(None, ["MODEL.RESNETS.NORM", "BN", "MODEL.AA.ATTENTION_GAIN", "0.5"]
+                                                 + ALL_OUT), ShapeSpec(channels=3))
+    conv2 = trained.res4[0].conv2
+    assert conv2.attention_norm is None and conv2.norm.weight.numel() == conv2.out_channels
+    assert torch.equal(conv2.norm.weight[-conv2.value_depth:], torch.full((conv2.value_depth,), 0.5))
+    assert torch.equal(conv2.norm.weight[:-conv2.value_depth], torch.ones(conv2.out_channels - conv2.value_depth))
+    named = build_aa_resnet_backbone(setup_cfg(None, ["MODEL.AA.NORM", "SyncBN"] + ALL_OUT), ShapeSpec(channels=3))
+    assert isinstance(named.res5[0].conv2.attention_norm, torch.nn.SyncBatchNorm)
 
 
 def test_grouped_convolutions_are_refused_in_augmented_stages():
@@ -135,8 +150,8 @@ def test_backbone_on_compiled_flex_matches_naive_over_multi_scale_batches(aot_ea
     sizes and batch sizes, with at most three compiled graphs for all its attention layers."""
     _, counter = aot_eager_flex
     monkeypatch.setitem(ra._IMPLEMENTATIONS, "flex", functools.partial(ra._flex, compiled=True))  # as on CUDA
-    model, _ = _retinanet(False, ["MODEL.AA.IMPL", "flex", "MODEL.AA.ZERO_INIT", "False"])
-    naive, _ = _retinanet(False, ["MODEL.AA.IMPL", "naive", "MODEL.AA.ZERO_INIT", "False"])
+    model, _ = _retinanet(False, ["MODEL.AA.IMPL", "flex"])
+    naive, _ = _retinanet(False, ["MODEL.AA.IMPL", "naive"])
     naive.load_state_dict(model.state_dict())
     for batch, height, width in [(1, 320, 480), (1, 352, 512), (2, 384, 448), (1, 416, 544), (2, 288, 640),
                                  (1, 448, 576)]:
@@ -159,11 +174,10 @@ def test_retinanet_inference_on_odd_size():
 
 @pytest.mark.parametrize("with_instances", [True, False])
 def test_retinanet_training_step_reaches_attention(with_instances):
-    # Random weights under FrozenBN (identity statistics) let activations grow through 50 layers until the
-    # res5 softmax saturates and passes no gradient; BN keeps them at the unit scale pretrained weights give.
-    # ZERO_INIT False: with the zero-initialised output projections (the default) only they get a gradient
-    # at step 0, as tests/test_aa_conv.py checks.
-    model, cfg = _retinanet(True, ["MODEL.RESNETS.NORM", "BN", "MODEL.AA.ZERO_INIT", "False"])
+    # The shipped config, its FrozenBN holding statistics like ImageNet weights' (identity statistics would
+    # let random activations grow through 50 layers until the res5 softmax saturates).
+    model, cfg = _retinanet(True)
+    imagenet_like_frozen_bn(model, [{"image": torch.rand(3, 200, 249) * 255}])
     inst = Instances((200, 249))
     if with_instances:
         inst.gt_boxes = Boxes(torch.tensor([[10.0, 20.0, 120.0, 180.0], [100.0, 30.0, 240.0, 90.0]]))

@@ -145,16 +145,16 @@ def test_a_dumped_run_config_loads_in_detectron2s_own_tools_after_one_import(tmp
 
     dumped = tmp_path / "config.yaml"
     dumped.write_text(setup_cfg(os.path.join(CONFIG_DIR, "retinanet_AA_R_50_FPN_1x.yaml"),
-                                ["MODEL.AA.ZERO_INIT", "True"]).dump())
+                                ["MODEL.AA.ATTENTION_GAIN", "0.25"]).dump())
     script = (
         "import sys\nimport aa_detection\n"
         "from detectron2.config import get_cfg\nfrom detectron2.modeling import build_model\n"
         "cfg = get_cfg()\ncfg.merge_from_file(sys.argv[1])\ncfg.MODEL.DEVICE = 'cpu'\nmodel = build_model(cfg)\n"
-        "print(type(model.backbone.bottom_up.res3[0].conv2).__name__, cfg.MODEL.AA.ZERO_INIT)\n"
+        "print(type(model.backbone.bottom_up.res3[0].conv2).__name__, cfg.MODEL.AA.ATTENTION_GAIN)\n"
     )
     result = subprocess.run([sys.executable, "-c", script, str(dumped)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["AAConv2d", "True"]
+    assert result.stdout.split() == ["AAConv2d", "0.25"]
     from detectron2.config import defaults, get_cfg
 
     assert get_cfg().MODEL.AA == defaults._C.MODEL.AA  # get_cfg still clones the defaults we extend

@@ -9,6 +9,7 @@ pytest.importorskip("detectron2", reason="detectron2 is not installed; see READM
 timm = pytest.importorskip("timm", reason="timm is not installed (pip install timm)")
 import torch  # noqa: E402
 import torchvision  # noqa: E402
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 import aa_detection.classification  # noqa: E402,F401
@@ -98,9 +99,13 @@ def test_pretraining_learns(pretrained_run):
     assert _metrics(output)[-1]["top1"] >= 45.0
 
 
-def test_converted_classifier_is_the_detection_backbone(pretrained_run, tmp_path):
+@pytest.mark.parametrize("norm", ["BN", "FrozenBN"])
+def test_converted_classifier_is_the_detection_backbone(pretrained_run, tmp_path, norm):
+    """The converted classifier gives the detector's backbone its very features: with a trained norm over
+    each augmented convolution, and under FrozenBN (the COCO configs), where the attention channels' norm
+    takes the classifier's statistics of them. detectron2's own checkpointer loads it with nothing random."""
     output, _ = pretrained_run
-    cfg = setup_cfg(AA_CONFIG, TINY_CFG)
+    cfg = setup_cfg(AA_CONFIG, TINY_CFG + ["MODEL.RESNETS.NORM", norm])
     dst = str(tmp_path / "aa_r50_tiny.pth")
     convert_pretrained(os.path.join(output, "last.pth"), dst, cfg=cfg)
     check_weights_format(cfg, dst)  # fits: no error
@@ -108,6 +113,12 @@ def test_converted_classifier_is_the_detection_backbone(pretrained_run, tmp_path
     checkpointer = AACheckpointer(model)
     checkpointer.load(dst)
     assert not [k for k in checkpointer.last_load_report["random"] if k.startswith("backbone.bottom_up.")]
+    own = build_model(cfg)
+    DetectionCheckpointer(own).load(dst)
+    loaded = own.state_dict()
+    for key, value in model.state_dict().items():
+        if key.startswith("backbone.bottom_up.") and not key.endswith("num_batches_tracked"):
+            assert torch.equal(loaded[key], value), key
 
     ckpt = torch.load(os.path.join(output, "last.pth"), weights_only=True)
     classifier = timm.create_model("aa_resnet50", num_classes=ckpt["num_classes"], **ckpt["model_kwargs"]).eval()
@@ -119,6 +130,9 @@ def test_converted_classifier_is_the_detection_backbone(pretrained_run, tmp_path
         if key.endswith(("rel_h", "rel_w")):  # 64 px tables grown for the config's 256 px: centre rows kept
             rows, mid = value.shape[0], bottom_up[key].shape[0] // 2
             assert torch.equal(bottom_up[key][mid - rows // 2: mid + rows // 2 + 1], value), key
+        elif bottom_up[key].shape != value.shape:  # under FrozenBN: the norms of the two branches
+            attention_key = key.replace(".norm.", ".attention_norm.")
+            assert torch.equal(torch.cat([bottom_up[key], bottom_up[attention_key]]), value), key
         else:
             assert torch.equal(bottom_up[key], value), key
     x = torch.randn(2, 3, 96, 64)

@@ -7,16 +7,24 @@ operator where the layer calls the kernel. A saved TorchScript model or exported
 """
 import contextlib
 import math
+import os
+import warnings
 from typing import Iterator, List, Optional
 
 import torch
 
 __all__ = ["kernel_attention", "kernel_available", "kernel_isas", "using_kernel_isa", "KERNEL_MAX_HEAD_WIDTH"]
 
-try:  # the optional C++/OpenMP CPU kernel, built by setup.py
+try:  # the C++/OpenMP CPU kernel, built by setup.py
     from aa_detection import _C
-except ImportError:  # pure-Python install: the PyTorch paths are used
+except ImportError as e:  # an install that could not build it: the PyTorch paths are used
     _C = None
+    if os.environ.get("AA_DETECTION_NO_EXTENSION", "0") != "1":
+        warnings.warn(
+            f"aa_detection: the compiled CPU attention kernel aa_detection._C is not built ({e}); attention on "
+            "the CPU uses the slower PyTorch paths (fused, naive). Build it with `pip install "
+            "--no-build-isolation -e .` in an environment with torch (or `bash tools/install.sh`); "
+            "AA_DETECTION_NO_EXTENSION=1 silences this", RuntimeWarning, stacklevel=2)
 
 # The widest head (dkh or dvh) the kernel takes (kMaxWidth in csrc/attention_kernel.h).
 KERNEL_MAX_HEAD_WIDTH = 64 if _C is None else _C.max_head_width
