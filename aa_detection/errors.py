@@ -10,7 +10,8 @@ tool prints the message alone (no traceback) and exits with status 2:
     ├── WeightsError       a weights or checkpoint file
     │   └── UnsafePickleError   a pickle holding more than tensors, arrays and containers (also a pickle.UnpicklingError)
     ├── InputError         an input image or results file of the visualizer
-    └── UsageError         command-line arguments that do not fit together
+    ├── UsageError         command-line arguments that do not fit together
+    └── MissingDependencyError   an optional package the chosen feature needs (also an ImportError)
 
 A non-finite training loss (detectron2's `FloatingPointError`, which names the iteration and the losses)
 is reported the same way; `USER_ERRORS` lists what is.
@@ -21,7 +22,7 @@ import sys
 from typing import Callable, Iterator, Optional, TextIO
 
 __all__ = ["UserError", "ConfigError", "DatasetError", "WeightsError", "UnsafePickleError", "InputError",
-           "UsageError", "USER_ERRORS", "exit_on_user_error", "launch_reporting_user_errors"]
+           "UsageError", "MissingDependencyError", "USER_ERRORS", "exit_on_user_error", "launch_reporting_user_errors"]
 
 
 class UserError(Exception):
@@ -50,6 +51,10 @@ class InputError(UserError):
 
 class UsageError(UserError):
     """Command-line arguments that are missing or do not fit together."""
+
+
+class MissingDependencyError(UserError, ImportError):
+    """An optional package that the chosen feature needs is not installed; the message names the install."""
 
 
 USER_ERRORS = (UserError, FloatingPointError)

@@ -28,6 +28,7 @@ from detectron2.utils.file_io import PathManager
 import torch
 
 from .checkpoint import AACheckpointer
+from .errors import MissingDependencyError
 from .safe_io import AtomicWritePathManager, atomic_path, atomic_write
 
 __all__ = ["FORMATS", "export_backbone", "export_model", "export_onnx", "export_torchscript", "load_backbone",
@@ -101,16 +102,24 @@ def export_backbone(model: torch.nn.Module, image: torch.Tensor, path: str) -> s
     return path
 
 
+def require_onnx() -> None:
+    """MissingDependencyError naming the install unless onnx and onnxscript (which torch.onnx.export
+    needs) are importable."""
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise MissingDependencyError(f"ONNX export needs the onnx and onnxscript packages ({e}): "
+                                     "pip install onnx onnxscript") from e
+
+
 def export_onnx(model: torch.nn.Module, image: torch.Tensor, path: str) -> str:
     """The backbone to ONNX at `path`, one file with its weights, with dynamic height and width (input
     "images", one output per feature, e.g. "p3".."p7"), every AAConv2d on the ONNX_ATTENTION path while
     exporting."""
     from .layers import AAConv2d
 
-    try:
-        import onnxscript  # noqa: F401  (torch.onnx.export needs it)
-    except ImportError as e:
-        raise ImportError("ONNX export needs the onnx and onnxscript packages: pip install onnx onnxscript") from e
+    require_onnx()
     backbone, images, dynamic_shapes = _backbone_inputs(model, image)
     layers = [m for m in backbone.modules() if isinstance(m, AAConv2d)]
     impls = [m.impl for m in layers]
@@ -168,6 +177,8 @@ def export_model(cfg: CfgNode, output_dir: str, export_format: str = "torchscrip
     """Build the model of `cfg`, load MODEL.WEIGHTS and export it in `export_format` into `output_dir`."""
     if export_format not in FORMATS:
         raise ValueError(f"export format {export_format!r}: allowed values are {list(FORMATS)}")
+    if export_format == "onnx":
+        require_onnx()  # before any model is built
     model = build_model(cfg).eval()
     AACheckpointer.from_config(model, cfg).load(cfg.MODEL.WEIGHTS)
     image = sample_image(cfg, image_path)

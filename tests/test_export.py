@@ -87,3 +87,18 @@ def test_backbone_exports_to_onnx_and_runs_at_other_sizes(model, tmp_path):
         for name in eager:
             assert exported[name].shape == eager[name].shape, name
             assert (exported[name] - eager[name]).abs().max() <= 1e-4, name
+
+
+def test_onnx_export_without_onnx_is_one_line_naming_the_install(tmp_path):
+    """tools/export_model.py --format onnx where onnx cannot be imported: exit status 2 and one line, before
+    any model is built."""
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['onnx'] = None\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    config = os.path.join(ROOT, "configs", "synthetic", "retinanet_R_18_FPN_synthetic.yaml")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "export_model.py"), "--config-file", config,
+                             "--output", str(tmp_path / "out"), "--format", "onnx"], env=env, capture_output=True,
+                            text=True)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()  # library warnings may come first
+    assert "pip install onnx onnxscript" in lines[-1] and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
