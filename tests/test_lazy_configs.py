@@ -40,8 +40,9 @@ def _settings(model):
                     isinstance(value, (tuple, list)) and all(isinstance(v, (bool, int, float, str)) for v in value)):
                 if not key.startswith("_") and key != "training":
                     found[f"{name}.{key}"] = tuple(value) if isinstance(value, list) else value
-    for level, anchors in enumerate(model.anchor_generator.cell_anchors):
-        found[f"anchors{level}"] = anchors  # compared with a tolerance: the YAML sizes are rounded
+    for name, module in model.named_modules():
+        for level, anchors in enumerate(getattr(module, "cell_anchors", ())):
+            found[f"{name}.anchors{level}"] = anchors  # compared with a tolerance: the YAML sizes are rounded
     return found
 
 

@@ -11,7 +11,7 @@ import torch  # noqa: E402
 from detectron2.config import LazyConfig, instantiate  # noqa: E402
 from detectron2.layers import FrozenBatchNorm2d  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
-from detectron2.structures import Boxes, Instances  # noqa: E402
+from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 from aa_detection.config import setup_cfg  # noqa: E402
@@ -33,6 +33,10 @@ def _images(size=(200, 249)):
     inst = Instances(size)
     inst.gt_boxes = Boxes(torch.tensor([[10.0, 20.0, 120.0, 180.0], [100.0, 30.0, 240.0, 90.0]]))
     inst.gt_classes = torch.tensor([0, 1])
+    masks = torch.zeros(2, *size, dtype=torch.bool)  # for Mask R-CNN: the boxes filled
+    for mask, (x0, y0, x1, y1) in zip(masks, inst.gt_boxes.tensor.int().tolist()):
+        mask[y0:y1, x0:x1] = True
+    inst.gt_masks = BitMasks(masks)
     return [{"image": torch.rand(3, *size) * 255, "instances": inst} for _ in range(2)]
 
 

@@ -94,8 +94,7 @@ def test_pretraining_resumes(pretrained_run):
 
 def test_pretraining_learns(pretrained_run):
     output, _ = pretrained_run
-    # 5 classes: chance is 20 %; 150 training images (about 680 crops), 8 epochs at 64 px: 55-62 % seen
-    # (seeds 0 and 1, with the attention output initialised as a 1x1 convolution, --no-zero-init)
+    # 5 classes: chance is 20 %; 150 training images (about 680 crops), 8 epochs at 64 px
     assert _metrics(output)[-1]["top1"] >= 45.0
 
 

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 from detectron2.config import CfgNode
 from detectron2.layers import ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY
-from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
+from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import (
     BasicBlock,
     BasicStem,
@@ -27,6 +27,7 @@ __all__ = [
     "STAGE_NAMES",
     "check_aa_stages",
     "build_aa_resnet_backbone",
+    "build_aa_resnet_fpn_backbone",
     "build_retinanet_aa_resnet_fpn_backbone",
     "aa_resnet",
     "aa_resnet_arguments",
@@ -253,10 +254,9 @@ def build_aa_resnet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> ResNet:
     return aa_resnet(**aa_resnet_arguments(cfg, input_shape))
 
 
-@BACKBONE_REGISTRY.register()
-def build_retinanet_aa_resnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
-    """AA-ResNet + FPN with P6, P7 computed from res5 (P3-P7), as RetinaNet's ResNet-FPN backbone. The
-    relative tables cover the FPN's padded sizes (multiples of the largest input feature's stride)."""
+def _aa_resnet_fpn(cfg: CfgNode, input_shape: ShapeSpec, top_block) -> FPN:
+    """AA-ResNet + FPN over MODEL.FPN.IN_FEATURES; the relative tables cover the FPN's padded sizes
+    (multiples of the largest input feature's stride)."""
     strides = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
     divisibility = max(strides[f] for f in cfg.MODEL.FPN.IN_FEATURES)
     bottom_up = aa_resnet(**aa_resnet_arguments(cfg, input_shape, divisibility))
@@ -265,6 +265,20 @@ def build_retinanet_aa_resnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec)
         in_features=cfg.MODEL.FPN.IN_FEATURES,
         out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
         norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelP6P7(bottom_up.output_shape()["res5"].channels, cfg.MODEL.FPN.OUT_CHANNELS),
+        top_block=top_block(bottom_up),
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )
+
+
+@BACKBONE_REGISTRY.register()
+def build_retinanet_aa_resnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
+    """AA-ResNet + FPN with P6, P7 computed from res5 (P3-P7), as RetinaNet's ResNet-FPN backbone."""
+    return _aa_resnet_fpn(cfg, input_shape, lambda bottom_up: LastLevelP6P7(
+        bottom_up.output_shape()["res5"].channels, cfg.MODEL.FPN.OUT_CHANNELS))
+
+
+@BACKBONE_REGISTRY.register()
+def build_aa_resnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
+    """AA-ResNet + FPN with P6 max-pooled from P5 (P2-P6 over res2-res5), as detectron2's
+    build_resnet_fpn_backbone for Faster and Mask R-CNN."""
+    return _aa_resnet_fpn(cfg, input_shape, lambda bottom_up: LastLevelMaxPool())
