@@ -1,21 +1,8 @@
-"""The twin of mask_rcnn_R_50_FPN_1x.py with an AA-ResNet-50 (MODEL.AA defaults as explicit arguments)."""
-from detectron2.config import LazyCall as L
-
-from aa_detection.modeling import aa_resnet
-
+"""The twin of mask_rcnn_R_50_FPN_1x.py with the AA-ResNet-50 of retinanet_AA_R_50_FPN_1x.py (MODEL.AA defaults
+as explicit arguments), giving res2-res5 to the FPN (P2-P6)."""
 from .mask_rcnn_R_50_FPN_1x import dataloader, lr_multiplier, model, optimizer, train
+from .retinanet_AA_R_50_FPN_1x import model as _retinanet
 
-model.backbone.bottom_up = L(aa_resnet)(
-    depth=50,
-    norm="FrozenBN",
-    stride_in_1x1=True,
-    freeze_at=2,
-    out_features=["res2", "res3", "res4", "res5"],
-    aa_stages=["res3", "res4", "res5"],
-    num_heads=8,
-    kappa=0.2,
-    upsilon=0.1,
-    downsample_stages=["res3"],
-    max_input_size=1344,  # 1333, the longest training and test side, padded to the FPN's multiple of 32
-)
+model.backbone.bottom_up = _retinanet.backbone.bottom_up
+model.backbone.bottom_up.out_features = ["res2", "res3", "res4", "res5"]
 train.output_dir = "output/lazy/mask_rcnn_AA_R_50_FPN_1x"
