@@ -35,3 +35,11 @@ def test_import_without_the_kernel_warns_naming_the_slower_path_and_the_rebuild(
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stderr.count("aa_detection._C is not built") == 1
     assert "slower PyTorch paths" in result.stderr and "pip install --no-build-isolation -e ." in result.stderr
+
+
+def test_import_registers_the_timm_classifiers():
+    pytest.importorskip("timm", reason="timm is not installed")
+    script = "import aa_detection, timm; print(type(timm.create_model('aa_resnet18', num_classes=3)).__name__)"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["AAResNetClassifier"]
