@@ -96,6 +96,9 @@ def test_custom_dataset_sets_num_classes(tmp_path):
                     datasets=[("three_train", str(tmp_path / "three.json"), str(tmp_path / "img")),
                               ("three_val", str(tmp_path / "three.json"), str(tmp_path / "img"))])
     assert cfg.MODEL.RETINANET.NUM_CLASSES == 3
+    rcnn = setup_cfg(os.path.join(ROOT, "configs/mask_rcnn_AA_R_50_FPN_1x.yaml"),
+                     ["DATASETS.TRAIN", "('three_train',)", "DATASETS.TEST", "('three_val',)"])
+    assert rcnn.MODEL.ROI_HEADS.NUM_CLASSES == 3  # the R-CNN heads follow too
     # the same through the config key
     reg = [["three_cfg", str(tmp_path / "three.json"), str(tmp_path / "img")]]
     cfg = setup_cfg(SYN_CFG, ["DATASETS.REGISTER", str(reg), "DATASETS.TRAIN", "('three_cfg',)",

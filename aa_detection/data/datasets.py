@@ -7,8 +7,8 @@
   generated shapes dataset under ``DATASETS.SYNTHETIC.ROOT`` (default ``$DETECTRON2_DATASETS/synthetic``,
   that is ``datasets/synthetic``). Registering does not generate it: `prepare_datasets` does.
 
-`register_datasets(cfg)` registers and sets ``MODEL.RETINANET.NUM_CLASSES`` to the class count of the
-training datasets. `prepare_datasets(cfg)`, which training calls before it, generates the synthetic
+`register_datasets(cfg)` registers and sets the heads' class counts (``MODEL.RETINANET.NUM_CLASSES``,
+``MODEL.ROI_HEADS.NUM_CLASSES``) to the class count of the training datasets. `prepare_datasets(cfg)`, which training calls before it, generates the synthetic
 dataset when it is named and missing, and checks every dataset the config names for training or
 testing (on the first process of each machine; the others wait, then read the cached result).
 """
@@ -117,9 +117,13 @@ def dataset_classes(name: str) -> Optional[List[str]]:
     return list(classes) if classes is not None else None
 
 
+# The class counts of the detectors' heads that follow the training datasets' classes.
+CLASS_COUNT_KEYS = ("MODEL.RETINANET.NUM_CLASSES", "MODEL.ROI_HEADS.NUM_CLASSES")
+
+
 def register_datasets(cfg: CfgNode) -> CfgNode:
-    """Register the datasets `cfg` asks for and set MODEL.RETINANET.NUM_CLASSES from its training
-    datasets' classes; `cfg` must be mutable. Generates and loads nothing.
+    """Register the datasets `cfg` asks for and set the heads' class counts (CLASS_COUNT_KEYS: RetinaNet's,
+    the R-CNN ROI heads') from its training datasets' classes; `cfg` must be mutable. Generates and loads nothing.
 
     A name in DATASETS.TRAIN or DATASETS.TEST that is not registered raises ConfigError; training
     datasets with different classes, or a test dataset with other classes, raise DatasetError."""
@@ -143,7 +147,7 @@ def register_datasets(cfg: CfgNode) -> CfgNode:
         if classes is None:
             raise DatasetError(
                 f"DATASETS.TRAIN: the classes of '{name}' are unknown (its MetadataCatalog entry has neither "
-                "thing_classes nor a COCO json_file), so MODEL.RETINANET.NUM_CLASSES cannot follow them: set "
+                "thing_classes nor a COCO json_file), so the heads' NUM_CLASSES cannot follow them: set "
                 f"MetadataCatalog.get('{name}').thing_classes when registering it")
         if train_classes is not None and classes != train_classes:
             raise DatasetError(f"the training datasets {list(cfg.DATASETS.TRAIN)} disagree on their classes: "
@@ -155,10 +159,11 @@ def register_datasets(cfg: CfgNode) -> CfgNode:
             raise DatasetError(f"test dataset '{name}' has classes {classes}, the training datasets "
                                f"{list(cfg.DATASETS.TRAIN)} have {train_classes}: DATASETS.TEST must name "
                                "datasets with the training datasets' categories")
-    if train_classes is not None and cfg.MODEL.RETINANET.NUM_CLASSES != len(train_classes):
-        logger.info("MODEL.RETINANET.NUM_CLASSES: %d -> %d (from %s)", cfg.MODEL.RETINANET.NUM_CLASSES,
-                    len(train_classes), list(cfg.DATASETS.TRAIN))
-        cfg.MODEL.RETINANET.NUM_CLASSES = len(train_classes)
+    for key in CLASS_COUNT_KEYS:
+        node = cfg.MODEL[key.split(".")[1]]
+        if train_classes is not None and node.NUM_CLASSES != len(train_classes):
+            logger.info("%s: %d -> %d (from %s)", key, node.NUM_CLASSES, len(train_classes), list(cfg.DATASETS.TRAIN))
+            node.NUM_CLASSES = len(train_classes)
     return cfg
 
 
