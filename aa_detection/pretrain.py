@@ -69,6 +69,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-lr", type=float, default=0.0)
     p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     p.add_argument("--no-aug", action="store_true", help="train on resized centre crops (no random augmentation)")
+    p.add_argument("--crop-pct", type=float, default=None,
+                   help="evaluation framing: resize to img-size / crop-pct, then crop img-size (default 1.0 with "
+                        "--no-aug, whose training images are whole images squashed to img-size; else the model's 0.875)")
     p.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
                    help="RandomResizedCrop's range of the crop's area, as a fraction of the image's")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
@@ -161,11 +164,21 @@ def _split_dataset(root: str, split: str, **kwargs):
     return dataset
 
 
+def eval_framing(args: argparse.Namespace, data_config: dict) -> dict:
+    """timm's evaluation framing ({"crop_pct", "crop_mode"}): with --no-aug, timm trains on whole images
+    squashed to --img-size, and the evaluation shows them the same way (crop 1.0, "squash") instead of a
+    1/0.875 zoom, which tests another framing; else a centre crop of the model's crop_pct. --crop-pct
+    sets the fraction."""
+    if args.no_aug:
+        return {"crop_pct": args.crop_pct or 1.0, "crop_mode": "squash"}
+    return {"crop_pct": args.crop_pct or data_config["crop_pct"], "crop_mode": "center"}
+
+
 def _loaders(args, data_config, train_set, val_set, device, distributed):
     from timm.data import create_loader
 
     common = dict(input_size=data_config["input_size"], interpolation=data_config["interpolation"],
-                  mean=data_config["mean"], std=data_config["std"], crop_pct=data_config["crop_pct"],
+                  mean=data_config["mean"], std=data_config["std"], **eval_framing(args, data_config),
                   num_workers=args.workers, distributed=distributed, device=device,
                   use_prefetcher=device.type == "cuda", pin_memory=device.type == "cuda")
     train = create_loader(train_set, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug,

@@ -207,3 +207,25 @@ def test_torchvision_resnet_converts_to_the_same_features(tmp_path):
     torch.save(model.backbone.bottom_up.state_dict(), src)  # detectron2 names, not a classifier checkpoint
     with pytest.raises(WeightsError, match=r"r18\.pth: neither an aa_detection.pretrain checkpoint"):
         convert_pretrained(src, dst)
+
+
+def test_no_aug_evaluates_on_the_framing_it_trains_on(shapes):
+    """With --no-aug timm trains on whole images resized to --img-size; the evaluation shows the same pixels
+    (crop 1.0), not a 1/0.875 zoom of them; --crop-pct still chooses."""
+    from PIL import Image
+
+    from aa_detection.pretrain import _loaders, _split_dataset
+
+    device = torch.device("cpu")
+    data_config = {"input_size": (3, 64, 64), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3,
+                   "crop_pct": 0.875}
+    sets = [_split_dataset(shapes, split) for split in ("train", "val")]
+    image = Image.open(sets[1].reader.samples[0][0]).convert("RGB")
+    framings = {}
+    for extra in ((), ("--crop-pct", "0.875")):
+        args = _args(shapes, "unused", *extra)
+        train, val = _loaders(args, data_config, *sets, device, False)
+        framings[extra] = [loader.dataset.transform(image) for loader in (train, val)]
+    trained, evaluated = framings[()]
+    assert torch.equal(trained, evaluated)
+    assert not torch.equal(*framings[("--crop-pct", "0.875")])
