@@ -1,6 +1,9 @@
-"""The CUDA attention paths against the naive reference, and the AA-R50 training memory target.
+"""The CUDA attention paths against the naive reference (fp32, fp16 and bf16), flex against fused at the
+layer and the backbone level, no dense (HW, HW) allocation at res3, and the AA-R50 training memory target.
 
-Skipped without a GPU; run them on one with `python -m pytest -q tests/test_cuda.py`."""
+Skipped without a GPU; run them on one with `python -m pytest -q tests/test_cuda.py` (tools/gpu_check.py
+runs them with the rest of the GPU check)."""
+import copy
 import os
 
 import pytest
@@ -76,6 +79,138 @@ def test_flex_stays_compiled_and_exact_across_multi_scale_map_sizes():
             assert _relative_error(g, r) < 5e-2, (shape, name)
 
 
+# fp16 and bf16 inputs against the fp32 naive reference on the same (unrounded) values. Every path computes
+# the logits and the softmax in fp32 (flex rounds the probabilities to the input dtype for p.v, and in
+# backward the score gradients for dq and dk), so what separates it from the reference is rounding: q, k, v
+# and the output gradient rounded to the dtype (unit roundoff u = 2^-11 for fp16, 2^-8 for bf16), the output
+# and the gradients rounded again. A float64 emulation of exactly these roundings on LOW_PRECISION_SHAPE gave
+# relative errors (Frobenius norm) of 1.1u to 1.4u on the output and on each gradient; 5u leaves room for
+# the order of the fp32 sums and flex's own rescaling, while a wrong path (an offset off by one, a
+# miscompile) is off by O(1).
+UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+LOW_PRECISION_SHAPE = (2, 8, 25, 42, 13, 6)  # res5 widths on a res5 map, above NAIVE_MAX_PIXELS: "auto" is flex
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("impl", ["naive", "fused", "flex", "auto"])
+def test_low_precision_matches_fp32_naive(impl, dtype):
+    shape = LOW_PRECISION_SHAPE
+    reference_inputs = _cuda_inputs(shape, torch.float32)
+    inputs = [t.detach().to(dtype if i < 3 else torch.float32).requires_grad_() for i, t in enumerate(reference_inputs)]
+    grad_out = torch.randn(*shape[:4], shape[5], device="cuda")
+    ref = relative_attention_2d(*reference_inputs, impl="naive")
+    ref_grads = torch.autograd.grad(ref, reference_inputs, grad_out)
+    out = relative_attention_2d(*inputs, impl=impl)
+    grads = torch.autograd.grad(out, inputs, grad_out.to(dtype))
+    if impl == "auto":  # served by FlexAttention, not by the fused fallback
+        assert ra.choose_impl(out.device, *shape[2:4], shape[4], shape[5], dtype) == "flex" and not ra._FLEX_FAILED
+    tolerance = 5 * UNIT_ROUNDOFF[dtype]
+    assert out.dtype == dtype and _relative_error(out, ref) < tolerance
+    for name, g, r in zip("q k v rel_h rel_w".split(), grads, ref_grads):
+        assert _relative_error(g, r) < tolerance, name
+
+
+def test_flex_allocates_no_dense_matrix_at_res3():
+    """A flex training call (forward and backward) on the full res3 map of an 800x1333 input (100x167, batch
+    2, 8 heads, AA-R50's res3 widths, bf16) allocates nothing as large as one (HW, HW) bf16 matrix (558 MB),
+    let alone the (B, Nh, HW, HW) logits: every CUDA allocation of the second call (the first compiles) is
+    read from the caching allocator's history."""
+    from aa_detection.benchmark.attention import SIZES, make_inputs
+    from aa_detection.layers import attention_depths
+
+    if not hasattr(torch.cuda.memory, "_record_memory_history"):
+        pytest.skip(f"torch {torch.__version__} cannot record the CUDA allocator's history")
+    H, W, fout = SIZES["res3"]
+    dk, dv = attention_depths(fout, 8, 0.2, 0.1)
+    inputs, grad_out = make_inputs(2, 8, H, W, dk // 8, dv // 8, torch.device("cuda"), "bf16")
+    leaves = [t.requires_grad_() for t in inputs]
+
+    def train_call():
+        out = relative_attention_2d(*leaves, impl="flex")
+        torch.autograd.grad(out, leaves, grad_out)
+        torch.cuda.synchronize()
+
+    train_call()
+    torch.cuda.memory._record_memory_history(enabled="all", context=None, max_entries=100000)
+    try:
+        train_call()
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    sizes = [event["size"] for trace in snapshot["device_traces"] for event in trace if event["action"] == "alloc"]
+    dense = (H * W) ** 2 * torch.finfo(torch.bfloat16).bits // 8
+    assert sizes, "no allocation recorded"
+    assert max(sizes) < dense, f"largest allocation {max(sizes) >> 20} MiB, one (HW, HW) matrix {dense >> 20} MiB"
+
+
+def _without_tf32(monkeypatch):
+    """fp32 convolutions and matmuls in full fp32: with TF32 (10-bit mantissas) the rounding of every later
+    layer would turn the two paths' last-bit differences into differences of about 1e-3."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
+# flex against fused, both given the same inputs. In fp32 both are exact up to fp32 rounding: the naive and
+# fused backbones differ by 1.3e-6 at every FPN output (CPU, 256x384), so 1e-4 is far above rounding and far
+# below a wrong path. Under bf16 autocast the fused path computes in fp32 while flex rounds its probabilities
+# to bf16 (about 1.3u on its own output, see above): 5u for one layer. In the backbone the bf16 layers after
+# each attention round differently once their inputs differ: an emulation on the CPU (the fused path's output
+# given a relative noise of 1.3u) moved every FPN output by 1.0e-2 to 1.1e-2 (2.6u to 2.8u), so 10u there.
+U_BF16 = UNIT_ROUNDOFF[torch.bfloat16]
+LAYER_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5 * U_BF16}
+BACKBONE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 10 * U_BF16}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flex_layer_matches_fused(dtype, monkeypatch):
+    """An AAConv2d at res4 of an 800x1333 input (50x84, 256 channels, 8 heads, kappa 0.2, upsilon 0.1),
+    under autocast for bf16: the output and the gradients of the input and of every parameter."""
+    from aa_detection.layers import AAConv2d
+
+    _without_tf32(monkeypatch)
+    flex = AAConv2d(256, 256, num_heads=8, max_relative_size=84, impl="flex").cuda()
+    fused = copy.deepcopy(flex)
+    fused.impl = "fused"
+    x = torch.randn(2, 256, 50, 84, device="cuda")
+    grad_out = torch.randn(2, 256, 50, 84, device="cuda")
+    results = []
+    for layer in (flex, fused):
+        leaves = [x.clone().requires_grad_(), *layer.parameters()]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = layer(leaves[0])
+        results.append((out, torch.autograd.grad(out, leaves, grad_out.to(out.dtype))))
+    (out, grads), (ref, ref_grads) = results
+    tolerance = LAYER_TOLERANCE[dtype]
+    assert _relative_error(out, ref) < tolerance
+    names = ["input"] + [name for name, _ in flex.named_parameters()]
+    for name, g, r in zip(names, grads, ref_grads):
+        assert _relative_error(g, r) < tolerance, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flex_backbone_matches_fused(dtype, monkeypatch):
+    """The AA-R50 FPN backbone of configs/retinanet_AA_R_50_FPN_1x.yaml (13 attention layers in res3-res5,
+    same weights) on two 512x768 images, inference, under autocast for bf16: every FPN output."""
+    pytest.importorskip("detectron2", reason="detectron2 is not installed; see README.md, Install")
+    from detectron2.modeling import build_backbone
+
+    from aa_detection.config import setup_cfg
+
+    _without_tf32(monkeypatch)
+    backbones = {}
+    for impl in ("flex", "fused"):
+        cfg = setup_cfg(os.path.join(ROOT, "configs", "retinanet_AA_R_50_FPN_1x.yaml"),
+                        ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cuda", "MODEL.AA.IMPL", impl])
+        backbones[impl] = build_backbone(cfg).cuda().eval()
+    backbones["fused"].load_state_dict(backbones["flex"].state_dict())
+    images = torch.randn(2, 3, 512, 768, device="cuda") * 50
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        outputs = {impl: backbone(images) for impl, backbone in backbones.items()}
+    assert not ra._FLEX_FAILED
+    for name, ref in outputs["fused"].items():
+        assert _relative_error(outputs["flex"][name], ref) < BACKBONE_TOLERANCE[dtype], name
+
+
 def _training_batch(height, width, device):
     from detectron2.structures import Boxes, Instances
 
@@ -138,3 +273,4 @@ def test_aa_r50_training_step_memory_within_1_3x_of_r50(monkeypatch):
           f"ratio {augmented / baseline:.3f}")
     assert flex_calls and not ra._FLEX_FAILED  # FlexAttention served the AA layers, not the fused fallback
     assert augmented <= 1.3 * baseline
+

@@ -27,6 +27,10 @@ per wall second during a path's calls (the floor assumes every thread had a core
 over a large tensor is bound by memory bandwidth (a read and a write per exp), while an attention kernel
 computes its exps in registers: the exp rate there is the faster of torch.exp and a compiled kernel
 applying 32 chained exps to each element it loads.
+
+With --compile-times, FlexAttention's compilation is timed first (`flex_compile_times`): on each map in
+turn, the first call against the calls after it, for a first size (static graphs) and after a size change
+(graphs recompiled with dynamic sizes).
 """
 import argparse
 import contextlib
@@ -46,8 +50,8 @@ from ..safe_io import atomic_write
 from ..utils.table import format_table
 from .common import AMP_DTYPES, GiB, autocast, environment, fmt_bytes, resolve_device, run_in_turns
 
-__all__ = ["PATHS", "SIZES", "add_arguments", "floor_seconds", "floor_work", "main", "measure_rates", "paths_for",
-           "table_rows", "with_kernel_isas"]
+__all__ = ["PATHS", "SIZES", "add_arguments", "compile_table", "flex_compile_times", "floor_seconds", "floor_work",
+           "main", "measure_rates", "paths_for", "table_rows", "with_kernel_isas"]
 
 # name: (H, W, Fout) of the 800x1333 input's stage outputs where AA-ResNet-50 places attention.
 SIZES = {"res5": (25, 42, 512), "res4": (50, 84, 256), "res3": (100, 167, 128)}
@@ -84,6 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--sweep", action="store_true",
                    help="instead, time the paths on small maps (res5 widths) to place NAIVE_MAX_PIXELS")
+    p.add_argument("--compile-times", nargs="?", const="res5,res4,res3", default=None, metavar="MAPS",
+                   help="first time FlexAttention's compilation on these maps in this order (names, or HxW at the "
+                        "res5 widths; res5,res4,res3 when given alone), before anything else compiles it")
     return p
 
 
@@ -409,6 +416,46 @@ def rates_line(meta: Dict) -> str:
     return "; ".join(parts) + f"; floor at {meta['compute_dtype']}"
 
 
+def _map_size(spec: str) -> Tuple[int, int, int]:
+    """(H, W, Fout) of a map named in SIZES, or of "HxW" at the res5 widths."""
+    if spec in SIZES:
+        return SIZES[spec]
+    try:
+        H, W = (int(n) for n in spec.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"map {spec!r}: use one of {', '.join(SIZES)} or HxW, e.g. 25x42") from None
+    return H, W, SIZES["res5"][2]
+
+
+def flex_compile_times(device: torch.device, maps: Sequence[str], args: argparse.Namespace) -> List[Dict]:
+    """FlexAttention's compilation cost: on each map in turn and each mode (forward, then train where it can
+    train: CUDA), the first call's seconds less the median of the `args.repeats` calls after it. On the first
+    map torch.compile builds static graphs; a later size recompiles them with dynamic sizes, which a third
+    size may reuse. Meaningful in a process where FlexAttention has not been compiled yet (off CUDA it runs
+    uncompiled, on maps of at most NAIVE_MAX_PIXELS)."""
+    modes = MODES[:1] if args.no_train or device.type != "cuda" else MODES
+    rows = []
+    for spec in maps:
+        H, W, fout = _map_size(spec)
+        Nh = args.heads
+        dk, dv = attention_depths(fout, Nh, args.kappa, args.upsilon)
+        inputs, grad_out = make_inputs(args.batch, Nh, H, W, dk // Nh, dv // Nh, device, args.amp)
+        for mode in modes:
+            step = attention_step(inputs, grad_out, "flex", mode == "train", device, args.amp)[0]
+            first = run_in_turns({"flex": step}, device, repeats=1)["flex"].seconds[0]
+            later = run_in_turns({"flex": step}, device, repeats=args.repeats)["flex"].summary()["median"]
+            rows.append({"map": spec, "H": H, "W": W, "mode": mode, "first_call_s": first, "later_call_s": later,
+                         "compile_s": first - later})
+    return rows
+
+
+def compile_table(rows: List[Dict]) -> str:
+    """flex_compile_times' rows as a table."""
+    return format_table(("map", "mode", "first call (s)", "later calls (s, median)", "compile (s)"), [
+        (f"{r['map']} {r['H']}x{r['W']}" if r["map"] in SIZES else r["map"], r["mode"], f"{r['first_call_s']:.2f}",
+         f"{r['later_call_s']:.4f}", f"{r['compile_s']:.2f}") for r in rows])
+
+
 def warm_up(device: torch.device, amp: Optional[str]) -> None:
     """One call of each path and mode on a small map (thread pools, caches, first-call costs)."""
     inputs, grad_out = make_inputs(2, 8, 12, 20, 13, 6, device, amp)
@@ -449,17 +496,17 @@ def main(args: argparse.Namespace) -> Dict:
     try:
         if args.threads:
             torch.set_num_threads(args.threads)
+        compile_rows = flex_compile_times(device, args.compile_times.split(","), args) if args.compile_times else []
         warm_up(device, args.amp)
         if args.sweep:
             results = sweep(args, device)
         else:
-            results = run(args, device, sizes)
+            results = run(args, device, sizes, {"flex_compile": compile_rows} if compile_rows else None)
             print(render(results))
     finally:
         torch.set_num_threads(threads)
     if args.json:
-        with atomic_write(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        write_results(args.json, results)
     return results
 
 
@@ -475,21 +522,14 @@ def _kernel_isas_flag(value: Optional[str]) -> Optional[List[str]]:
     return asked
 
 
-def run(args: argparse.Namespace, device: torch.device, sizes: Sequence[str]) -> Dict:
-    """{"meta": environment, rates and flags, "rows": one bench_size row per map}, smallest map first."""
+def run(args: argparse.Namespace, device: torch.device, sizes: Sequence[str], extra: Optional[Dict] = None) -> Dict:
+    """{"meta": environment, rates and flags, "rows": one bench_size row per map, **extra}, smallest map first.
+    --json is written after each map, so a run stopped midway keeps the maps it finished."""
     modes = MODES[:1] if args.no_train else MODES
     dtypes = [torch.float32] + ([AMP_DTYPES[args.amp]] if args.amp else [])
     if device.type == "cuda":  # the GPU's rates in both precisions, whatever this run computes in
         dtypes = sorted(set(dtypes) | {torch.float32, torch.bfloat16}, key=str)
     rates = measure_rates(device, dtypes)
-    factors = {m: 4.0 for m in modes}  # naive peak / dense-logits bytes, measured once naive has run
-    rows = []
-    for name in sorted(sizes, key=lambda s: SIZES[s][0] * SIZES[s][1]):
-        row = bench_size(name, args, device, rates, factors)
-        if "naive" in row["paths"]:
-            factors = {m: row["paths"]["naive"][m]["peak_bytes"] / row["naive_logits_bytes"] for m in modes}
-        rows.append(row)
-        print(f"{name} done", flush=True)
     meta = dict(
         environment(device),
         device=str(device),
@@ -500,7 +540,22 @@ def run(args: argparse.Namespace, device: torch.device, sizes: Sequence[str]) ->
         rates=rates,
         args=vars(args),
     )
-    return {"meta": meta, "rows": rows}
+    results = {"meta": meta, "rows": [], **(extra or {})}
+    factors = {m: 4.0 for m in modes}  # naive peak / dense-logits bytes, measured once naive has run
+    for name in sorted(sizes, key=lambda s: SIZES[s][0] * SIZES[s][1]):
+        row = bench_size(name, args, device, rates, factors)
+        if "naive" in row["paths"]:
+            factors = {m: row["paths"]["naive"][m]["peak_bytes"] / row["naive_logits_bytes"] for m in modes}
+        results["rows"].append(row)
+        if args.json:
+            write_results(args.json, results)
+        print(f"{name} done", flush=True)
+    return results
+
+
+def write_results(path: str, results: Dict) -> None:
+    with atomic_write(path, "w") as f:
+        json.dump(results, f, indent=1)
 
 
 def render(results: Dict) -> str:
@@ -509,4 +564,6 @@ def render(results: Dict) -> str:
     for mode in MODES:
         if all(mode in r["floor"] for r in results["rows"]):
             lines += ["", f"### {mode}", "", format_table(*table_rows(results["rows"], mode))]
+    if results.get("flex_compile"):
+        lines += ["", "### FlexAttention compile time", "", compile_table(results["flex_compile"])]
     return "\n".join(lines)
