@@ -17,10 +17,11 @@ and overrides are therefore merged one key at a time (`CfgNode.merge_from_list`)
 attributed to its key and file without reading the text. Unknown keys are found before merging, by
 walking the config.
 """
+import argparse
 import difflib
 import os
 import re
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
@@ -37,10 +38,12 @@ __all__ = ["ConfigError", "add_aa_config", "add_aa_defaults", "load_cfg", "valid
            "BAD_IMAGE_POLICIES", "OPTIMIZERS", "AA_BACKBONES"]
 
 # Backbones built from MODEL.AA.
-AA_BACKBONES = ("build_aa_resnet_backbone", "build_retinanet_aa_resnet_fpn_backbone")
+AA_BACKBONES = ("build_aa_resnet_backbone", "build_retinanet_aa_resnet_fpn_backbone", "build_aa_resnet_fpn_backbone")
 # SOLVER.OPTIMIZER values (any case).
 OPTIMIZERS = ("SGD", "ADAMW")
 OVERRIDE = "command-line override"
+# A config key as the command line names it: SEED, MODEL.AA.STAGES.
+CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)*$")
 
 
 def add_aa_config(cfg: CN) -> CN:
@@ -376,6 +379,24 @@ def add_trust_config_argument(parser) -> None:
         "--trust-config", action="append", default=[], metavar="FILE",
         help="read this config file (a --config-file or a _BASE_) even if it holds Python tags, which run code "
              "(repeatable; detectron2's own model-zoo configs are always read)")
+
+
+def add_overrides_argument(parser) -> None:
+    """The positional `opts` on an argparse parser: config overrides, ``KEY VALUE`` pairs at the end of the
+    command, as detectron2's `default_argument_parser` takes them."""
+    parser.add_argument(
+        "opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
+        help="config overrides, KEY VALUE pairs at the end of the command (as in detectron2's tools)")
+
+
+def split_overrides(items: Sequence[str], opts: Sequence[str] = ()) -> Tuple[List[str], List[str]]:
+    """(files, overrides) of the list an option of several files took: argparse gives the ``KEY VALUE``
+    pairs after ``--configs a.yaml b.yaml`` to that list. The files end at the first config key (``SEED``,
+    ``MODEL.AA.STAGES``: upper case, dotted, not an existing path); the overrides are the rest, then `opts`."""
+    items = list(items)
+    end = next((i for i, item in enumerate(items) if CONFIG_KEY.match(item) and not os.path.exists(item)),
+               len(items))
+    return items[:end], [*items[end:], *opts]
 
 
 def setup_cfg(config_file: Optional[str] = None, opts: Sequence[str] = (), datasets: Sequence[Sequence[str]] = (),

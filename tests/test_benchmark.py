@@ -174,7 +174,7 @@ def test_model_tool_smoke_run(tmp_path, capsys):
     pytest.importorskip("detectron2", reason=NEEDS_DETECTRON2)
     out = tmp_path / "bench.json"
     load_tool("benchmark").main(["--size", "64", "96", "--repeats", "1", "--warmup", "0", "--device", "cpu",
-                             "--json", str(out), "--opts", "MODEL.RESNETS.DEPTH", "18",
+                             "--json", str(out), "MODEL.RESNETS.DEPTH", "18",
                              "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.AA.STAGES", "['res4','res5']"])
     text = capsys.readouterr().out
     assert "AA/baseline" in text and "Cores used" in text and "res4" in text

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow  # each test runs the tool in its own processes
 
 def _demo(tmp_path, *args, opts=()):
     """Run the demo (random weights: every detection above a low threshold is drawn)."""
-    opts = ["--opts", "DATASETS.SYNTHETIC.ROOT", str(tmp_path / "data"), "DATASETS.SYNTHETIC.NUM_TRAIN", "2",
+    opts = ["DATASETS.SYNTHETIC.ROOT", str(tmp_path / "data"), "DATASETS.SYNTHETIC.NUM_TRAIN", "2",
             "DATASETS.SYNTHETIC.NUM_VAL", "2", "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "128", *opts]
     return subprocess.run([sys.executable, os.path.join(ROOT, "tools/demo.py"), "--config-file", CONFIG,
                            "--confidence-threshold", "0.005", *args, *opts],

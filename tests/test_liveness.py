@@ -162,7 +162,7 @@ def test_analyze_model_reports_liveness_of_a_checkpoint(tiny_synthetic, tmp_path
     model = build_model(cfg)
     weights = str(tmp_path / "model.pth")
     torch.save({"model": model.state_dict()}, weights)
-    load_tool("analyze_model").main(["--config-file", config, "--liveness", "--opts", *data, "MODEL.WEIGHTS", weights])
+    load_tool("analyze_model").main(["--config-file", config, "--liveness", *data, "MODEL.WEIGHTS", weights])
     out = capsys.readouterr().out
     for stage in ("res3", "res4", "res5"):
         assert f"{stage}" in out

@@ -132,7 +132,7 @@ def test_train_net_prints_the_message_and_exits_nonzero_before_training(tmp_path
     ("visualize.py", ["results", "--results", "r.json", "--output", "{tmp}"],
      "ERROR (UsageError): results: --dataset NAME is required"),
     ("compare_runs.py", ["{tmp}/nowhere"], "ERROR (UsageError): not a run folder: {tmp}/nowhere"),
-    ("analyze_model.py", ["--config-file", AA_CFG, "--no-flops", "--opts", "MODEL.AA.NUM_HEADZ", "4"],
+    ("analyze_model.py", ["--config-file", AA_CFG, "--no-flops", "MODEL.AA.NUM_HEADZ", "4"],
      "ERROR (ConfigError): command-line override: unknown config key MODEL.AA.NUM_HEADZ"),
 ])
 @pytest.mark.slow  # runs the tools in their own processes

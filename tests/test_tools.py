@@ -36,7 +36,7 @@ def test_analyze_model_prints_params_and_flops(capsys):
     configs = [os.path.join(ROOT, "configs", f) for f in ("retinanet_R_50_FPN_1x.yaml",
                                                           "retinanet_AA_R_50_FPN_1x.yaml")]
     rows = load_tool("analyze_model").main(["--config-file", *configs, "--size", "64", "96",
-                                        "--opts", "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64"])
+                                            "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64"])
     out = capsys.readouterr().out
     assert "params (M)" in out and "GFLOPs" in out and "params x" in out
     plain, aa = rows
@@ -86,3 +86,36 @@ def test_flop_count_counts_the_kernel_attention():
     hw = H * W
     convs = hw * (F - dv) * C * 9 + hw * C * (2 * dk + dv) + hw * dv * dv
     assert total == convs + B * hw * hw * (dk + dv) + B * hw * (H + W) * dk
+
+
+def test_trailing_overrides_after_a_list_of_files_are_overrides(tmp_path, monkeypatch):
+    """Every tool takes `KEY VALUE` overrides at the end of the command, also right after an option that
+    takes several files or inputs."""
+    import argparse
+
+    from aa_detection.benchmark import model
+    from aa_detection.config import split_overrides
+    from aa_detection.visualization import cli
+
+    a, b = (os.path.join(ROOT, "configs", "synthetic", f"retinanet_{m}_FPN_synthetic.yaml")
+            for m in ("R_18", "AA_R_18"))
+    keys = ["SEED", "3", "MODEL.AA.STAGES", "['res5']"]
+    parsed = {
+        "run_synthetic": (load_tool("run_synthetic").parse_args(["--configs", a, b, *keys]), "configs", [a, b]),
+        "analyze_model": (load_tool("analyze_model").parse_args(["--config-file", a, b, *keys]), "config_file", [a, b]),
+        "benchmark": (model.add_arguments(argparse.ArgumentParser()).parse_args(["--config-files", a, b, *keys]),
+                      "config_files", [a, b]),
+        "demo": (load_tool("demo").parse_args(["--config-file", a, "--input", "x.jpg", "photos/", *keys]),
+                 "input", ["x.jpg", "photos/"]),
+        "visualize": (cli.parse_args(["compare", "--config-file", a, b, "--weights", "w1", "w2", "--output", "out",
+                                      "--input", "x.jpg", "photos/", *keys]), "input", ["x.jpg", "photos/"]),
+        "train_net": (load_tool("train_net").argument_parser().parse_args(
+            ["--config-file", a, "--dataset", "mine", "mine.json", "images/", *keys]), "dataset",
+            [["mine", "mine.json", "images/"]]),
+    }
+    for tool, (args, files, expected) in parsed.items():
+        assert (getattr(args, files), args.opts) == (expected, keys), tool
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "SEED").write_text("")  # an existing file named like a key is a file
+    assert split_overrides([a, "SEED", "MODEL.X", "1"], ["SOLVER.MAX_ITER", "2"]) == (
+        [a, "SEED"], ["MODEL.X", "1", "SOLVER.MAX_ITER", "2"])

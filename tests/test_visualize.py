@@ -81,10 +81,8 @@ def test_predict_files_and_threshold(setup, tmp_path):
     inputs = sorted(setup["images"].iterdir())
     common = ["--config-file", AA_CFG, "--weights", setup["weights"]["aa"], "--format", "png", "--quiet",
               "--input", str(setup["images"])]
-    assert main(["predict", *common, "--threshold", "0", "--output", str(tmp_path / "all"),
-                 "--opts", *setup["opts"]]) == 0
-    assert main(["predict", *common, "--threshold", "1.01", "--output", str(tmp_path / "none"),
-                 "--opts", *setup["opts"]]) == 0
+    assert main(["predict", *common, "--threshold", "0", "--output", str(tmp_path / "all"), *setup["opts"]]) == 0
+    assert main(["predict", *common, "--threshold", "1.01", "--output", str(tmp_path / "none"), *setup["opts"]]) == 0
     for src in inputs:
         original = _read(src).astype(np.int16)
         drawn = _read(tmp_path / "all" / src.name).astype(np.int16)
@@ -108,7 +106,7 @@ def test_draw_predictions_marks_box_only_when_scored(setup):
 def test_predict_dataset_shows_ground_truth_beside(setup, tmp_path):
     assert main(["predict", "--config-file", BASE_CFG, "--weights", setup["weights"]["base"], "--quiet",
                  "--dataset", "synthetic_val", "--max-images", "2", "--threshold", "0.2",
-                 "--output", str(tmp_path), "--opts", *setup["opts"]]) == 0
+                 "--output", str(tmp_path), *setup["opts"]]) == 0
     for r in setup["val"][:2]:
         out = _read(tmp_path / (os.path.splitext(os.path.basename(r["file_name"]))[0] + ".jpg"))
         assert out.shape[1] == 2 * r["width"] + GAP and out.shape[0] > r["height"]
@@ -125,10 +123,9 @@ def test_results_json_without_model(setup, tmp_path):
     path.write_text(json.dumps(results))
     out = tmp_path / "out"
     args = ["results", "--results", str(path), "--dataset", "synthetic_val", "--config-file", AA_CFG, "--quiet",
-            "--format", "png", "--opts", *setup["opts"]]
-    assert main([*args[:-len(setup["opts"]) - 1], "--output", str(out), "--opts", *setup["opts"]]) == 0
-    assert main([*args[:-len(setup["opts"]) - 1], "--output", str(out / "none"), "--threshold", "0.95",
-                 "--opts", *setup["opts"]]) == 0
+            "--format", "png"]
+    assert main([*args, "--output", str(out), *setup["opts"]]) == 0
+    assert main([*args, "--output", str(out / "none"), "--threshold", "0.95", *setup["opts"]]) == 0
     for r in val:
         name = os.path.splitext(os.path.basename(r["file_name"]))[0] + ".png"
         both, none = _read(out / name), _read(out / "none" / name)
@@ -151,7 +148,7 @@ def test_missing_and_corrupt_inputs_are_named_and_others_exported(setup, tmp_pat
     caplog = listen_to("aa_detection.visualize")
     with caplog.at_level(logging.ERROR, logger="aa_detection.visualize"):
         status = main(["predict", "--config-file", AA_CFG, "--weights", setup["weights"]["aa"], "--quiet",
-                       "--input", str(folder), missing, "--output", str(tmp_path / "out"), "--opts", *setup["opts"]])
+                       "--input", str(folder), missing, "--output", str(tmp_path / "out"), *setup["opts"]])
     assert status == 1
     assert "corrupt.jpg" in caplog.text and "missing.png" in caplog.text and "2 input(s)" in caplog.text
     assert sorted(os.listdir(tmp_path / "out")) == [good.stem + ".jpg"]
@@ -162,7 +159,7 @@ def test_inputs_follow_the_demo_rule_patterns_and_folders_without_images_are_err
     the command with an InputError naming it."""
     def predict(item):
         return main(["predict", "--config-file", AA_CFG, "--weights", setup["weights"]["aa"], "--quiet",
-                     "--input", item, "--output", str(tmp_path / "out"), "--opts", *setup["opts"]])
+                     "--input", item, "--output", str(tmp_path / "out"), *setup["opts"]])
 
     first = sorted(setup["images"].iterdir())[0]
     assert predict(str(setup["images"] / (first.stem + ".*"))) == 0
@@ -232,7 +229,7 @@ def test_attention_command_exports_grid_and_maps(setup, tmp_path):
     out = tmp_path / "att"
     assert main(["attention", "--config-file", AA_CFG, "--weights", setup["weights"]["aa"], "--quiet",
                  "--input", str(src), "--query", "10", "10", "--query", "80", "55", "--tile-size", "96",
-                 "--output", str(out), "--opts", *setup["opts"]]) == 0
+                 "--output", str(out), *setup["opts"]]) == 0
     grid = _read(out / f"{src.stem}_attention.jpg")
     maps = np.load(out / f"{src.stem}_attention.npy")
     meta = json.loads((out / f"{src.stem}_attention.json").read_text())
@@ -247,7 +244,7 @@ def test_attention_command_exports_grid_and_maps(setup, tmp_path):
     # automatic queries: the top-k detections
     assert main(["attention", "--config-file", AA_CFG, "--weights", setup["weights"]["aa"], "--quiet",
                  "--input", str(src), "--top-k", "3", "--threshold", "0", "--output", str(tmp_path / "auto"),
-                 "--opts", *setup["opts"]]) == 0
+                 *setup["opts"]]) == 0
     auto = np.load(tmp_path / "auto" / f"{src.stem}_attention.npy")
     cells = json.loads((tmp_path / "auto" / f"{src.stem}_attention.json").read_text())["cells_row_col"]
     assert 1 <= auto.shape[0] <= 3 and len({tuple(c) for c in cells}) == len(cells)  # one query per cell
@@ -257,21 +254,19 @@ def test_attention_command_exports_grid_and_maps(setup, tmp_path):
 def test_attention_bad_layer_lists_names(setup, tmp_path):
     with pytest.raises(UsageError, match="available: backbone.bottom_up"):
         main(["attention", "--config-file", AA_CFG, "--weights", setup["weights"]["aa"], "--quiet",
-              "--input", str(setup["images"]), "--layer", "nope", "--output", str(tmp_path),
-              "--opts", *setup["opts"]])
+              "--input", str(setup["images"]), "--layer", "nope", "--output", str(tmp_path), *setup["opts"]])
 
 
 def test_compare_side_by_side(setup, tmp_path):
     args = ["compare", "--config-file", BASE_CFG, AA_CFG, "--weights", setup["weights"]["base"],
             setup["weights"]["aa"], "--threshold", "0.2", "--quiet"]
-    assert main([*args, "--input", str(setup["images"]), "--output", str(tmp_path / "a"),
-                 "--opts", *setup["opts"]]) == 0
+    assert main([*args, "--input", str(setup["images"]), "--output", str(tmp_path / "a"), *setup["opts"]]) == 0
     for src in sorted(setup["images"].iterdir()):
         h, w = _read(src).shape[:2]
         out = _read(tmp_path / "a" / f"{src.stem}_compare.jpg")
         assert out.shape[1] == 2 * w + GAP and out.shape[0] > h
     assert main([*args, "--dataset", "synthetic_val", "--max-images", "1", "--output", str(tmp_path / "b"),
-                 "--opts", *setup["opts"]]) == 0
+                 *setup["opts"]]) == 0
     r = setup["val"][0]
     out = _read(tmp_path / "b" / (os.path.splitext(os.path.basename(r["file_name"]))[0] + "_compare.jpg"))
     assert out.shape[1] == 3 * r["width"] + 2 * GAP

@@ -2,13 +2,13 @@
 """Parameters and FLOPs of one or more models at a fixed input size, side by side.
 
     python tools/analyze_model.py --config-file configs/retinanet_R_50_FPN_1x.yaml \
-        configs/retinanet_AA_R_50_FPN_1x.yaml --size 800 1333 [--opts KEY VALUE ...]
+        configs/retinanet_AA_R_50_FPN_1x.yaml --size 800 1333 [KEY VALUE ...]
 
 FLOPs follow fvcore (one multiply-add = one flop) for one image of the given size (inference, CPU),
 attention matmuls included (aa_detection.analysis.flop_count); detectron2's post-processing is not counted.
-`--opts` apply to every config.
+The `KEY VALUE` overrides at the end apply to every config.
 
-    python tools/analyze_model.py --config-file CFG --liveness --opts MODEL.WEIGHTS OUT/model_final.pth
+    python tools/analyze_model.py --config-file CFG --liveness MODEL.WEIGHTS OUT/model_final.pth
 
 `--liveness` answers "is the attention used?" for the weights instead: over one training step on the
 config's training images, each attention-augmented layer's share of attention channels alive (output
@@ -18,7 +18,7 @@ convolution branch's, per layer and per stage.
 import argparse
 
 from aa_detection.analysis import analyze_config, attention_liveness
-from aa_detection.config import add_trust_config_argument
+from aa_detection.config import add_overrides_argument, add_trust_config_argument, split_overrides
 from aa_detection.utils.table import format_table
 from aa_detection.errors import exit_on_user_error
 from aa_detection.modeling.liveness import dead_layers_message, stage_summary
@@ -26,7 +26,7 @@ from aa_detection.modeling.liveness import dead_layers_message, stage_summary
 HEADER = ["config", "params (M)", "backbone params (M)", "GFLOPs", "attention matmul GFLOPs"]
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Parameters and FLOPs of detectron2 models, side by side.")
     parser.add_argument("--config-file", nargs="+", required=True, metavar="FILE")
     add_trust_config_argument(parser)
@@ -36,8 +36,14 @@ def main(argv=None):
     parser.add_argument("--liveness", action="store_true",
                         help="report the attention channels' liveness of the config's MODEL.WEIGHTS instead")
     parser.add_argument("--images", type=int, default=4, help="training images of the --liveness step")
-    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides for every config")
+    add_overrides_argument(parser)
     args = parser.parse_args(argv)
+    args.config_file, args.opts = split_overrides(args.config_file, args.opts)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.liveness:
         return [print_liveness(f, attention_liveness(f, args.opts, args.images, args.trust_config))
                 for f in args.config_file]

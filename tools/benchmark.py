@@ -4,7 +4,7 @@ training step time, peak memory, parameters, GFLOPs, each augmented stage alone 
 the extra time goes. See aa_detection/benchmark/model.py.
 
     python tools/benchmark.py
-    python tools/benchmark.py --size 640 640 --opts MODEL.AA.STAGES "['res4','res5']"
+    python tools/benchmark.py --size 640 640 MODEL.AA.STAGES "['res4','res5']"
     python tools/benchmark.py --device cuda [--amp bf16]
 """
 import argparse

@@ -2,19 +2,19 @@
 """Run a trained detector on images, a video or a webcam and draw its detections (detectron2's flags).
 
     python tools/demo.py --config-file CFG --input img1.jpg 'photos/*.jpg' folder/ --output out/ \
-        --opts MODEL.WEIGHTS output/model_final.pth
-    python tools/demo.py --config-file CFG --video-input clip.mp4 --output clip_detections.mp4 --opts ...
-    python tools/demo.py --config-file CFG --webcam --output webcam.mp4 --max-frames 300 --opts ...
+        MODEL.WEIGHTS output/model_final.pth
+    python tools/demo.py --config-file CFG --video-input clip.mp4 --output clip_detections.mp4 MODEL.WEIGHTS W
+    python tools/demo.py --config-file CFG --webcam --output webcam.mp4 --max-frames 300 MODEL.WEIGHTS W
 """
 import argparse
 
-from aa_detection.config import add_trust_config_argument, setup_cfg
+from aa_detection.config import add_overrides_argument, add_trust_config_argument, setup_cfg, split_overrides
 from aa_detection.demo import Demo
 from aa_detection.errors import UsageError, exit_on_user_error
 from aa_detection.visualization.predictions import expand_inputs
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", required=True, metavar="FILE")
     add_trust_config_argument(p)
@@ -25,8 +25,14 @@ def main(argv=None):
     p.add_argument("--output", help="a file or folder for the pictures, the output video for videos")
     p.add_argument("--confidence-threshold", type=float, default=0.5, help="lowest score drawn")
     p.add_argument("--max-frames", type=int, default=None, help="stop a video or the webcam after this many frames")
-    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides, KEY VALUE pairs")
+    add_overrides_argument(p)
     args = p.parse_args(argv)
+    args.input, args.opts = split_overrides(args.input or [], args.opts)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if (args.video_input or args.webcam) and not args.output:
         raise UsageError("--video-input and --webcam need --output (the video to write)")
     cfg = setup_cfg(args.config_file, args.opts + ["MODEL.RETINANET.SCORE_THRESH_TEST", str(args.confidence_threshold)],

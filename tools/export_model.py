@@ -12,7 +12,7 @@ DIR/backbone.onnx, the same backbone in ONNX (attention on the pure-PyTorch path
 """
 import argparse
 
-from aa_detection.config import add_trust_config_argument, setup_cfg
+from aa_detection.config import add_overrides_argument, add_trust_config_argument, setup_cfg
 from aa_detection.errors import exit_on_user_error
 from aa_detection.export import FORMATS, export_model
 
@@ -24,7 +24,7 @@ def main(argv=None):
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--format", choices=FORMATS, default="torchscript")
     p.add_argument("--sample-image", default=None, help="image to trace with (default: the first test image)")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
+    add_overrides_argument(p)
     args = p.parse_args(argv)
     cfg = setup_cfg(args.config_file, args.opts, trusted=args.trust_config)
     print(export_model(cfg, args.output, args.format, args.sample_image))

@@ -6,13 +6,15 @@
 
 Generates the dataset under $DETECTRON2_DATASETS/synthetic (datasets/synthetic) if it is missing, trains
 each config once per seed (OUTPUT/<model>/seed<N>, each run in its own process), then prints the table
-of tools/compare_runs.py and writes the loss / AP plot.
+of tools/compare_runs.py and writes the loss / AP plot. Config overrides for every run go last:
+
+    python tools/run_synthetic.py --configs A.yaml B.yaml SOLVER.MAX_ITER 100
 """
 import argparse
 import os
 import sys
 
-from aa_detection.config import add_trust_config_argument
+from aa_detection.config import add_overrides_argument, add_trust_config_argument, split_overrides
 from aa_detection.engine.compare import format_table, load_run, plot_runs
 from aa_detection.engine.runs import train_seeds
 from aa_detection.errors import exit_on_user_error
@@ -22,7 +24,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(TOOLS), "configs", "synthetic")
 CONFIGS = [os.path.join(CONFIG_DIR, f"retinanet_{m}_FPN_synthetic.yaml") for m in ("R_18", "AA_R_18")]
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=CONFIGS, help="config files to train")
     add_trust_config_argument(p)
@@ -30,8 +32,14 @@ def main(argv=None):
     p.add_argument("--output", default="output/synthetic", help="parent of the runs' output folders")
     p.add_argument("--plot", default=None, help="plot path (default: OUTPUT/loss_ap.png)")
     p.add_argument("--eval-only", action="store_true", help="only compare existing runs")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every run")
+    add_overrides_argument(p)
     args = p.parse_args(argv)
+    args.configs, args.opts = split_overrides(args.configs, args.opts)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     runs, failed = train_seeds(os.path.join(TOOLS, "train_net.py"), args.configs, range(1, args.seeds + 1),
                                args.output, args.opts, not args.eval_only, args.trust_config)
     runs = [load_run(run) for run in runs]

@@ -8,7 +8,7 @@
     python tools/visualize.py attention --config-file CFG --weights W --input img.jpg --query 80 60 --output OUT
     python tools/visualize.py compare --config-file BASE_CFG AA_CFG --weights BASE_W AA_W --input img.jpg --output OUT
 
-Config overrides go last, after --opts. See `python tools/visualize.py COMMAND -h`.
+Config overrides, KEY VALUE pairs, go at the end of the command. See `python tools/visualize.py COMMAND -h`.
 """
 import sys
 

@@ -23,7 +23,7 @@ import torch
 from torch.autograd import DeviceType
 
 from ..analysis import count_parameters, flop_count
-from ..config import add_trust_config_argument, setup_cfg
+from ..config import add_overrides_argument, add_trust_config_argument, setup_cfg
 from ..safe_io import atomic_write
 from ..utils.table import format_table
 from .common import AMP_DTYPES, GiB, autocast, environment, resolve_device, run_in_turns
@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--no-train", action="store_true", help="inference only")
     p.add_argument("--profile", action="store_true", help="profile one inference of each model")
     p.add_argument("--json", help="write the results here")
-    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides for both models")
+    add_overrides_argument(p)
     return p
 
 

@@ -81,7 +81,7 @@ def jobs(args: argparse.Namespace, key: str, folder: str) -> Dict[str, tuple]:
             path = os.path.join(folder, f"model_{variant}_{key}.json")
             flags = ["--size", *map(str, args.size), "--device", args.device, *amp, "--repeats", str(args.repeats),
                      "--profile", "--json", path, *(["--no-stages"] if variant != "res3-res5" else [])]
-            found[path] = ("model", [*flags, "--opts", "MODEL.AA.STAGES", stages])
+            found[path] = ("model", [*flags, "MODEL.AA.STAGES", stages])
     return found
 
 
@@ -142,18 +142,19 @@ def status(ok: bool) -> str:
 
 
 def attention_targets(data: Dict, prefix: str = "") -> List[tuple]:
-    """Target rows: the kernel path within ATTENTION_FLOOR_LIMIT of the floor at res4 and res3."""
+    """Target rows: the kernel path (CPU) or flex (CUDA) within ATTENTION_FLOOR_LIMIT of the floor at res4 and res3."""
     rows = []
     for row in data["rows"]:
-        if row["size"] not in ("res3", "res4") or "kernel" not in row["paths"]:
+        path = next((p for p in ("kernel", "flex") if p in row["paths"]), None)
+        if row["size"] not in ("res3", "res4") or path is None:
             continue
-        for mode, r in row["paths"]["kernel"].items():
+        for mode, r in row["paths"][path].items():
             measured = f"{r['floor_multiple']:.2f} (best {r['best_floor_multiple']:.2f}"
             cores = r["time"].get("cores_used")
             if cores:
                 measured += f"; {r['floor_multiple'] * cores / row['threads']:.2f} at the {cores:.2f} cores used"
             ok = r["floor_multiple"] <= ATTENTION_FLOOR_LIMIT
-            rows.append((f"{prefix}attention {row['size']} {mode} (kernel) time / floor",
+            rows.append((f"{prefix}attention {row['size']} {mode} ({path}) time / floor",
                          f"<= {ATTENTION_FLOOR_LIMIT:g}", measured + ")", status(ok)))
     return rows
 
@@ -259,6 +260,10 @@ def attention_section(data: Dict, level: str = "##") -> List[str]:
         if all(mode in r["floor"] for r in data["rows"]):
             lines += ["", f"{level}# {mode}", "", format_table(*attention.table_rows(data["rows"], mode)), ""]
             lines += attention_sentences(data, mode)
+    if data.get("flex_compile"):
+        lines += ["", f"{level}# FlexAttention compile time", "", "The first call on each map, in this order "
+                  "from a fresh process, against the calls after it (`--compile-times`).", "",
+                  attention.compile_table(data["flex_compile"])]
     return lines
 
 

@@ -34,7 +34,7 @@ from .predictions import (
 if TYPE_CHECKING:
     from detectron2.structures import Instances
 
-__all__ = ["argument_parser", "main", "matched_ground_truth"]
+__all__ = ["argument_parser", "parse_args", "main", "matched_ground_truth"]
 
 logger = logging.getLogger("aa_detection.visualize")
 
@@ -294,7 +294,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- parser
 def argument_parser() -> argparse.ArgumentParser:
-    from ..config import add_trust_config_argument
+    from ..config import add_overrides_argument, add_trust_config_argument
 
     parser = argparse.ArgumentParser(prog="tools/visualize.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -315,8 +315,7 @@ def argument_parser() -> argparse.ArgumentParser:
         p.add_argument("--quality", type=int, default=92, help="JPEG quality (1-100)")
         p.add_argument("--no-gt", action="store_true", help="do not draw the ground truth of --dataset")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
-        p.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
-                       help="config overrides KEY VALUE ..., last on the command line")
+        add_overrides_argument(p)
 
     p = sub.add_parser("predict", help="draw a model's detections")
     p.add_argument("--config-file", required=True)
@@ -354,10 +353,19 @@ def argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command line's arguments, the config overrides after --input among them."""
+    from ..config import split_overrides
+
+    args = argument_parser().parse_args(argv)
+    args.input, args.opts = split_overrides(args.input or [], args.opts)
+    return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status (0, or 1 when some input could not be read).
     Raises a `UserError` for a bad config, dataset, weights file, results file or argument."""
-    args = argument_parser().parse_args(argv)
+    args = parse_args(argv)
     if not logging.getLogger().handlers and not logger.handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
