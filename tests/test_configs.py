@@ -8,14 +8,15 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-from aa_detection.config import setup_cfg  # noqa: E402
+from aa_detection.config import _resolve, setup_cfg  # noqa: E402
 from aa_detection.errors import exit_on_user_error  # noqa: E402
 from aa_detection.layers import AAConv2d  # noqa: E402
 from common import load_tool  # noqa: E402
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "**", "*.yaml"), recursive=True))
-COCO_CONFIGS = [p for p in CONFIGS if os.path.dirname(p) == CONFIG_DIR]
+# the COCO RetinaNet configs (the R-CNN twins: tests/test_rcnn_configs.py)
+COCO_CONFIGS = [p for p in CONFIGS if os.path.dirname(p) == CONFIG_DIR and os.path.basename(p).startswith("retinanet")]
 SHIPPED = ["retinanet_R_50_FPN_1x", "retinanet_AA_R_50_FPN_1x", "retinanet_R_50_FPN_3x",
            "retinanet_AA_R_50_FPN_3x", "retinanet_R_101_FPN_3x", "retinanet_AA_R_101_FPN_3x"]
 
@@ -76,7 +77,7 @@ def _raw_chain(path):
             own = _flat(yaml.safe_load(f))
         base = own.pop("_BASE_", None)
         chain.append(own)
-        path = os.path.join(os.path.dirname(path), base) if base else None
+        path = _resolve(base, os.path.dirname(path)) if base else None  # a path, or a model-zoo name
     return chain
 
 

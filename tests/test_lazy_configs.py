@@ -161,3 +161,25 @@ def test_lazy_synthetic_run_matches_its_yaml_twin(tiny_synthetic, tmp_path):
     for flags in ([], ["--resume"], ["--eval-only"]):
         with pytest.raises(ConfigError, match="train.output_dir .* holds the run of another config"):
             main(_lazy_args(baseline, tiny_synthetic, lazy_out, flags=flags))
+
+
+@pytest.mark.parametrize("name", ["mask_rcnn_AA_R_50_FPN_1x.py", "retinanet_AA_R_18_FPN_synthetic.py"])
+def test_lazy_datasets_set_the_class_count_where_the_model_keeps_it(tiny_synthetic, name):
+    """RetinaNet keeps it in model.num_classes, the R-CNNs in model.roi_heads.num_classes (its predictor and
+    mask head read it from there)."""
+    from aa_detection.data import SYNTHETIC_CLASSES
+    from aa_detection.engine.lazy import prepare_lazy_datasets
+
+    lazy = LazyConfig.load(os.path.join(CONFIG_DIR, "lazy", name))
+    lazy.dataloader.train.dataset.names = "synthetic_train"
+    lazy.dataloader.test.dataset.names = "synthetic_val"
+    lazy.datasets = {"SYNTHETIC": {"ROOT": tiny_synthetic, "NUM_TRAIN": 32, "NUM_VAL": 6}}
+    prepare_lazy_datasets(lazy)
+    heads = lazy.model.roi_heads if "roi_heads" in lazy.model else lazy.model
+    assert heads.num_classes == len(SYNTHETIC_CLASSES)
+    model = instantiate(lazy.model)
+    if "roi_heads" in lazy.model:
+        assert model.roi_heads.box_predictor.cls_score.out_features == len(SYNTHETIC_CLASSES) + 1  # + background
+    else:
+        anchors = model.anchor_generator.num_cell_anchors[0]
+        assert model.head.cls_score.out_channels == len(SYNTHETIC_CLASSES) * anchors

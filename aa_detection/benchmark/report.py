@@ -283,6 +283,10 @@ def gpu_instructions() -> List[str]:
         "python tools/benchmark_attention.py --device cuda [--amp bf16]   # naive, fused, flex",
         "python tools/benchmark.py --device cuda [--amp bf16] --profile",
         "```",
+        "",
+        "On a GPU machine without a package registry, `python tools/gpu_check.py` installs what is missing from "
+        "carried files and runs these benchmarks, the CUDA tests and a short training; copy its JSON results into "
+        "`docs/benchmarks/` and re-render with `--reuse` (docs/PERFORMANCE.md, \"The GPU check\").",
     ]
 
 

@@ -147,7 +147,7 @@ def register_datasets(cfg: CfgNode) -> CfgNode:
         if classes is None:
             raise DatasetError(
                 f"DATASETS.TRAIN: the classes of '{name}' are unknown (its MetadataCatalog entry has neither "
-                "thing_classes nor a COCO json_file), so the heads' NUM_CLASSES cannot follow them: set "
+                f"thing_classes nor a COCO json_file), so {' and '.join(CLASS_COUNT_KEYS)} cannot follow them: set "
                 f"MetadataCatalog.get('{name}').thing_classes when registering it")
         if train_classes is not None and classes != train_classes:
             raise DatasetError(f"the training datasets {list(cfg.DATASETS.TRAIN)} disagree on their classes: "

@@ -75,19 +75,21 @@ def _names(node: DictConfig) -> List[str]:
 
 def prepare_lazy_datasets(cfg: DictConfig, extra_datasets=()) -> None:
     """Prepare and register the datasets of `cfg.dataloader` as `tools/train_net.py` does for a YAML config,
-    and set `cfg.model.num_classes` from the training datasets' classes. `extra_datasets`: the
-    (name, json_file, image_root) triples of `--dataset`."""
+    and set the model's class count (`cfg.model.num_classes` of RetinaNet, `cfg.model.roi_heads.num_classes`
+    of the R-CNNs) from the training datasets' classes. `extra_datasets`: the (name, json_file, image_root)
+    triples of `--dataset`."""
+    heads = cfg.model if "num_classes" in cfg.model else cfg.model.roi_heads
     datasets = OmegaConf.to_container(cfg.datasets) if "datasets" in cfg else {}
     opts: List[Any] = []
     for key, value in _flatten(datasets):
         opts += [f"DATASETS.{key}", value]
     opts += ["DATASETS.TRAIN", tuple(_names(cfg.dataloader.train)),
              "DATASETS.TEST", tuple(_names(cfg.dataloader.test)) if "test" in cfg.dataloader else (),
-             "MODEL.RETINANET.NUM_CLASSES", cfg.model.num_classes]
+             "MODEL.RETINANET.NUM_CLASSES", heads.num_classes]
     data_cfg, _ = load_cfg(None, opts, datasets=extra_datasets)
     prepare_datasets(data_cfg)
     register_datasets(data_cfg)
-    cfg.model.num_classes = data_cfg.MODEL.RETINANET.NUM_CLASSES
+    heads.num_classes = data_cfg.MODEL.RETINANET.NUM_CLASSES
 
 
 def _flatten(node: Dict, prefix: str = ""):

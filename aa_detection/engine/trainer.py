@@ -138,15 +138,16 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None) -> DatasetEvaluator:
-        """The box evaluator of the dataset's `evaluator_type` metadata: "coco" (also when unset),
-        "lvis" or "pascal_voc"; ConfigError naming the dataset for another type."""
+        """The evaluator of the dataset's `evaluator_type` metadata: "coco" (also when unset), "lvis" (boxes,
+        and masks with MODEL.MASK_ON) or "pascal_voc" (boxes); ConfigError naming the dataset for another type."""
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
+        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
         if evaluator_type == "coco":
-            return COCOEvaluator(dataset_name, tasks=("bbox",), output_dir=output_folder)
+            return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder)
         if evaluator_type == "lvis":
-            return LVISEvaluator(dataset_name, tasks=("bbox",), output_dir=output_folder)
+            return LVISEvaluator(dataset_name, tasks=tasks, output_dir=output_folder)
         if evaluator_type == "pascal_voc":
             return PascalVOCDetectionEvaluator(dataset_name)
         raise ConfigError(f"DATASETS.TEST: dataset '{dataset_name}' has evaluator_type {evaluator_type!r}, which has "
