@@ -197,3 +197,10 @@ def test_retinanet_training_step_reaches_attention(with_instances):
         assert {n.split(".")[-2] if "rel_" not in n else n.split(".")[-1] for n in names} >= set(ATTENTION)
         for n in names:
             assert attention[n].grad is not None and attention[n].grad.abs().sum() > 0, n
+
+
+def test_an_attention_norm_that_cannot_take_the_channels_is_a_config_error_naming_the_keys():
+    from aa_detection.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"MODEL\.AA\.NORM='GN'.*16 attention.*MODEL\.AA\.NORM from command-line"):
+        setup_cfg(None, ["MODEL.BACKBONE.NAME", "build_aa_resnet_backbone", "MODEL.AA.NORM", "GN"] + ALL_OUT)

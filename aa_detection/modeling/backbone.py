@@ -51,7 +51,11 @@ def aa_norms(norm: str, attention_norm: str, out_channels: int, value_depth: int
     """
     if not attention_norm and norm != "FrozenBN":
         return get_norm(norm, out_channels), None
-    return get_norm(norm, out_channels - value_depth), get_norm(attention_norm or "BN", value_depth)
+    try:
+        return get_norm(norm, out_channels - value_depth), get_norm(attention_norm or "BN", value_depth)
+    except ValueError as e:  # e.g. GroupNorm's 32 groups over fewer or indivisible channels
+        raise ValueError(f"MODEL.AA.NORM={attention_norm!r} with MODEL.RESNETS.NORM={norm!r} cannot normalise "
+                         f"{value_depth} attention and {out_channels - value_depth} convolution channels: {e}") from e
 
 
 def _aa_conv(in_channels, out_channels, *, stride, dilation, norm, aa):
