@@ -1,6 +1,6 @@
 """The attention-augmented convolution: concat(Conv(X), MHA(X)) along channels."""
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -98,7 +98,8 @@ class AAConv2d(nn.Module):
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         if not attention_gain > 0:
-            raise ValueError(f"attention_gain must be > 0 (a zero start never trains behind a ReLU), got {attention_gain}")
+            raise ValueError(
+                f"attention_gain must be > 0 (a zero start never trains behind a ReLU), got {attention_gain}")
         if relative and max_relative_size < 1:
             raise ValueError(f"max_relative_size must be >= 1, got {max_relative_size}")
 
@@ -138,7 +139,7 @@ class AAConv2d(nn.Module):
             with torch.no_grad():
                 scale.fill_(self.attention_gain)
 
-    def attention_scale(self):
+    def attention_scale(self) -> Optional[torch.Tensor]:
         """The affine weight of the attention channels in the norm that covers them (dv,), a view; None
         without a norm, or with one that has no per-channel weight."""
         norm = self.norm if self.attention_norm is None else self.attention_norm
