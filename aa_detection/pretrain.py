@@ -13,13 +13,17 @@ of Bello et al. but not their training recipe, so these are this project's choic
 recipe), not the paper's.
 
 Output files in --output: `log.txt`; `metrics.jsonl`, one JSON line per epoch (train loss, lr, top-1 and
-top-5 in %, and the EMA's with --ema); `last.pth` after every epoch and `best.pth` (best top-1 of the
+top-5 in %, the EMA's with --ema, and, measured on the epoch's last training step, the share of
+attention channels alive and the attention-to-convolution output ratio per stage, `attention/<stage>/alive`
+and `attention/<stage>/attention_to_conv`, as in detectron2's metrics.json; a warning names the layers with
+dead attention); `last.pth` after every epoch and `best.pth` (best top-1 of the
 evaluated weights: the EMA's with --ema), each written to a temporary file and renamed. `--resume`
 continues from last.pth: epoch, model, optimizer, scheduler, EMA and GradScaler states; the random
 state of every epoch is derived from (seed, epoch, rank), so a resumed run draws what an uninterrupted
 one would, and metrics.jsonl keeps only the epochs before the resumed one.
 """
 import argparse
+import contextlib
 import datetime
 import json
 import logging
@@ -34,6 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .errors import DatasetError
+from .modeling.liveness import AttentionProbe, dead_layers_message, liveness_scalars
 from .safe_io import atomic_write, load_torch_weights
 
 __all__ = ["build_argument_parser", "pretrain", "model_kwargs"]
@@ -193,22 +198,29 @@ def _autocast(device, enabled):
 
 
 def _train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, ema, state, args, device):
-    """One epoch; returns (mean training loss, last lr). state: epoch, num_epochs, updates (counted on)."""
+    """One epoch; returns (mean training loss, last lr, the liveness report of its last step: {} without
+    attention). state: epoch, num_epochs, updates (counted on)."""
     model.train()
     amp = scaler is not None
     num_iters = len(loader)
     loss_sum, count, start = 0.0, 0, time.perf_counter()
+    probe, liveness = AttentionProbe(_unwrap(model)), {}
     for i, (images, targets) in enumerate(loader):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        with _autocast(device, amp):
+        probed = i + 1 == num_iters and bool(probe.layers)
+        with probe if probed else contextlib.nullcontext(), _autocast(device, amp):
             loss = criterion(model(images), targets)
         optimizer.zero_grad(set_to_none=True)
         if amp:
             scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        if probed:
+            liveness = probe.report()
+        if amp:
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
             optimizer.step()
         state["updates"] += 1
         scheduler.step_update(num_updates=state["updates"])
@@ -225,7 +237,7 @@ def _train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, ema
                         datetime.timedelta(seconds=round(per_iter * (num_iters - i - 1))),
                         datetime.timedelta(seconds=round(per_iter * left)))
     loss_sum, count = _all_sum([loss_sum, count], device)
-    return loss_sum / max(count, 1), optimizer.param_groups[0]["lr"]
+    return loss_sum / max(count, 1), optimizer.param_groups[0]["lr"], liveness
 
 
 @torch.no_grad()
@@ -351,9 +363,13 @@ def pretrain(args: argparse.Namespace) -> dict:
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
         start = time.perf_counter()
-        loss, last_lr = _train_one_epoch(train_model, train_loader, criterion, optimizer, scheduler, scaler, ema,
-                                         state, args, device)
-        record = {"epoch": epoch, "train_loss": loss, "lr": last_lr, **evaluate(model, val_loader, device, amp)}
+        loss, last_lr, liveness = _train_one_epoch(train_model, train_loader, criterion, optimizer, scheduler,
+                                                   scaler, ema, state, args, device)
+        record = {"epoch": epoch, "train_loss": loss, "lr": last_lr, **evaluate(model, val_loader, device, amp),
+                  **liveness_scalars(liveness)}
+        dead = dead_layers_message(liveness)
+        if dead:
+            logger.warning("Epoch %d: %s", epoch + 1, dead)
         if ema is not None:
             record.update({f"ema_{k}": v for k, v in evaluate(ema.module, val_loader, device, amp).items()})
         record["seconds"] = round(time.perf_counter() - start, 1)

@@ -98,6 +98,17 @@ def test_pretraining_learns(pretrained_run):
     assert _metrics(output)[-1]["top1"] >= 45.0
 
 
+def test_pretraining_records_attention_liveness(pretrained_run):
+    """Every epoch's record carries the liveness of its last training step per AA stage; with the default
+    initialisation every attention channel stays alive through the 8 epochs."""
+    output, _ = pretrained_run
+    expected = {f"attention/{stage}/{key}" for stage in ("res4", "res5") for key in ("alive", "attention_to_conv")}
+    for record in _metrics(output):
+        assert {k for k in record if k.startswith("attention/")} == expected
+        assert record["attention/res4/alive"] == record["attention/res5/alive"] == 1.0, record
+        assert record["attention/res4/attention_to_conv"] > 0.05 and record["attention/res5/attention_to_conv"] > 0.05
+
+
 @pytest.mark.parametrize("norm", ["BN", "FrozenBN"])
 def test_converted_classifier_is_the_detection_backbone(pretrained_run, tmp_path, norm):
     """The converted classifier gives the detector's backbone its very features: with a trained norm over

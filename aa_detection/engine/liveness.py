@@ -5,7 +5,7 @@ from typing import Optional
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-from ..modeling.liveness import AttentionProbe, dead_layers_message, stage_summary
+from ..modeling.liveness import AttentionProbe, dead_layers_message, liveness_scalars
 
 __all__ = ["AttentionLivenessHook"]
 
@@ -45,9 +45,7 @@ class AttentionLivenessHook(HookBase):
         probe, self._probe = self._probe, None
         probe.__exit__(None, None, None)
         report = probe.report()
-        storage = self.trainer.storage
-        for stage, values in stage_summary(report).items():
-            storage.put_scalars(**{f"attention/{stage}/{k}": v for k, v in values.items()}, smoothing_hint=False)
+        self.trainer.storage.put_scalars(**liveness_scalars(report), smoothing_hint=False)
         message = dead_layers_message(report)
         if message and comm.is_main_process():
             logger.warning("Iteration %d: %s", self.trainer.iter, message)

@@ -12,7 +12,8 @@ following ReLU always zeroes, fails one of the two and never trains.
     report = probe.report()  # {layer name: LayerLiveness}
 
 `stage_summary(report)` gives, per stage (res3, ...), the share of attention channels alive and the
-mean ratio of the attention branch's output RMS to the convolution branch's.
+mean ratio of the attention branch's output RMS to the convolution branch's; `liveness_scalars(report)`
+the same as the flat `attention/<stage>/<name>` values that metrics.json and metrics.jsonl record.
 """
 from dataclasses import dataclass
 from typing import Dict, List
@@ -22,7 +23,7 @@ from torch import nn
 
 from ..layers import AAConv2d
 
-__all__ = ["AttentionProbe", "LayerLiveness", "stage_summary", "dead_layers_message"]
+__all__ = ["AttentionProbe", "LayerLiveness", "stage_summary", "liveness_scalars", "dead_layers_message"]
 
 
 @dataclass
@@ -98,6 +99,12 @@ def stage_summary(report: Dict[str, LayerLiveness]) -> Dict[str, Dict[str, float
                 "attention_to_conv": sum(l.attention_to_conv for l in layers) / len(layers)}
         for stage, layers in sorted(stages.items())
     }
+
+
+def liveness_scalars(report: Dict[str, LayerLiveness]) -> Dict[str, float]:
+    """{"attention/<stage>/alive": ..., "attention/<stage>/attention_to_conv": ...} of `stage_summary`."""
+    return {f"attention/{stage}/{key}": value
+            for stage, values in stage_summary(report).items() for key, value in values.items()}
 
 
 def dead_layers_message(report: Dict[str, LayerLiveness]) -> str:
