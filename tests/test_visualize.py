@@ -112,6 +112,21 @@ def test_predict_dataset_shows_ground_truth_beside(setup, tmp_path):
         assert out.shape[1] == 2 * r["width"] + GAP and out.shape[0] > r["height"]
 
 
+def test_dataset_registered_from_its_files_as_train_net_does(setup, tmp_path):
+    """--dataset NAME JSON IMAGE_ROOT registers a COCO-format dataset, as tools/train_net.py's --dataset,
+    and draws it; two values are refused with a usage error."""
+    root = setup["val"][0]["file_name"].rsplit("/", 2)[0]
+    args = ["predict", "--config-file", BASE_CFG, "--weights", setup["weights"]["base"], "--quiet",
+            "--max-images", "1", "--threshold", "0.2", "--output", str(tmp_path)]
+    assert main([*args, "--dataset", "mine_val", f"{root}/val.json", f"{root}/val", *setup["opts"]]) == 0
+    first = setup["val"][0]
+    out = _read(tmp_path / (os.path.splitext(os.path.basename(first["file_name"]))[0] + ".jpg"))
+    assert out.shape[1] == 2 * first["width"] + GAP  # the ground truth from val.json beside the detections
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--dataset", "mine_val", f"{root}/val.json", *setup["opts"]])
+    assert exit_info.value.code == 2
+
+
 def test_results_json_without_model(setup, tmp_path):
     val = setup["val"]
     with open(val[0]["file_name"].rsplit("/", 2)[0] + "/val.json") as f:

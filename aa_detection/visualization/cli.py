@@ -6,8 +6,10 @@
     attention  config + weights + images -> a grid of each head's attention maps, one row per query
     compare    two configs + two weights -> their detections side by side (and the ground truth)
 
-Inputs are image files, folders (their images, sorted), glob patterns or a registered dataset (--dataset
-NAME, with --max-images); a folder or pattern without images is an InputError. An image that is missing
+Inputs are image files, folders (their images, sorted), glob patterns or a dataset (with --max-images):
+`--dataset NAME` a registered one (a detectron2 builtin, the config's, synthetic_val), `--dataset NAME JSON
+IMAGE_ROOT` a COCO-format one registered under NAME first, as tools/train_net.py's --dataset; a folder or
+pattern without images is an InputError. An image that is missing
 or cannot be decoded is reported by name and skipped; the others are still exported, and the command then
 exits with status 1 and the count of failures.
 Each output is written atomically to --output, named after its input (name clashes get a suffix).
@@ -56,8 +58,8 @@ def _dataset_items(name, max_images):
     from detectron2.data import DatasetCatalog
 
     if name not in DatasetCatalog.list():
-        raise UsageError(f"dataset '{name}' is not registered; name it in the config's DATASETS, add "
-                         "--register NAME JSON IMAGE_ROOT, or use a detectron2 builtin dataset")
+        raise UsageError(f"dataset '{name}' is not registered; name it in the config's DATASETS, give "
+                         f"--dataset {name} JSON IMAGE_ROOT, or use a detectron2 builtin dataset")
     records = DatasetCatalog.get(name)
     if max_images:
         records = records[:max_images]
@@ -78,13 +80,14 @@ def _setup(config_file, args, extra_opts=()):
     from ..config import setup_cfg
 
     opts = list(args.opts or []) + list(extra_opts)
-    if getattr(args, "dataset", None):
+    files = args.dataset_files
+    if args.dataset and not files:
         # lets setup_cfg register the dataset (e.g. synthetic_val) when the config does not name it
         from detectron2.data import DatasetCatalog
 
         if args.dataset not in DatasetCatalog.list():
             opts += ["DATASETS.TEST", f"('{args.dataset}',)"]
-    return setup_cfg(config_file, opts, datasets=[tuple(r) for r in (args.register or [])],
+    return setup_cfg(config_file, opts, datasets=[(args.dataset, *files)] if files else [],
                      trusted=args.trust_config)
 
 
@@ -304,9 +307,8 @@ def argument_parser() -> argparse.ArgumentParser:
         add_trust_config_argument(p)
         if inputs:
             p.add_argument("--input", nargs="+", metavar="PATH", help="image files, folders of images or glob patterns")
-        p.add_argument("--dataset", metavar="NAME", help="a registered dataset (e.g. synthetic_val)")
-        p.add_argument("--register", nargs=3, action="append", metavar=("NAME", "JSON", "IMAGE_ROOT"),
-                       help="register a COCO-format dataset first (repeatable)")
+        p.add_argument("--dataset", nargs="+", metavar="NAME [JSON IMAGE_ROOT]",
+                       help="a registered dataset (e.g. synthetic_val), or a COCO-format one to register as NAME")
         p.add_argument("--max-images", type=int, default=0, help="first N images of --dataset (0: all)")
         p.add_argument("--threshold", type=float, default=0.5, help="smallest score drawn")
         p.add_argument("--output", required=True, help="output folder")
@@ -354,11 +356,17 @@ def argument_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """The command line's arguments, the config overrides after --input among them."""
+    """The command line's arguments, the config overrides after --input or --dataset among them.
+    `dataset` is the dataset's NAME, `dataset_files` its (JSON, IMAGE_ROOT) to register, or ()."""
     from ..config import split_overrides
 
-    args = argument_parser().parse_args(argv)
+    parser = argument_parser()
+    args = parser.parse_args(argv)
     args.input, args.opts = split_overrides(args.input or [], args.opts)
+    dataset, args.opts = split_overrides(args.dataset or [], args.opts)
+    if len(dataset) not in (0, 1, 3):
+        parser.error(f"--dataset takes NAME (a registered dataset) or NAME JSON IMAGE_ROOT, got {dataset}")
+    args.dataset, args.dataset_files = (dataset[0] if dataset else None), tuple(dataset[1:])
     return args
 
 
