@@ -7,12 +7,17 @@
 - a torchvision or timm ResNet state dict (.pth/.pt, or .safetensors): `conv1`, `bn1`, `layerN.*`,
   `downsample.*` renamed to detectron2's `stem.conv1`, `resN+1.*`, `shortcut.*`; depth, widths and
   groups read from the shapes (ResNet-18 to -152, ResNeXt); deep-stem variants are refused;
+- a Caffe2 ResNet `.pkl` such as detectron2's MSRA ImageNet weights
+  (`detectron2://ImageNetPretrained/MSRA/R-50.pkl`, any path detectron2's PathManager opens), read with
+  the restricted unpickler and renamed with detectron2's `convert_basic_c2_names`; its norms are folded
+  scale and bias (running mean 0, variance 1 are written), its stride is in the 1x1 convolutions and its
+  input BGR, mean-subtracted with std 1;
 
 drops the classifier head and writes `dst` (.pth): {"model": {"backbone.bottom_up." + name: tensor},
 "__author__": ..., "matching_heuristics": False, "aa_detection": metadata} where the metadata holds the
 architecture (the `aa_resnet` arguments and each attention layer's heads, dk, dv, relative, downsampling),
-the pixel mean/std (0-255, RGB order) and input format ("RGB") the weights were trained with; the same
-metadata goes to `dst` with a .json suffix.
+the input format ("RGB"; "BGR" for Caffe2 weights) and the pixel mean/std (0-255, in that channel
+order) the weights were trained with; the same metadata goes to `dst` with a .json suffix.
 
 Relative tables are resized at conversion (exactly, under the clipping rule, with
 `resize_relative_table`) to the rows of the target backbone: the one `cfg` builds (the config's
@@ -33,6 +38,7 @@ import re
 from typing import Iterable, List, Optional
 
 from detectron2.config import CfgNode
+from detectron2.utils.file_io import PathManager
 import torch
 from torch import nn
 
@@ -41,10 +47,11 @@ from .errors import ConfigError, UsageError, WeightsError
 from .layers import AAConv2d
 from .layers.relative_attention import resize_relative_table
 from .modeling.backbone import RESNET_BLOCKS, STAGE_NAMES, aa_resnet
-from .safe_io import atomic_write, load_torch_weights
+from .safe_io import atomic_write, load_pickle_weights, load_torch_weights
 
 __all__ = ["convert_pretrained", "check_weights_format", "describe_resnet", "architecture_differences",
-           "torchvision_to_d2_names", "IMAGENET_PIXEL_MEAN", "IMAGENET_PIXEL_STD", "METADATA_KEY"]
+           "torchvision_to_d2_names", "IMAGENET_PIXEL_MEAN", "IMAGENET_PIXEL_STD", "MSRA_PIXEL_MEAN",
+           "METADATA_KEY"]
 
 METADATA_KEY = "aa_detection"
 # The metadata fields check_weights_format reads (convert_pretrained writes them, and more).
@@ -52,6 +59,8 @@ CHECKED_METADATA_FIELDS = ("pixel_mean", "pixel_std", "input_format", "descripti
 # torchvision's and timm's ResNet normalisation (ImageNet mean/std of RGB images) in 0-255 units.
 IMAGENET_PIXEL_MEAN = [123.675, 116.28, 103.53]
 IMAGENET_PIXEL_STD = [58.395, 57.12, 57.375]
+# detectron2's MSRA weights: BGR images, this mean (BGR order), std 1.
+MSRA_PIXEL_MEAN = [103.530, 116.280, 123.675]
 _BLOCKS_TO_DEPTH = {(blocks, depth >= 50): depth for depth, blocks in RESNET_BLOCKS.items()}
 
 
@@ -148,6 +157,8 @@ def _plain_architecture(state: dict, path: str) -> dict:
 
 
 def _load(path):
+    if path.endswith(".pkl"):
+        return load_pickle_weights(path)
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -157,9 +168,11 @@ def _load(path):
 
 def read_pretrained(path: str, weights: str = "auto") -> dict:
     """{"state": backbone state dict (detectron2 names, no head), "architecture": aa_resnet arguments,
-    "pixel_mean", "pixel_std" (0-255, RGB), "source"} of a classifier checkpoint or a torchvision/timm
-    ResNet. weights: "auto" (a classifier's EMA when it has one), "ema" or "model"."""
-    data = _load(path)
+    "pixel_mean", "pixel_std" (0-255, in the input's channel order), "source", and "input_format" when it
+    is not "RGB"} of a classifier checkpoint, a torchvision/timm ResNet or a Caffe2 ResNet pickle; `path`
+    is anything detectron2's PathManager opens (detectron2://..., a URL, a file). weights: "auto" (a
+    classifier's EMA when it has one), "ema" or "model"."""
+    data = _load(PathManager.get_local_path(path))
     if isinstance(data, dict) and "architecture" in data and "model" in data:  # aa_detection.pretrain
         if weights == "auto":
             weights = "ema" if data.get("ema") is not None else "model"
@@ -169,6 +182,8 @@ def read_pretrained(path: str, weights: str = "auto") -> dict:
         return {"state": {k: v for k, v in data[weights].items() if not k.startswith(("linear.", "avgpool."))},
                 "architecture": data["architecture"], "pixel_mean": [round(255.0 * m, 4) for m in config["mean"]],
                 "pixel_std": [round(255.0 * s, 4) for s in config["std"]], "source": f"{data['model_name']} {weights} weights"}
+    if path.endswith(".pkl"):
+        return _read_caffe2(data, path)
     for wrapper in ("state_dict", "model"):
         if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
             data = data[wrapper]
@@ -178,6 +193,26 @@ def read_pretrained(path: str, weights: str = "auto") -> dict:
     state = torchvision_to_d2_names(data)
     return {"state": state, "architecture": _plain_architecture(state, path), "pixel_mean": IMAGENET_PIXEL_MEAN,
             "pixel_std": IMAGENET_PIXEL_STD, "source": "torchvision/timm ResNet"}
+
+
+def _read_caffe2(data, path: str) -> dict:
+    """read_pretrained's result for a Caffe2 ResNet pickle ({"blobs": {name: array}} or {name: array})."""
+    from detectron2.checkpoint.c2_model_loading import convert_basic_c2_names
+
+    blobs = data.get("blobs", data) if isinstance(data, dict) else None
+    if not isinstance(blobs, dict) or "conv1_w" not in blobs:
+        raise WeightsError(f"{path}: not a Caffe2 ResNet pickle such as detectron2's MSRA ImageNet weights "
+                           "(no `conv1_w` blob)")
+    names = list(blobs)
+    state = {new: torch.as_tensor(blobs[old]).float() for old, new in zip(names, convert_basic_c2_names(names))
+             if re.match(r"(stem|res[2-5])\.", new) and not old.endswith("_momentum")}  # no classifier
+    for key in [k for k in state if k.endswith(".norm.weight")]:
+        stem = key[:-len("weight")]
+        state.setdefault(stem + "running_mean", torch.zeros_like(state[key]))
+        state.setdefault(stem + "running_var", torch.ones_like(state[key]))
+    architecture = dict(_plain_architecture(state, path), stride_in_1x1=True)
+    return {"state": state, "architecture": architecture, "pixel_mean": MSRA_PIXEL_MEAN,
+            "pixel_std": [1.0, 1.0, 1.0], "input_format": "BGR", "source": "Caffe2 (MSRA) ResNet"}
 
 
 # ---- targets -----------------------------------------------------------------------------------------
@@ -240,7 +275,8 @@ def convert_pretrained(src: str, dst: str, cfg: Optional[CfgNode] = None, max_in
                          f"{unexpected[:5]} ({len(missing)} and {len(unexpected)} entries)")
     metadata = {
         "source": source["source"], "architecture": source["architecture"], "description": described,
-        "pixel_mean": source["pixel_mean"], "pixel_std": source["pixel_std"], "input_format": "RGB",
+        "pixel_mean": source["pixel_mean"], "pixel_std": source["pixel_std"],
+        "input_format": source.get("input_format", "RGB"),
         "relative_rows": {k: target_state[k].shape[0] for k in state if k.endswith("rel_h")},
     }
     with atomic_write(dst, "wb") as f:

@@ -8,6 +8,7 @@ import pytest
 pytest.importorskip("detectron2", reason="detectron2 is not installed; see README.md, Install")
 import torch  # noqa: E402
 import torchvision  # noqa: E402
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.layers import ShapeSpec  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.modeling.backbone import build_resnet_backbone  # noqa: E402
@@ -17,8 +18,10 @@ from torch import nn  # noqa: E402
 
 from aa_detection.checkpoint import AACheckpointer, pretrained_shapes  # noqa: E402
 from aa_detection.config import setup_cfg  # noqa: E402
-from aa_detection.errors import WeightsError  # noqa: E402
+from aa_detection.errors import ConfigError, WeightsError  # noqa: E402
 from aa_detection.layers import AAConv2d  # noqa: E402
+from aa_detection.pretrained import check_weights_format  # noqa: E402
+from common import load_tool  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 pytestmark = pytest.mark.slow  # R-50 RetinaNets saved and loaded
@@ -112,6 +115,32 @@ def test_msra_caffe2_pkl_loads_into_aa_resnet(tmp_path):
     checkpointer = AACheckpointer(model)
     checkpointer.load(path)
     _check_loaded(model, before, expected, checkpointer)
+
+
+def test_msra_pkl_converted_loads_through_detectron2s_own_checkpointer(tmp_path):
+    """tools/convert_pretrained_to_d2.py fits an MSRA Caffe2 .pkl to the AA config's shapes, so detectron2's
+    own DetectionCheckpointer (its tools after `import aa_detection`) loads every convolution and norm of
+    the backbone: nothing skipped for its shape, the AA layers' conv branches their first filters. The
+    metadata beside it (BGR, MSRA mean, std 1) passes the COCO config's check and fails an RGB one."""
+    plain = build_resnet_backbone(setup_cfg(BASELINE, SMALL), ShapeSpec(channels=3))
+    _randomize_norms(plain)
+    blobs = {_caffe2_name(k): v.numpy().copy() for k, v in plain.state_dict().items() if _caffe2_name(k)}
+    expected = {k: v.clone() for k, v in plain.state_dict().items() if _caffe2_name(k)}
+    blobs["pred_w"], blobs["pred_b"] = torch.randn(1000, 2048).numpy(), torch.zeros(1000).numpy()
+    src, dst = str(tmp_path / "R-50.pkl"), str(tmp_path / "R-50-aa.pth")
+    with open(src, "wb") as f:
+        pickle.dump({"blobs": blobs}, f)
+    cfg = setup_cfg(CONFIG, SMALL)
+    load_tool("convert_pretrained_to_d2").main([src, dst, "--config-file", CONFIG, *SMALL])
+    check_weights_format(cfg, dst)
+    with pytest.raises(ConfigError, match="INPUT.FORMAT is 'RGB', the weights need 'BGR'"):
+        check_weights_format(setup_cfg(CONFIG, SMALL + ["INPUT.FORMAT", "RGB"]), dst)
+
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(dst)
+    after = model.state_dict()
+    for key, value in expected.items():
+        assert torch.equal(after[PREFIX + key], value[: after[PREFIX + key].shape[0]]), key
 
 
 def test_torchvision_converted_weights_load_into_aa_resnet(tmp_path):

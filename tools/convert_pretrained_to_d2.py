@@ -3,8 +3,8 @@
 
     python tools/convert_pretrained_to_d2.py SRC DST.pth [--config-file CFG] [KEY VALUE ...]
 
-SRC: a checkpoint of tools/pretrain_backbone.py (EMA weights when it has them), or a torchvision or timm
-ResNet state dict. With --config-file (and overrides) the relative tables are sized for that config and a
+SRC: a checkpoint of tools/pretrain_backbone.py (EMA weights when it has them), a torchvision or timm
+ResNet state dict, or a Caffe2 ResNet .pkl such as detectron2's MSRA weights (detectron2://... paths too). With --config-file (and overrides) the relative tables are sized for that config and a
 backbone of another architecture is refused; without it they cover --max-input-size. DST.json gets the
 pixel mean/std and input format the weights need (set MODEL.PIXEL_MEAN, MODEL.PIXEL_STD, INPUT.FORMAT).
 """
@@ -19,7 +19,7 @@ from aa_detection.pretrained import convert_pretrained
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    parser.add_argument("src", help="classifier checkpoint, torchvision or timm ResNet weights")
+    parser.add_argument("src", help="classifier checkpoint, torchvision/timm ResNet weights or an MSRA .pkl")
     parser.add_argument("dst", help="detectron2 weights to write (.pth)")
     parser.add_argument("--config-file", default=None, help="the detection config the weights are for")
     add_trust_config_argument(parser)
