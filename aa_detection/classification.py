@@ -59,7 +59,7 @@ class AAResNetClassifier(nn.Module):
         relative: bool = True,
         impl: str = "auto",
         attention_norm: str = "",
-        attention_gain: float = 0.1,
+        attention_gain: float = 1.0,
         downsample_stages: Sequence[str] = ("res3",),
         max_input_size: int = 224,
     ):

@@ -65,9 +65,10 @@ def add_aa_config(cfg: CN) -> CN:
     # channels of a frozen one (FrozenBN, statistics of pretrained filters) a trained BN of their own; a norm
     # name ("BN", "SyncBN" to share statistics across GPUs, ...) normalises the attention channels with it.
     cfg.MODEL.AA.NORM = ""
-    # The initial weight of the attention channels in their norm: the attention starts small but never at
-    # exact zeros, which a ReLU would never pass a gradient (1.0 is the norm's own initialisation).
-    cfg.MODEL.AA.ATTENTION_GAIN = 0.1
+    # The initial weight of the attention channels in their norm: 1.0, the norm's own initialisation (the
+    # paper's). It must be > 0 (exact zeros before a ReLU never get a gradient); a small start (0.1) lets
+    # the optimizer's steps on the norm's bias outweigh the weight and ReLUs cut channels off in training.
+    cfg.MODEL.AA.ATTENTION_GAIN = 1.0
     # Each augmented stage sizes its relative tables from the longest padded image side the config can
     # produce (max(INPUT.MAX_SIZE_TRAIN, INPUT.MAX_SIZE_TEST) rounded up to the FPN's size divisibility):
     # that side / stride rows per side (res3 stride 8, res4 16, res5 32; twice that when downsampled).

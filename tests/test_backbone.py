@@ -106,7 +106,7 @@ def test_attention_norm_under_frozen_and_trained_block_norms():
         conv2 = block.conv2
         assert isinstance(conv2.norm, FrozenBatchNorm2d) and isinstance(conv2.attention_norm, torch.nn.BatchNorm2d)
         assert conv2.norm.weight.numel() == conv2.out_channels - conv2.value_depth
-        assert torch.equal(conv2.attention_norm.weight, torch.full((conv2.value_depth,), 0.1))
+        assert torch.equal(conv2.attention_norm.weight, torch.ones(conv2.value_depth))
         assert isinstance(block.conv1.norm, FrozenBatchNorm2d) and isinstance(block.conv3.norm, FrozenBatchNorm2d)
     assert isinstance(model.res2[0].conv2.norm, FrozenBatchNorm2d)
     trained = build_aa_resnet_backbone(setup_cfg(None, ["MODEL.RESNETS.NORM", "BN", "MODEL.AA.ATTENTION_GAIN", "0.5"]

@@ -152,7 +152,7 @@ def aa_resnet(
     relative: bool = True,
     impl: str = "auto",
     attention_norm: str = "",
-    attention_gain: float = 0.1,
+    attention_gain: float = 1.0,
     downsample_stages: Sequence[str] = ("res3",),
     max_input_size: int = 1344,
     num_classes: Optional[int] = None,
