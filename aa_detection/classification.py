@@ -9,12 +9,11 @@ twins (no attention stages), so a baseline has the same parameter names. Paramet
 detectron2's (`stem.conv1.weight`, `res4.2.conv2.qkv.weight`, `linear.weight`): a classifier's state
 dict is a detection backbone's, plus the head (see `aa_detection.pretrained` for the conversion).
 
-The attention keyword arguments mean what the MODEL.AA keys mean and have their defaults (stages
-res3-res5, 8 heads, kappa 0.2, upsilon 0.1, relative positions, res3 attention downsampled); the
-norm is trainable BatchNorm ("BN") and `max_input_size` (which sizes the relative tables) is the
-training image size, 224. timm is an optional dependency of aa_detection: only this module needs it.
+The attention keyword arguments are the fields of `aa_detection.layers.AttentionSpec` (MODEL.AA's
+keys, meanings and defaults); the norm is trainable BatchNorm ("BN") and `max_input_size` (which sizes
+the relative tables) is the training image size, 224. timm is an optional dependency of aa_detection: only this module needs it.
 """
-from typing import Optional, Sequence, Set
+from typing import Optional, Set
 
 import torch
 from torch import nn
@@ -26,6 +25,7 @@ try:
 except ImportError as e:  # timm is optional for the rest of the package
     raise ImportError("aa_detection.classification needs timm: pip install timm (or aa_detection[timm])") from e
 
+from .layers import AttentionSpec
 from .modeling.backbone import aa_resnet
 
 __all__ = ["AAResNetClassifier"]
@@ -52,18 +52,11 @@ class AAResNetClassifier(nn.Module):
         width_per_group: int = 64,
         num_groups: int = 1,
         stride_in_1x1: bool = False,
-        aa_stages: Sequence[str] = ("res3", "res4", "res5"),
-        num_heads: int = 8,
-        kappa: float = 0.2,
-        upsilon: float = 0.1,
-        relative: bool = True,
-        impl: str = "auto",
-        attention_norm: str = "",
-        attention_gain: float = 1.0,
-        downsample_stages: Sequence[str] = ("res3",),
         max_input_size: int = 224,
+        **attention,
     ):
         super().__init__()
+        spec = AttentionSpec(**attention)  # the MODEL.AA options; an unknown keyword is a TypeError
         if global_pool != "avg":
             raise ValueError(f"global_pool={global_pool!r}: AA-ResNet classifiers pool with 'avg' only")
         if res2_out_channels is None:
@@ -73,13 +66,12 @@ class AAResNetClassifier(nn.Module):
         self.architecture = dict(
             depth=depth, stem_out_channels=stem_out_channels, res2_out_channels=res2_out_channels,
             width_per_group=width_per_group, num_groups=num_groups, stride_in_1x1=stride_in_1x1,
-            aa_stages=list(aa_stages), num_heads=num_heads, kappa=kappa, upsilon=upsilon, relative=relative,
-            downsample_stages=list(downsample_stages),
+            aa_stages=list(spec.aa_stages), num_heads=spec.num_heads, kappa=spec.kappa, upsilon=spec.upsilon,
+            relative=spec.relative, downsample_stages=list(spec.downsample_stages),
         )
         resnet = aa_resnet(
-            **self.architecture, out_features=("res5",), in_channels=in_chans, norm=norm, impl=impl,
-            attention_norm=attention_norm, attention_gain=attention_gain, max_input_size=max_input_size,
-            num_classes=num_classes or None,
+            **{**spec.as_kwargs(), **self.architecture}, out_features=("res5",), in_channels=in_chans, norm=norm,
+            max_input_size=max_input_size, num_classes=num_classes or None,
         )
         for name, child in resnet.named_children():
             self.add_module(name, child)

@@ -32,6 +32,7 @@ import yaml
 from .data.validation import BAD_IMAGE_POLICIES, IMAGE_CHECKS
 from .errors import ConfigError
 from .layers.relative_attention import IMPLS
+from .layers.spec import AttentionSpec
 from .modeling.backbone import check_aa_stages
 
 __all__ = ["ConfigError", "add_aa_config", "add_aa_defaults", "load_cfg", "validate_cfg", "setup_cfg",
@@ -48,27 +49,14 @@ CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)*$")
 
 def add_aa_config(cfg: CN) -> CN:
     """Add the MODEL.AA node (attention augmentation of the ResNet backbone) to a detectron2 config."""
-    cfg.MODEL.AA = CN()
-    # Stages whose 3x3 convolutions are attention-augmented. The paper augments from the last
-    # (smallest) stage down until memory runs out; res3-res5 is that rule made explicit.
-    cfg.MODEL.AA.STAGES = ["res3", "res4", "res5"]
-    cfg.MODEL.AA.NUM_HEADS = 8
-    cfg.MODEL.AA.KAPPA = 0.2  # dk / Fout
-    cfg.MODEL.AA.UPSILON = 0.1  # dv / Fout
-    cfg.MODEL.AA.RELATIVE = True  # 2D relative position logits
-    cfg.MODEL.AA.IMPL = "auto"  # attention implementation: "auto", "naive", "fused", "kernel" or "flex"
-    # Stages whose attention runs on its input average-pooled 2x2 (stride 2), the output upsampled
-    # bilinearly before the concatenation: the paper's way of affording the largest maps.
-    cfg.MODEL.AA.DOWNSAMPLE_STAGES = ["res3"]
-    # The attention channels' norm. "" keeps a trained block norm (MODEL.RESNETS.NORM BN, SyncBN, GN) over
-    # the concatenation, the paper's batch norm after the augmented convolution, and gives the attention
-    # channels of a frozen one (FrozenBN, statistics of pretrained filters) a trained BN of their own; a norm
-    # name ("BN", "SyncBN" to share statistics across GPUs, ...) normalises the attention channels with it.
-    cfg.MODEL.AA.NORM = ""
-    # The initial weight of the attention channels in their norm: 1.0, the norm's own initialisation (the
-    # paper's). It must be > 0 (exact zeros before a ReLU never get a gradient); a small start (0.1) lets
-    # the optimizer's steps on the norm's bias outweigh the weight and ReLUs cut channels off in training.
-    cfg.MODEL.AA.ATTENTION_GAIN = 1.0
+    # The attention options with AttentionSpec's defaults (aa_detection/layers/spec.py, a line of help
+    # each; docs/MODEL.md says why each default is what it is): STAGES, augmented from the last stage
+    # down as the paper does; NUM_HEADS; KAPPA = dk / Fout; UPSILON = dv / Fout; RELATIVE (2D relative
+    # position logits); IMPL, the attention path; NORM, the attention channels' norm ("" keeps a trained
+    # block norm over the concatenation, the paper's, and gives the attention channels of a frozen one a
+    # trained BN of their own); ATTENTION_GAIN, their initial weight in that norm (> 0: exact zeros before a
+    # ReLU never get a gradient); DOWNSAMPLE_STAGES, whose attention runs on its input pooled 2x2.
+    cfg.MODEL.AA = CN(AttentionSpec.config_keys())
     # Each augmented stage sizes its relative tables from the longest padded image side the config can
     # produce (max(INPUT.MAX_SIZE_TRAIN, INPUT.MAX_SIZE_TEST) rounded up to the FPN's size divisibility):
     # that side / stride rows per side (res3 stride 8, res4 16, res5 32; twice that when downsampled).

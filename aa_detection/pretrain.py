@@ -24,6 +24,7 @@ one would, and metrics.jsonl keeps only the epochs before the resumed one.
 """
 import argparse
 import contextlib
+from dataclasses import fields
 import datetime
 import json
 import logging
@@ -38,6 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .errors import DatasetError
+from .layers import AttentionSpec
 from .modeling.liveness import AttentionProbe, dead_layers_message, liveness_scalars
 from .safe_io import atomic_write, load_torch_weights
 
@@ -46,9 +48,8 @@ __all__ = ["build_argument_parser", "pretrain", "model_kwargs"]
 logger = logging.getLogger("aa_detection.pretrain")
 
 # Model keyword arguments settable from the command line (MODEL.AA's meanings; None keeps the model default).
-MODEL_OPTIONS = ("aa_stages", "num_heads", "kappa", "upsilon", "relative", "impl", "attention_norm", "attention_gain",
-                 "downsample_stages", "stride_in_1x1", "norm", "stem_out_channels", "res2_out_channels",
-                 "width_per_group")
+MODEL_OPTIONS = tuple(f.name for f in fields(AttentionSpec)) + (
+    "stride_in_1x1", "norm", "stem_out_channels", "res2_out_channels", "width_per_group")
 
 
 def build_argument_parser() -> argparse.ArgumentParser:
@@ -89,16 +90,15 @@ def build_argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-interval", type=int, default=50, help="iterations between progress lines")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     g = p.add_argument_group("model (MODEL.AA meanings; unset keeps the model default)")
-    g.add_argument("--aa-stages", nargs="*", default=None, help="attention-augmented stages, e.g. res3 res4 res5")
-    g.add_argument("--num-heads", type=int, default=None)
-    g.add_argument("--kappa", type=float, default=None, help="dk / Fout")
-    g.add_argument("--upsilon", type=float, default=None, help="dv / Fout")
-    g.add_argument("--relative", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--impl", default=None, help="attention path: auto, naive, fused, kernel, flex")
-    g.add_argument("--attention-norm", default=None, help="the attention channels' norm (MODEL.AA.NORM)")
-    g.add_argument("--attention-gain", type=float, default=None,
-                   help="initial weight of the attention channels in their norm (MODEL.AA.ATTENTION_GAIN)")
-    g.add_argument("--downsample-stages", nargs="*", default=None)
+    for option in fields(AttentionSpec):  # --aa-stages, --num-heads, ..., --downsample-stages
+        flag = "--" + option.name.replace("_", "-")
+        text = f"{option.metadata['help']} (MODEL.AA.{option.metadata['key']})"
+        if isinstance(option.default, bool):
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif isinstance(option.default, tuple):
+            g.add_argument(flag, nargs="*", default=None, help=text)
+        else:
+            g.add_argument(flag, type=type(option.default), default=None, help=text)
     g.add_argument("--stride-in-1x1", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--norm", default=None, help="block norm (default BN)")
     g.add_argument("--stem-out-channels", type=int, default=None, help="MODEL.RESNETS.STEM_OUT_CHANNELS")

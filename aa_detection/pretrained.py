@@ -44,7 +44,7 @@ from torch import nn
 
 from .checkpoint import fit_aa_layers, is_attention_parameter
 from .errors import ConfigError, UsageError, WeightsError
-from .layers import AAConv2d
+from .layers import AAConv2d, AttentionSpec
 from .layers.relative_attention import resize_relative_table
 from .modeling.backbone import RESNET_BLOCKS, STAGE_NAMES, aa_resnet
 from .safe_io import atomic_write, load_pickle_weights, load_torch_weights
@@ -148,12 +148,13 @@ def _plain_architecture(state: dict, path: str) -> dict:
     if depth is None:
         raise WeightsError(f"{path}: blocks per stage {blocks} ({'bottleneck' if bottleneck else 'basic'}) are no "
                          f"ResNet depth of {sorted(RESNET_BLOCKS)}")
-    width = state["res2.0.conv1.weight"].shape[0]
+    width, spec = state["res2.0.conv1.weight"].shape[0], AttentionSpec()
     groups = width // state["res2.0.conv2.weight"].shape[1]
     return dict(depth=depth, stem_out_channels=state["stem.conv1.weight"].shape[0],
                 res2_out_channels=state[f"res2.0.conv{3 if bottleneck else 2}.weight"].shape[0],
                 width_per_group=width // groups, num_groups=groups, stride_in_1x1=False, aa_stages=[],
-                num_heads=8, kappa=0.2, upsilon=0.1, relative=True, downsample_stages=[])
+                num_heads=spec.num_heads, kappa=spec.kappa, upsilon=spec.upsilon, relative=spec.relative,
+                downsample_stages=[])
 
 
 def _load(path):

@@ -42,7 +42,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..layers import attention_depths
+from ..layers import AttentionSpec, attention_depths
 from ..layers import kernel, relative_attention
 from ..layers.relative_attention import relative_attention_2d, relative_attention_qkv, split_heads
 from ..errors import ConfigError
@@ -70,9 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=sorted(AMP_DTYPES),
                    help="run the paths under torch.autocast to this dtype (bf16 when given alone)")
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kappa", type=float, default=0.2)
-    p.add_argument("--upsilon", type=float, default=0.1)
+    p.add_argument("--heads", type=int, default=AttentionSpec.num_heads)
+    p.add_argument("--kappa", type=float, default=AttentionSpec.kappa)
+    p.add_argument("--upsilon", type=float, default=AttentionSpec.upsilon)
     p.add_argument("--repeats", type=int, default=3, help="timed calls per path (median); calls longer "
                    "than --long-call seconds run once")
     p.add_argument("--long-call", type=float, default=30.0)

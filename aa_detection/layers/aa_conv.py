@@ -7,6 +7,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .relative_attention import IMPLS, attention_weights, relative_attention_qkv, split_heads
+from .spec import AttentionSpec
 
 __all__ = ["AAConv2d", "attention_depths"]
 
@@ -61,16 +62,16 @@ class AAConv2d(nn.Module):
         stride=1,
         dilation=1,
         *,
-        num_heads=8,
+        num_heads=AttentionSpec.num_heads,
         key_depth=None,
         value_depth=None,
-        kappa=0.2,
-        upsilon=0.1,
-        relative=True,
+        kappa=AttentionSpec.kappa,
+        upsilon=AttentionSpec.upsilon,
+        relative=AttentionSpec.relative,
         max_relative_size=64,
-        impl="auto",
+        impl=AttentionSpec.impl,
         attention_downsample=1,
-        attention_gain=1.0,
+        attention_gain=AttentionSpec.attention_gain,
         bias=False,
         norm=None,
         attention_norm=None,

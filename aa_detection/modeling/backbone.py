@@ -19,7 +19,7 @@ from detectron2.modeling.backbone.resnet import (
 )
 import fvcore.nn.weight_init as weight_init
 
-from ..layers import AAConv2d
+from ..layers import AAConv2d, AttentionSpec
 
 __all__ = [
     "AABasicBlock",
@@ -145,15 +145,15 @@ def aa_resnet(
     deform_modulated: bool = False,
     deform_num_groups: int = 1,
     freeze_at: int = 0,
-    aa_stages: Sequence[str] = ("res3", "res4", "res5"),
-    num_heads: int = 8,
-    kappa: float = 0.2,
-    upsilon: float = 0.1,
-    relative: bool = True,
-    impl: str = "auto",
-    attention_norm: str = "",
-    attention_gain: float = 1.0,
-    downsample_stages: Sequence[str] = ("res3",),
+    aa_stages: Sequence[str] = AttentionSpec.aa_stages,
+    num_heads: int = AttentionSpec.num_heads,
+    kappa: float = AttentionSpec.kappa,
+    upsilon: float = AttentionSpec.upsilon,
+    relative: bool = AttentionSpec.relative,
+    impl: str = AttentionSpec.impl,
+    attention_norm: str = AttentionSpec.attention_norm,
+    attention_gain: float = AttentionSpec.attention_gain,
+    downsample_stages: Sequence[str] = AttentionSpec.downsample_stages,
     max_input_size: int = 1344,
     num_classes: Optional[int] = None,
 ) -> ResNet:
@@ -161,11 +161,9 @@ def aa_resnet(
     arguments (the YAML builder `build_aa_resnet_backbone` and the LazyConfigs both call this).
 
     The ResNet arguments mean what detectron2's MODEL.RESNETS keys mean (res2_out_channels defaults to 64
-    for depths below 50, 256 otherwise). The attention arguments are MODEL.AA's: num_heads, kappa =
-    dk / Fout, upsilon = dv / Fout, relative positions, the attention path `impl`, `attention_norm` (the
-    attention channels' norm, see `aa_norms`), `attention_gain` (the initial weight of the attention
-    channels in their norm), `downsample_stages` (attention over a map pooled 2x2 more, upsampled
-    back) and `max_input_size` (the longest padded image side, which sizes the relative tables).
+    for depths below 50, 256 otherwise). The attention arguments are the fields of `AttentionSpec`
+    (MODEL.AA's keys, their defaults and meanings; `attention_norm` as `aa_norms` reads it), and
+    `max_input_size` is the longest padded image side, which sizes the relative tables.
     `num_classes` adds detectron2's classifier head (`avgpool`, `linear`; output "linear").
     """
     stages_set, downsampled = set(aa_stages), set(downsample_stages)
@@ -238,16 +236,15 @@ def aa_resnet(
 def aa_resnet_arguments(cfg: CfgNode, input_shape: ShapeSpec, size_divisibility: int = 1) -> dict:
     """The `aa_resnet` arguments a YAML config gives (MODEL.RESNETS, MODEL.BACKBONE.FREEZE_AT, MODEL.AA, INPUT)."""
     check_aa_stages(cfg)
-    r, aa = cfg.MODEL.RESNETS, cfg.MODEL.AA
+    r = cfg.MODEL.RESNETS
     return dict(
         depth=r.DEPTH, out_features=r.OUT_FEATURES, in_channels=input_shape.channels, norm=r.NORM,
         stem_out_channels=r.STEM_OUT_CHANNELS, res2_out_channels=r.RES2_OUT_CHANNELS,
         width_per_group=r.WIDTH_PER_GROUP, num_groups=r.NUM_GROUPS, stride_in_1x1=r.STRIDE_IN_1X1,
         res5_dilation=r.RES5_DILATION, deform_on_per_stage=r.DEFORM_ON_PER_STAGE,
         deform_modulated=r.DEFORM_MODULATED, deform_num_groups=r.DEFORM_NUM_GROUPS,
-        freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT, aa_stages=aa.STAGES, num_heads=aa.NUM_HEADS, kappa=aa.KAPPA,
-        upsilon=aa.UPSILON, relative=aa.RELATIVE, impl=aa.IMPL, attention_norm=aa.NORM, attention_gain=aa.ATTENTION_GAIN,
-        downsample_stages=aa.DOWNSAMPLE_STAGES, max_input_size=max_input_size(cfg, size_divisibility),
+        freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT, **AttentionSpec.from_config(cfg.MODEL.AA).as_kwargs(),
+        max_input_size=max_input_size(cfg, size_divisibility),
     )
 
 
