@@ -199,10 +199,16 @@ def test_kept_attention_is_the_layers_softmax():
     layer = AAConv2d(8, 16, stride=2, num_heads=2, key_depth=4, value_depth=4).eval()
     x = torch.randn(2, 8, 9, 6)
     expected = layer(x)
-    layer.keep_attention = True
-    out = layer(x)
-    weights = layer.last_attention
+    with layer.recording_attention() as maps:
+        out = layer(x)
+    layer(x)  # after the block: not recorded
+    assert len(maps) == 1
+    weights = maps[0]
     assert torch.allclose(out, expected, atol=1e-5)  # same output as the usual path
+    q, k, v = layer.split_heads(layer.attention_input(x))  # the maps are the weights that made the output
+    attn = (weights.reshape(2, 2, 15, 15) @ v.reshape(2, 2, 15, 2)).reshape(2, 2, 5, 3, 2)
+    projected = layer.attn_out(attn.permute(0, 1, 4, 2, 3).reshape(2, 4, 5, 3))
+    assert torch.allclose(out[:, -4:], projected, atol=1e-5)
     assert weights.shape == (2, 2, 5, 3, 5, 3)
     assert torch.allclose(weights.sum(dim=(-2, -1)), torch.ones(2, 2, 5, 3))
     assert not torch.allclose(weights[0, 0, 0, 0], weights[0, 0, 4, 2])  # queries attend differently

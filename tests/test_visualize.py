@@ -214,23 +214,16 @@ def test_attention_maps_are_the_layer_softmax(setup, aa_runner, tmp_path):
     with pytest.raises(UsageError, match="backbone.bottom_up.res3.0.conv"):
         find_aa_layer(aa_runner.model, "backbone.bottom_up.res5.9.conv2")
 
-    # the same weights the layer keeps in its real forward
-    kept = {}
-
-    def keep(mod, _inputs, _output):
-        kept["a"] = mod.last_attention
-
-    hook = module.register_forward_hook(keep)
-    try:
-        res = compute_attention(aa_runner, image, queries=[(5, 5), (90, 60)], layer=name)
-    finally:
-        hook.remove()
-    full = kept["a"][0]
+    # the weights the layer records in a forward of the model on the same image
+    res = compute_attention(aa_runner, image, queries=[(5, 5), (90, 60)], layer=name)
+    with module.recording_attention() as kept:
+        aa_runner(image)
+    full = kept[0][0]
     (r0, c0), (r1, c1) = res.cells
     assert (r0, c0) != (r1, c1)
     assert torch.equal(torch.from_numpy(res.maps[0]), full[:, r0, c0].float())
     assert torch.equal(torch.from_numpy(res.maps[1]), full[:, r1, c1].float())
-    assert not module.keep_attention and module.last_attention is None  # switched back off
+    assert module._attention_maps is None  # recording ended with compute_attention
 
     # a stride-2 layer of another stage: grid = its output size
     res3 = compute_attention(aa_runner, image, queries=[(30, 30)], layer="backbone.bottom_up.res3.0.conv1")

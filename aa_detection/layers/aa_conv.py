@@ -1,12 +1,13 @@
 """The attention-augmented convolution: concat(Conv(X), MHA(X)) along channels."""
+import contextlib
 import math
-from typing import Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .relative_attention import IMPLS, attention_weights, relative_attention_qkv, split_heads
+from .relative_attention import IMPLS, relative_attention_qkv, split_heads
 from .spec import AttentionSpec
 
 __all__ = ["AAConv2d", "attention_depths"]
@@ -44,10 +45,10 @@ class AAConv2d(nn.Module):
     of the attention channels in the norm that covers them (1 is a norm's own initialisation): below 1
     the attention starts small, never at exact zeros, which a following ReLU would never pass a gradient.
 
-    With `keep_attention = True` the layer computes its attention from dense softmax weights and keeps
-    them, detached, in `last_attention` (B, Nh, h, w, h, w), (h, w) = attention_size(H', W') for an output
-    of H' x W': entry [..., y, x, :, :] is the map of query pixel (y, x) over all keys, the very weights
-    that produced the layer's output.
+    Inside `with layer.recording_attention() as maps:` the layer runs the naive path (dense softmax
+    weights) and appends each forward's weights, detached, to `maps`: (B, Nh, h, w, h, w), (h, w) =
+    attention_size(H', W') for an output of H' x W'; entry [..., y, x, :, :] is the map of query pixel
+    (y, x) over all keys, the very weights that produced the layer's output.
 
     Relative embeddings depend on the offset only: each axis has a table of 2 * max_relative_size - 1
     rows, shared by all heads and all input sizes, and offsets beyond +-(max_relative_size - 1) use the
@@ -111,8 +112,7 @@ class AAConv2d(nn.Module):
         self.num_heads, self.key_depth, self.value_depth = num_heads, dk, dv
         self.impl = impl
         self.layer_name = "AAConv2d"  # how errors name the layer; a backbone sets its module path
-        self.keep_attention = False
-        self.last_attention = None
+        self._attention_maps: Optional[List[torch.Tensor]] = None  # see recording_attention
 
         self.weight = nn.Parameter(torch.empty(out_channels - dv, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels - dv)) if bias else None
@@ -180,21 +180,26 @@ class AAConv2d(nn.Module):
                 x = F.avg_pool2d(x, 2, 2, ceil_mode=True)
         return x
 
+    @contextlib.contextmanager
+    def recording_attention(self) -> Iterator[List[torch.Tensor]]:
+        """Record the attention maps: within the block the layer runs the naive path and appends each
+        forward's softmax weights (B, Nh, h, w, h, w), detached, to the list it yields."""
+        maps: List[torch.Tensor] = []
+        previous, self._attention_maps = self._attention_maps, maps
+        try:
+            yield maps
+        finally:
+            self._attention_maps = previous
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
         a = self.attention_input(x)
-        if self.keep_attention:
-            q, k, v = self.split_heads(a)
-            B, Nh, H, W, dvh = v.shape
-            weights = attention_weights(q, k, self.rel_h, self.rel_w)
-            self.last_attention = weights.detach().reshape(B, Nh, H, W, H, W)
-            attn = (weights @ v.reshape(B, Nh, H * W, dvh).to(weights.dtype)).to(v.dtype).reshape(B, Nh, H, W, dvh)
-            attn = attn.permute(0, 1, 4, 2, 3).reshape(B, Nh * dvh, H, W)
-        else:
-            # (B, dv, H, W) straight from the qkv convolution's output: the kernel path reads that layout
-            # as it is and writes its output in the layout the projection reads.
-            attn = relative_attention_qkv(self.qkv(a), self.num_heads, self.key_depth, self.value_depth,
-                                          self.rel_h, self.rel_w, impl=self.impl, layer=self.layer_name)
+        # (B, dv, H, W) straight from the qkv convolution's output: the kernel path reads that layout as it
+        # is and writes its output in the layout the projection reads.
+        maps = self._attention_maps
+        attn = relative_attention_qkv(self.qkv(a), self.num_heads, self.key_depth, self.value_depth,
+                                      self.rel_h, self.rel_w, impl=self.impl if maps is None else "naive",
+                                      layer=self.layer_name, on_weights=None if maps is None else maps.append)
         attn = self.attn_out(attn)
         if self.attention_downsample > 1:
             attn = F.interpolate(attn, size=conv.shape[-2:], mode="bilinear", align_corners=False)

@@ -12,7 +12,7 @@ import contextlib
 from functools import lru_cache
 import logging
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 import warnings
 
 import torch
@@ -122,10 +122,14 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, rel_h: Optional[torch.Te
     return torch.softmax(logits.reshape(B, Nh, H * W, H * W) * scale, dim=-1)
 
 
-def _naive(q, k, v, rel_h, rel_w, scale, layer="attention"):
+def _naive(q, k, v, rel_h, rel_w, scale, layer="attention", on_weights=None):
+    """The dense reference; `on_weights` receives the softmax weights, detached, (B, Nh, H, W, H, W)."""
     B, Nh, H, W, _ = q.shape
     with _autocast_off(q):
-        out = attention_weights(q, k, rel_h, rel_w, scale) @ _upcast(v).reshape(B, Nh, H * W, -1)
+        weights = attention_weights(q, k, rel_h, rel_w, scale)
+        if on_weights is not None:
+            on_weights(weights.detach().reshape(B, Nh, H, W, H, W))
+        out = weights @ _upcast(v).reshape(B, Nh, H * W, -1)
     return out.to(v.dtype)
 
 
@@ -423,25 +427,33 @@ def choose_impl(device: torch.device, height: int, width: int, key_width: int, v
 
 def relative_attention_qkv(qkv: torch.Tensor, num_heads: int, dk: int, dv: int, rel_h: Optional[torch.Tensor] = None,
                            rel_w: Optional[torch.Tensor] = None, impl: str = "auto",
-                           layer: str = "attention") -> torch.Tensor:
+                           layer: str = "attention",
+                           on_weights: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
     """relative_attention_2d on the output of a qkv 1x1 convolution, (B, 2 dk + dv, H, W) -> (B, dv, H, W).
 
     Channels of qkv: the dk queries, the dk keys, then the dv values, head n holding channels
     [n * dkh, (n + 1) * dkh) of each (dkh = dk / num_heads); output channel n * dvh + c is value
     dimension c of head n. The kernel path reads this layout as it is, with no permuted copies, and
-    computes the relative logits from the tables itself. `layer` names the caller in errors."""
+    computes the relative logits from the tables itself. `layer` names the caller in errors.
+    `on_weights` (the naive path only) receives the softmax weights that make the output, detached,
+    (B, Nh, H, W, H, W)."""
     B, C, H, W = qkv.shape
     if C != 2 * dk + dv or dk % num_heads or dv % num_heads:
         raise ValueError(f"qkv with {C} channels does not match dk={dk}, dv={dv}, num_heads={num_heads}")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if on_weights is not None and impl != "naive":
+        raise ValueError(f"on_weights needs impl='naive' (the one path with dense weights), got {impl!r}")
     auto = impl == "auto"
     if auto:
         impl = choose_impl(qkv.device, H, W, dk // num_heads, dv // num_heads, qkv.dtype)
     if impl == "kernel":
         return kernel_attention(qkv, num_heads, dk, dv, rel_h, rel_w, layer)
     q, k, v = split_heads(qkv, num_heads, dk, dv)
-    out = _attend(impl, q, k, v, rel_h, rel_w, layer, auto)
+    if on_weights is not None:
+        out = _naive(q, k, v, rel_h, rel_w, 1.0 / math.sqrt(q.shape[-1]), layer, on_weights).reshape(v.shape)
+    else:
+        out = _attend(impl, q, k, v, rel_h, rel_w, layer, auto)
     return out.permute(0, 1, 4, 2, 3).reshape(B, dv, H, W)
 
 

@@ -1,9 +1,9 @@
 """Attention maps of an attention-augmented convolution, as in the paper's figures.
 
 The maps are the layer's own softmax weights from the model's real forward on the image: the chosen
-AAConv2d is switched to `keep_attention`, the model runs once (that forward also gives the detections
-used to pick queries automatically) and its `last_attention` (B, Nh, H', W', H', W') is read. Nothing
-is recomputed, so what is shown is what produced the layer's output.
+AAConv2d records them (`AAConv2d.recording_attention`: the naive path, its softmax weights kept) while
+the model runs once (that forward also gives the detections used to pick queries automatically), as
+(B, Nh, H', W', H', W'). Nothing is recomputed, so what is shown is what produced the layer's output.
 
 Coordinates. A query is given in the pixels of the original image, (x, y). The model sees the image
 resized by the config's test transform (factor rw / w across, rh / h down) and padded at the bottom and
@@ -137,17 +137,15 @@ def compute_attention(runner: ModelRunner, image: np.ndarray, queries: Optional[
         captured["padded"] = tuple(args[0].shape[-2:])
 
     hooks = [model.register_forward_pre_hook(grab_resized), model.backbone.register_forward_pre_hook(grab_padded)]
-    module.keep_attention = True
     try:
-        instances = runner(image)["instances"].to("cpu")
-        attention = module.last_attention
+        with module.recording_attention() as recorded:
+            instances = runner(image)["instances"].to("cpu")
     finally:
-        module.keep_attention = False
-        module.last_attention = None
         for hook in hooks:
             hook.remove()
-    if attention is None:
+    if not recorded:
         raise RuntimeError(f"layer {name} did not run in the forward")
+    attention = recorded[-1]
     attention = attention[0].float().cpu()  # (Nh, H', W', H', W')
     grid = tuple(attention.shape[1:3])
     padded, resized_size = captured["padded"], captured["resized"]
