@@ -41,6 +41,33 @@ def test_synthetic_is_deterministic_and_varied(tmp_path):
         assert 0 < x["area"] <= w * h
 
 
+def test_synthetic_masks_are_the_objects_and_reach_the_dataset_dicts(tmp_path):
+    """Each annotation's RLE mask has the annotation's area as its pixel count and its box as its extent;
+    the checked dataset dicts carry it, from the JSON and from the check's cache; a malformed one is refused."""
+    import numpy as np
+    from pycocotools import mask as mask_util
+
+    from aa_detection.data.validation import load_checked_coco
+
+    coco = generate_split(str(tmp_path), "val", 6, seed=5)
+    sizes = {im["id"]: [im["height"], im["width"]] for im in coco["images"]}
+    for ann in coco["annotations"]:
+        mask = mask_util.decode({"size": ann["segmentation"]["size"], "counts": ann["segmentation"]["counts"].encode()})
+        assert ann["segmentation"]["size"] == sizes[ann["image_id"]] and mask.sum() == ann["area"]
+        ys, xs = np.nonzero(mask)
+        assert [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()] == ann["bbox"]
+    json_file, image_root, cache = str(tmp_path / "val.json"), str(tmp_path / "val"), str(tmp_path / "cache")
+    for _ in range(2):  # checked, then read from the cache
+        records = load_checked_coco("masks", json_file, image_root, cache_dir=cache)
+        loaded = [a["segmentation"] for r in records for a in r["annotations"]]
+        assert loaded == [a["segmentation"] for a in coco["annotations"]]
+    coco["annotations"][0]["segmentation"] = [[1, 2, 3]]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(coco))
+    with pytest.raises(DatasetError, match=f"annotation id {coco['annotations'][0]['id']}: 'segmentation' must be"):
+        load_checked_coco("bad", str(bad), image_root, cache_dir=cache)
+
+
 def test_ensure_is_idempotent(tmp_path):
     root = str(tmp_path / "syn")
     ensure_synthetic_dataset(root, num_train=4, num_val=2)

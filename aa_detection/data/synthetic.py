@@ -3,8 +3,10 @@
 Each image is a textured, noisy background with distractor strokes and 1-8 objects of five shape
 classes (rectangle, ellipse, triangle, cross, ring) in random colours, sizes from about 10 px to about
 half the image (images are 128 to 192 px a side), placed so that later objects may partly occlude
-earlier ones. Colour carries no class information: the detector has to learn shape. Boxes and areas
-are exact, computed from each object's own drawn mask (amodal, like a full outline).
+earlier ones. Colour carries no class information: the detector has to learn shape. Boxes, areas and
+masks are exact: each annotation's `segmentation` is its object's own drawn mask as COCO run-length
+encoding (pycocotools), its box that mask's extent and its area the mask's pixel count (amodal: the
+whole shape, also where a later object covers it).
 
 The dataset is a pure function of its arguments (seed, sizes, counts): generating it twice gives the
 same bytes. It is written to a temporary folder first and renamed into place, so an interrupted
@@ -18,13 +20,14 @@ from typing import Callable, Optional, Tuple
 
 import cv2
 import numpy as np
+from pycocotools import mask as mask_util
 
 from ..errors import DatasetError
 
 __all__ = ["CLASSES", "generate_split", "ensure_synthetic_dataset", "split_paths", "generate_once"]
 
 CLASSES = ("rectangle", "ellipse", "triangle", "cross", "ring")
-_VERSION = 1  # bump when the generator's output changes
+_VERSION = 2  # bump when the generator's output changes (2: masks)
 
 
 def _background(rng, h, w):
@@ -92,6 +95,14 @@ def _shape_mask(cls, size, rng):
     return m[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
 
 
+def _rle(mask, x, y, height, width):
+    """COCO run-length encoding of `mask` placed at (x, y) in a height x width image."""
+    full = np.zeros((height, width), np.uint8, order="F")
+    full[y : y + mask.shape[0], x : x + mask.shape[1]] = mask
+    rle = mask_util.encode(full)
+    return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
+
+
 def _iou(a, b):
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -127,7 +138,7 @@ def _make_image(rng, h, w, max_objects, min_size, max_size):
         region = img[y : y + mh, x : x + mw]
         sel = mask.astype(bool)
         region[sel] = (color[None, None] * shade)[sel]
-        objects.append({"cls": cls, "box": box, "area": float(sel.sum())})
+        objects.append({"cls": cls, "box": box, "area": float(sel.sum()), "mask": mask})
     img += rng.normal(0, 3, size=img.shape)
     return np.clip(img, 0, 255).astype(np.uint8), objects
 
@@ -155,6 +166,7 @@ def generate_split(out_dir: str, split: str, num_images: int, seed: int = 0, ima
             annotations.append({
                 "id": len(annotations) + 1, "image_id": i + 1, "category_id": o["cls"] + 1,
                 "bbox": [x0, y0, x1 - x0, y1 - y0], "area": o["area"], "iscrowd": 0,
+                "segmentation": _rle(o["mask"], x0, y0, h, w),
             })
     coco = {
         "info": {"description": f"aa_detection synthetic shapes v{_VERSION}, seed {seed}"},

@@ -7,7 +7,8 @@ JSON file (always an error)
     missing, empty, not valid JSON, not an object; no "images" or "categories" list; an image entry
     without an integer id, a file_name or positive integer width/height; duplicate image or category
     ids; an annotation without an id, with an image_id that no image has, a category_id that no
-    category has, or a bbox that is not 4 finite numbers.
+    category has, a bbox that is not 4 finite numbers, or a segmentation that is neither polygons (a
+    list of lists of at least 6 coordinates) nor run-length encoding (a dict with "size" and "counts").
 
 Images (`bad_images`: "error" stops, naming the image; "skip" leaves the image and its annotations
 out, with a warning each and the count logged when loading ends)
@@ -27,7 +28,8 @@ Images without annotations stay in the dataset: evaluation counts them, and trai
 DATALOADER.FILTER_EMPTY_ANNOTATIONS is True (detectron2's default). Category ids need not be
 contiguous: they map, in increasing id order, to 0..K-1 (`thing_dataset_id_to_contiguous_id` in the
 metadata, as detectron2's COCO loader does), and the class count is K. The dataset dicts hold boxes
-only (RetinaNet uses no masks or keypoints).
+and, where the JSON has them, masks (`segmentation`, for Mask R-CNN; polygons or RLE as written, so
+INPUT.MASK_FORMAT "bitmask" for RLE); no keypoints.
 
 Once per version: `check_coco_dataset` parses the JSON once, builds the dataset dicts, checks every
 image (with a progress bar when that takes more than a few seconds) and writes the result to a cache
@@ -63,7 +65,7 @@ logger = logging.getLogger(__name__)
 BAD_IMAGE_POLICIES = ("error", "skip")
 IMAGE_CHECKS = ("header", "decode")
 _MAX_WARNINGS = 20  # per kind and dataset; the rest are counted
-_CACHE_VERSION = 1  # bump when the check or the cache file changes
+_CACHE_VERSION = 2  # bump when the check or the cache file changes (2: masks)
 _PROGRESS_AFTER_SECONDS = 2.0
 
 
@@ -137,7 +139,19 @@ def read_coco_json(json_file: str) -> dict:
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                            for v in box)):
             raise DatasetError(f"{what}: 'bbox' must be [x, y, width, height] (4 finite numbers), got {box!r}")
+        if "segmentation" in ann and not _is_segmentation(ann["segmentation"]):
+            raise DatasetError(f"{what}: 'segmentation' must be polygons (lists of at least 6 coordinates) or "
+                               f"run-length encoding (a dict with 'size' and 'counts'), "
+                               f"got {ann['segmentation']!r:.80}")
     return data
+
+
+def _is_segmentation(segm) -> bool:
+    if isinstance(segm, dict):
+        return {"size", "counts"} <= set(segm)
+    return isinstance(segm, list) and bool(segm) and all(
+        isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p) for p in segm)
 
 
 _EXIF_ORIENTATION = 0x0112
@@ -175,13 +189,15 @@ def check_image(path: str, width: int, height: int, check_images: str = "header"
 
 
 def _records(data, image_root):
-    """detectron2's dataset dicts of a parsed COCO JSON (boxes only; contiguous category ids; no bbox_mode)."""
+    """detectron2's dataset dicts of a parsed COCO JSON (boxes, masks; contiguous category ids; no bbox_mode)."""
     id_map = {c["id"]: i for i, c in enumerate(sorted(data["categories"], key=lambda c: c["id"]))}
     by_image = {}
     for ann in data.get("annotations", []):
-        by_image.setdefault(ann["image_id"], []).append(
-            {"id": ann["id"], "bbox": ann["bbox"], "category_id": id_map[ann["category_id"]],
-             "iscrowd": ann.get("iscrowd", 0)})
+        obj = {"id": ann["id"], "bbox": ann["bbox"], "category_id": id_map[ann["category_id"]],
+               "iscrowd": ann.get("iscrowd", 0)}
+        if "segmentation" in ann:
+            obj["segmentation"] = ann["segmentation"]
+        by_image.setdefault(ann["image_id"], []).append(obj)
     records = [{"file_name": os.path.join(image_root, img["file_name"]), "height": img["height"],
                 "width": img["width"], "image_id": img["id"], "annotations": by_image.get(img["id"], [])}
                for img in data["images"]]
@@ -278,17 +294,23 @@ def cached_check(json_file: str, image_root: str, check_images: str = "header", 
 
 
 # The cache file holds the dicts as rows, [image_id, file_name, height, width, [[id, x, y, w, h, category_id,
-# iscrowd], ...]]: JSON arrays parse several times faster than the same dicts.
+# iscrowd, segmentation or null], ...]]: JSON arrays parse several times faster than the same dicts.
 def _pack(records):
     return [[r["image_id"], r["file_name"], r["height"], r["width"],
-             [[a["id"], *a["bbox"], a["category_id"], a["iscrowd"]] for a in r["annotations"]]] for r in records]
+             [[a["id"], *a["bbox"], a["category_id"], a["iscrowd"], a.get("segmentation")]
+              for a in r["annotations"]]] for r in records]
+
+
+def _annotation(a, x, y, w, h, c, z, segm):
+    obj = {"id": a, "bbox": [x, y, w, h], "bbox_mode": BoxMode.XYWH_ABS, "category_id": c, "iscrowd": z}
+    if segm is not None:
+        obj["segmentation"] = segm
+    return obj
 
 
 def _unpack(rows):
-    xywh = BoxMode.XYWH_ABS
     return [{"file_name": file_name, "height": height, "width": width, "image_id": image_id,
-             "annotations": [{"id": a, "bbox": [x, y, w, h], "bbox_mode": xywh, "category_id": c, "iscrowd": z}
-                             for a, x, y, w, h, c, z in anns]}
+             "annotations": [_annotation(*a) for a in anns]}
             for image_id, file_name, height, width, anns in rows]
 
 
