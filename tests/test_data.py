@@ -52,8 +52,9 @@ def test_synthetic_masks_are_the_objects_and_reach_the_dataset_dicts(tmp_path):
     coco = generate_split(str(tmp_path), "val", 6, seed=5)
     sizes = {im["id"]: [im["height"], im["width"]] for im in coco["images"]}
     for ann in coco["annotations"]:
-        mask = mask_util.decode({"size": ann["segmentation"]["size"], "counts": ann["segmentation"]["counts"].encode()})
-        assert ann["segmentation"]["size"] == sizes[ann["image_id"]] and mask.sum() == ann["area"]
+        rle = ann["segmentation"]
+        mask = mask_util.decode({"size": rle["size"], "counts": rle["counts"].encode()})
+        assert rle["size"] == sizes[ann["image_id"]] and mask.sum() == ann["area"]
         ys, xs = np.nonzero(mask)
         assert [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()] == ann["bbox"]
     json_file, image_root, cache = str(tmp_path / "val.json"), str(tmp_path / "val"), str(tmp_path / "cache")
