@@ -14,7 +14,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
-from detectron2.structures import Boxes, Instances  # noqa: E402
+from detectron2.structures import Boxes, BoxMode, Instances  # noqa: E402
 
 from aa_detection.config import setup_cfg  # noqa: E402
 from aa_detection.errors import InputError, UsageError  # noqa: E402
@@ -101,6 +101,29 @@ def test_draw_predictions_marks_box_only_when_scored(setup):
     assert (drawn[20:121, 40] != 127).any()  # the box's left edge (scaled by 2)
     assert (drawn[150:, :] == 127).all()  # far from the box: untouched
     assert (draw_predictions(image, inst, ["a", "b"], threshold=0.8) == image).all()
+
+
+def test_masks_are_drawn_for_predictions_and_ground_truth():
+    """A predicted mask (a disc in the box) and the same mask as a ground-truth RLE colour the disc's
+    pixels; inside the box but outside the disc, away from the outline, the image stays as it was."""
+    from pycocotools import mask as mask_util
+
+    from aa_detection.visualization import draw_ground_truth
+
+    image = np.full((80, 120, 3), 127, np.uint8)
+    disc = np.zeros((80, 120), np.uint8)
+    cv2.circle(disc, (55, 35), 15, 1, -1)
+    inst = Instances((80, 120), pred_boxes=Boxes(torch.tensor([[20.0, 10.0, 90.0, 60.0]])),
+                     scores=torch.tensor([0.9]), pred_classes=torch.tensor([0]),
+                     pred_masks=torch.from_numpy(disc).bool()[None])
+    rle = mask_util.encode(np.asfortranarray(disc))
+    record = {"annotations": [{"bbox": [20, 10, 70, 50], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0,
+                               "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}}]}
+    for drawn in (draw_predictions(image, inst, ["a"], threshold=0.5), draw_ground_truth(image, record, ["a"])):
+        assert (np.abs(drawn[35, 55].astype(int) - 127) > 10).any()  # the disc's centre is coloured
+        assert (drawn[52:56, 80:86] == 127).all()  # in the box, outside the disc and the outline
+    no_mask = Instances((80, 120), pred_boxes=inst.pred_boxes, scores=inst.scores, pred_classes=inst.pred_classes)
+    assert (draw_predictions(image, no_mask, ["a"], threshold=0.5)[35, 55] == 127).all()
 
 
 def test_predict_dataset_shows_ground_truth_beside(setup, tmp_path):

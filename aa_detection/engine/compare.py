@@ -43,7 +43,7 @@ def read_metrics(path: str) -> List[dict]:
 
 
 def load_run(run_dir: str, name: Optional[str] = None) -> dict:
-    """A dict describing one run: name, final bbox metrics, complexity, timings, curves."""
+    """A dict describing one run: name, final bbox (and segm, for masks) metrics, complexity, timings, curves."""
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"not a run folder: {run_dir}")
     records = read_metrics(os.path.join(run_dir, "metrics.json"))
@@ -51,7 +51,7 @@ def load_run(run_dir: str, name: Optional[str] = None) -> dict:
     seed_folder = re.fullmatch(r"seed(-?\d+)", os.path.basename(folder))
     model = os.path.basename(os.path.dirname(folder) if seed_folder else folder)
     run = {"name": name or model, "dir": run_dir, "seed": _seed(run_dir),
-           "bbox": {}, "params": None, "gflops": None, "seconds_per_image": None,
+           "bbox": {}, "segm": {}, "params": None, "gflops": None, "seconds_per_image": None,
            "train_seconds": None, "iteration": None}
     res_path = os.path.join(run_dir, RESULTS_FILE)
     if os.path.isfile(res_path):
@@ -62,10 +62,13 @@ def load_run(run_dir: str, name: Optional[str] = None) -> dict:
         for dataset_results in res.get("results", {}).values():
             if "bbox" in dataset_results:
                 run["bbox"] = dataset_results["bbox"]  # the first test dataset with box metrics
+                run["segm"] = dataset_results.get("segm", {})
                 break
     evals = [r for r in records if "bbox/AP" in r]
     if not run["bbox"] and evals:  # a plain detectron2 folder: take the last evaluation logged
-        run["bbox"] = {k: evals[-1].get(f"bbox/{k}") for k in METRIC_KEYS}
+        for task in ("bbox", "segm"):
+            if f"{task}/AP" in evals[-1]:
+                run[task] = {k: evals[-1].get(f"{task}/{k}") for k in METRIC_KEYS}
     if run["train_seconds"] is None:
         times = [r["time"] for r in records if "time" in r]
         if times:  # detectron2 logs a smoothed time per iteration every 20 iterations
@@ -99,6 +102,7 @@ def _fmt(value, spec):
     return format(value, spec)
 
 
+MASK_ROWS = [(f"mask {k}", lambda r, k=k: r["segm"].get(k), ".1f") for k in METRIC_KEYS[:3]]
 ROWS = [(k, lambda r, k=k: r["bbox"].get(k), ".1f") for k in METRIC_KEYS] + [
     ("params (M)", lambda r: None if r["params"] is None else r["params"] / 1e6, ".2f"),
     ("GFLOPs", lambda r: r["gflops"], ".2f"),
@@ -146,8 +150,9 @@ def _seeds_line(groups: Dict[str, List[dict]]) -> str:
 def format_table(runs: Sequence[dict]) -> str:
     """A Markdown table of the runs, each model's seeds summarised (mean +- std and per-seed values).
 
-    One or two models: one column per model, with two a column of the second minus the first. More
-    (an ablation): `format_ablation`'s one row per model."""
+    One or two models: one column per model, with two a column of the second minus the first; mask AP,
+    AP50 and AP75 follow the box metrics when a run has them. More (an ablation): `format_ablation`'s
+    one row per model."""
     groups = group_runs(runs)
     names = list(groups)
     if len(names) > 2:
@@ -157,7 +162,8 @@ def format_table(runs: Sequence[dict]) -> str:
     if two:
         header.append(f"{names[1]} - {names[0]}")
     rows = []
-    for label, get, spec in ROWS:
+    masks = MASK_ROWS if any(r["segm"] for r in runs) else []
+    for label, get, spec in ROWS[:len(METRIC_KEYS)] + masks + ROWS[len(METRIC_KEYS):]:
         cells = [label] + [_summary([get(r) for r in groups[n]], spec) for n in names]
         if two:
             paired = [[(r["seed"], get(r)) for r in groups[n]] for n in names]

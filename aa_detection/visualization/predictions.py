@@ -99,9 +99,11 @@ def _fit(image, height, width):
 
 
 def draw_boxes(image_rgb: np.ndarray, boxes: Sequence, classes: Sequence[int], names: Sequence[str],
-               scores: Optional[Sequence[float]] = None, scale: float = 1.0) -> np.ndarray:
-    """Boxes (N, 4) XYXY in the image's pixels, labelled "<class> <score>%", drawn by detectron2's
-    Visualizer. Returns an RGB uint8 image of round(scale * H) x round(scale * W)."""
+               scores: Optional[Sequence[float]] = None, scale: float = 1.0,
+               masks: Optional[Sequence] = None) -> np.ndarray:
+    """Boxes (N, 4) XYXY in the image's pixels, labelled "<class> <score>%", and their `masks` when given
+    (N binary H x W arrays, COCO RLE dicts or polygon lists), drawn by detectron2's Visualizer. Returns an
+    RGB uint8 image of round(scale * H) x round(scale * W)."""
     h, w = image_rgb.shape[:2]
     vis = Visualizer(image_rgb, metadata=None, scale=scale)
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
@@ -110,7 +112,7 @@ def draw_boxes(image_rgb: np.ndarray, boxes: Sequence, classes: Sequence[int], n
         for i, c in enumerate(classes):
             name = names[int(c)] if 0 <= int(c) < len(names) else f"class {int(c)}"
             labels.append(name if scores is None else f"{name} {100 * float(scores[i]):.0f}%")
-        out = vis.overlay_instances(boxes=boxes, labels=labels,
+        out = vis.overlay_instances(boxes=boxes, labels=labels, masks=masks,
                                     assigned_colors=[_class_color(c) for c in classes])
     else:
         out = vis.output
@@ -121,26 +123,37 @@ def instances_to_arrays(instances: Instances, threshold: float = 0.0) -> Tuple[n
     """(boxes (N, 4) XYXY, scores (N,), classes (N,)) of detectron2 Instances scoring >= threshold,
     highest score first."""
     instances = instances.to("cpu")
+    keep = _kept(instances, threshold)
+    return (instances.pred_boxes.tensor.numpy()[keep], instances.scores.numpy()[keep],
+            instances.pred_classes.numpy()[keep])
+
+
+def _kept(instances: Instances, threshold: float) -> np.ndarray:
+    """Indices of the instances scoring >= threshold, highest score first."""
     scores = instances.scores.numpy()
     keep = np.flatnonzero(scores >= threshold)
-    keep = keep[np.argsort(-scores[keep], kind="stable")]
-    return (instances.pred_boxes.tensor.numpy()[keep], scores[keep], instances.pred_classes.numpy()[keep])
+    return keep[np.argsort(-scores[keep], kind="stable")]
 
 
 def draw_predictions(image_rgb: np.ndarray, instances: Instances, names: Sequence[str], threshold: float = 0.5,
                      scale: float = 1.0) -> np.ndarray:
-    """The detections of `instances` scoring at least `threshold`, with class names and scores."""
+    """The detections of `instances` scoring at least `threshold`, with class names, scores and, for an
+    instance segmentation model, their masks."""
     boxes, scores, classes = instances_to_arrays(instances, threshold)
-    return draw_boxes(image_rgb, boxes, classes, names, scores, scale=scale)
+    instances = instances.to("cpu")
+    masks = instances.pred_masks.numpy()[_kept(instances, threshold)] if instances.has("pred_masks") else None
+    return draw_boxes(image_rgb, boxes, classes, names, scores, scale=scale, masks=masks)
 
 
 def draw_ground_truth(image_rgb: np.ndarray, dataset_dict: dict, names: Sequence[str],
                       scale: float = 1.0) -> np.ndarray:
-    """The annotations of a detectron2 dataset dict (its `annotations` list), crowd boxes included."""
+    """The annotations of a detectron2 dataset dict (its `annotations` list), crowd boxes included, with
+    their masks when every annotation has one (`segmentation`: RLE or polygons)."""
     annos = dataset_dict.get("annotations", [])
     boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos]
     classes = [a["category_id"] for a in annos]
-    return draw_boxes(image_rgb, boxes, classes, names, None, scale=scale)
+    masks = [a["segmentation"] for a in annos] if annos and all("segmentation" in a for a in annos) else None
+    return draw_boxes(image_rgb, boxes, classes, names, None, scale=scale, masks=masks)
 
 
 def label_image(image_rgb: np.ndarray, text: str, bar_height: Optional[int] = None) -> np.ndarray:
