@@ -54,7 +54,7 @@ def flex_compiled_with(monkeypatch):
     from aa_detection.layers import relative_attention as ra
 
     torch._dynamo.reset()
-    monkeypatch.setattr(ra, "_FLEX_SIGNATURES", {})
+    monkeypatch.setattr(ra.FLEX_STATE, "signatures", {})
 
     def compile_with(backend):
         compiled = torch.compile(ra._flex_attention, backend=backend, dynamic=None)

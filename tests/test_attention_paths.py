@@ -42,13 +42,13 @@ def test_auto_without_the_kernel_uses_the_pixel_threshold(monkeypatch):
 
 
 def test_auto_on_cuda_takes_flex_unless_it_failed(monkeypatch):
-    monkeypatch.setattr(ra, "_FLEX_FAILED", False)
+    monkeypatch.setattr(ra.FLEX_STATE, "failed", False)
     assert ra.choose_impl(CUDA, 100, 168, 3, 2) == "flex"
     assert ra.choose_impl(CUDA, 100, 168, 3, 2, torch.bfloat16) == "flex"
     assert ra.choose_impl(CUDA, 16, 16, 3, 2) == "naive"
-    monkeypatch.setattr(ra, "_FLEX_FAILED", True)
+    monkeypatch.setattr(ra.FLEX_STATE, "failed", True)
     assert ra.choose_impl(CUDA, 100, 168, 3, 2) == "fused"
-    monkeypatch.setattr(ra, "_FLEX_FAILED", False)
+    monkeypatch.setattr(ra.FLEX_STATE, "failed", False)
     monkeypatch.setattr(ra, "_flex_attention", None)  # a torch without FlexAttention
     assert ra.choose_impl(CUDA, 100, 168, 3, 2) == "fused"
 
@@ -112,9 +112,9 @@ def test_flex_off_cuda_refuses_large_maps_and_training_and_auto_falls_back_to_fu
         small[trained].requires_grad_()
         with pytest.raises(ra.AttentionBackendError, match="trains on CUDA only"):
             relative_attention_2d(*small, impl="flex")
-    monkeypatch.setattr(ra, "_FLEX_FAILED", False)
+    monkeypatch.setattr(ra.FLEX_STATE, "failed", False)
     out = ra._attend("flex", *inputs, layer="res4.1.conv2", auto=True)  # as auto would on a failing GPU
-    assert ra._FLEX_FAILED and "FlexAttention failed" in attention_log.text
+    assert ra.FLEX_STATE.failed and "FlexAttention failed" in attention_log.text
     ref = relative_attention_2d(*inputs, impl="naive")
     assert (out - ref).abs().max() < 1e-5
 
@@ -138,7 +138,7 @@ def test_compiled_flex_is_exact_or_refused_at_every_map_size(monkeypatch):
     (torch 2.14.1's CPU kernel fails to build, or gives wrong values, once it compiles with dynamic
     shapes; the first, static, size is served)."""
     torch._dynamo.reset()  # the first size compiles static
-    monkeypatch.setattr(ra, "_FLEX_SIGNATURES", {})
+    monkeypatch.setattr(ra.FLEX_STATE, "signatures", {})
     served = []
     for shape in COMPILED_FLEX_SHAPES:
         B, Nh, H, W = shape[:4]
@@ -168,19 +168,19 @@ def _eager_flex_times(factor):
 def test_flex_checks_each_new_signature_once_and_auto_answers_a_wrong_output_with_fused(monkeypatch, attention_log):
     inputs = random_inputs(1, 2, 5, 7, 3, 2)
     ref = relative_attention_2d(*inputs, impl="naive")
-    monkeypatch.setattr(ra, "_FLEX_SIGNATURES", {})
+    monkeypatch.setattr(ra.FLEX_STATE, "signatures", {})
     monkeypatch.setattr(ra, "_compiled_flex", _eager_flex_times(1.5))
     with pytest.raises(ra.AttentionBackendError, match=r"res3\.1\.conv2: .*differs from the exact softmax on a 5x7"):
         _compiled_flex(inputs, "res3.1.conv2")
-    assert not any(ra._FLEX_SIGNATURES.values())  # a refused signature is checked again next time
-    monkeypatch.setattr(ra, "_FLEX_FAILED", False)
-    monkeypatch.setitem(ra._IMPLEMENTATIONS, "flex", functools.partial(ra._flex, compiled=True))  # as on CUDA
+    assert not any(ra.FLEX_STATE.signatures.values())  # a refused signature is checked again next time
+    monkeypatch.setattr(ra.FLEX_STATE, "failed", False)
+    monkeypatch.setitem(ra.PATHS, "flex", functools.partial(ra._flex, compiled=True))  # as on CUDA
     with torch.no_grad():
         out = ra._attend("flex", *inputs, layer="res3.1.conv2", auto=True)
-    assert ra._FLEX_FAILED and "res3.1.conv2: FlexAttention failed (AttentionBackendError" in attention_log.text
+    assert ra.FLEX_STATE.failed and "res3.1.conv2: FlexAttention failed (AttentionBackendError" in attention_log.text
     assert (out - ref).abs().max() < 1e-5  # the fused path's answer
     monkeypatch.setattr(ra, "_compiled_flex", _eager_flex_times(1.0))
-    assert (_compiled_flex(inputs) - ref).abs().max() < 1e-5 and list(ra._FLEX_SIGNATURES.values()) == [True]
+    assert (_compiled_flex(inputs) - ref).abs().max() < 1e-5 and list(ra.FLEX_STATE.signatures.values()) == [True]
     monkeypatch.setattr(ra, "_compiled_flex", _eager_flex_times(1.5))
     _compiled_flex(inputs)  # a signature that passed is not checked again (the check costs 8 rows once)
     with pytest.raises(ra.AttentionBackendError):  # a new map size is
@@ -238,13 +238,13 @@ def test_auto_raises_running_out_of_gpu_memory_instead_of_trying_fused(monkeypat
     def out_of_memory(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(ra, "_FLEX_FAILED", False)
+    monkeypatch.setattr(ra.FLEX_STATE, "failed", False)
     compiled = _compiled_flex_raising(error) if wrapped else lambda: out_of_memory
     monkeypatch.setattr(ra, "_compiled_flex_attention", compiled)
-    monkeypatch.setitem(ra._IMPLEMENTATIONS, "flex", functools.partial(ra._flex, compiled=True))  # as on CUDA
+    monkeypatch.setitem(ra.PATHS, "flex", functools.partial(ra._flex, compiled=True))  # as on CUDA
     with pytest.raises(torch.cuda.OutOfMemoryError) as raised, torch.no_grad():
         ra._attend("flex", *random_inputs(1, 2, 5, 7, 3, 2), layer="res3.0.conv2", auto=True)
-    assert raised.value is error and not ra._FLEX_FAILED
+    assert raised.value is error and not ra.FLEX_STATE.failed
 
 
 def test_a_failed_flex_compile_is_an_error_naming_the_layer_and_auto_answers_it_with_fused(monkeypatch, attention_log):
@@ -255,11 +255,11 @@ def test_a_failed_flex_compile_is_an_error_naming_the_layer_and_auto_answers_it_
                        r"\(torch.float32, cpu\): ValueError, cannot lower score_mod\. "
                        r"Use MODEL\.AA\.IMPL 'fused'"):
         _compiled_flex(inputs, "res4.0.conv2")
-    monkeypatch.setattr(ra, "_FLEX_FAILED", False)
-    monkeypatch.setitem(ra._IMPLEMENTATIONS, "flex", functools.partial(ra._flex, compiled=True))  # as on CUDA
+    monkeypatch.setattr(ra.FLEX_STATE, "failed", False)
+    monkeypatch.setitem(ra.PATHS, "flex", functools.partial(ra._flex, compiled=True))  # as on CUDA
     with torch.no_grad():
         out = ra._attend("flex", *inputs, layer="res4.0.conv2", auto=True)
-    assert ra._FLEX_FAILED and "res4.0.conv2: FlexAttention failed (AttentionBackendError" in attention_log.text
+    assert ra.FLEX_STATE.failed and "res4.0.conv2: FlexAttention failed (AttentionBackendError" in attention_log.text
     assert (out - relative_attention_2d(*inputs, impl="naive")).abs().max() < 1e-5
 
 
@@ -294,7 +294,7 @@ def test_flex_row_check_catches_a_wrong_map_width():
 def test_compiled_flex_past_the_recompile_limit_is_an_error_not_dense_attention(monkeypatch):
     """Past torch._dynamo's recompile limit torch runs FlexAttention uncompiled (dense (HW, HW) scores):
     an AttentionBackendError instead, which auto answers with the fused path."""
-    monkeypatch.setattr(ra, "_FLEX_SIGNATURES", {})
+    monkeypatch.setattr(ra.FLEX_STATE, "signatures", {})
     torch._dynamo.reset()
     with torch._dynamo.config.patch(recompile_limit=1):
         _compiled_flex(random_inputs(1, 2, 5, 7, 3, 2))
@@ -318,8 +318,8 @@ def test_compiled_flex_serves_many_map_sizes_and_head_widths_with_three_graphs(a
             inputs = random_inputs(2, 8, H, W, *AA_R50_HEAD_WIDTHS[i % 3])
             ref = relative_attention_2d(*(t.double() for t in inputs), impl="naive")
             assert (_compiled_flex(inputs).double() - ref).abs().max() < 1e-5, (H, W)
-        assert counter.frame_count <= 3 and len(ra._FLEX_SIGNATURES) == len(MULTI_SCALE_SIZES)
-        assert all(ra._FLEX_SIGNATURES.values()) == rerun  # the first size was served by a later graph
+        assert counter.frame_count <= 3 and len(ra.FLEX_STATE.signatures) == len(MULTI_SCALE_SIZES)
+        assert all(ra.FLEX_STATE.signatures.values()) == rerun  # the first size was served by a later graph
 
 
 def test_a_backward_that_fails_to_compile_fails_in_the_forward_call(flex_compiled_with):
@@ -369,7 +369,7 @@ def test_flex_inside_a_jit_trace_records_the_fused_path(monkeypatch, auto):
     FlexAttention cannot be traced (compiled on CUDA; its shapes become tensors eagerly): a trace records
     the fused path, which gives the same output. Chosen by auto (as on CUDA), flex is not marked as failed
     by the trace."""
-    monkeypatch.setattr(ra, "_FLEX_FAILED", False)
+    monkeypatch.setattr(ra.FLEX_STATE, "failed", False)
     if auto:
         monkeypatch.setattr(ra, "choose_impl", lambda *args: "flex")
     torch.manual_seed(0)
@@ -382,7 +382,7 @@ def test_flex_inside_a_jit_trace_records_the_fused_path(monkeypatch, auto):
         assert (traced(x) - naive(x)).abs().max() < 1e-5
         assert (layer(x) - naive(x)).abs().max() < 1e-5
     flop_count(layer, (x,))  # fvcore's trace of the layer (it raised with FlexAttention in the trace)
-    assert not ra._FLEX_FAILED
+    assert not ra.FLEX_STATE.failed
 
 
 def _large_logit_inputs(shape, seed=0):

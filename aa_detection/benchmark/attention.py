@@ -55,7 +55,7 @@ __all__ = ["PATHS", "SIZES", "add_arguments", "compile_table", "flex_compile_tim
 
 # name: (H, W, Fout) of the 800x1333 input's stage outputs where AA-ResNet-50 places attention.
 SIZES = {"res5": (25, 42, 512), "res4": (50, 84, 256), "res3": (100, 167, 128)}
-PATHS = ("naive", "fused", "kernel", "flex")
+PATHS = tuple(relative_attention.PATHS)
 MODES = ("forward", "train")
 SWEEP_SIZES = ((4, 4), (8, 8), (12, 16), (16, 24), (20, 32), (24, 40), (28, 44), (32, 48))
 # Exps per element of the GPU's exp-rate kernel: enough to make it bound by exp throughput, not memory.

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .relative_attention import IMPLS, relative_attention_qkv, split_heads
+from .relative_attention import check_impl, relative_attention_qkv, split_heads
 from .spec import AttentionSpec
 
 __all__ = ["AAConv2d", "attention_depths"]
@@ -97,8 +97,7 @@ class AAConv2d(nn.Module):
             raise ValueError(f"stride must be 1 or 2, got {stride}")
         if attention_downsample not in (1, 2):
             raise ValueError(f"attention_downsample must be 1 or 2, got {attention_downsample}")
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        check_impl(impl)
         if not attention_gain > 0:
             raise ValueError(
                 f"attention_gain must be > 0 (a zero start never trains behind a ReLU), got {attention_gain}")

@@ -29,10 +29,8 @@ except ImportError:
 
 __all__ = ["AttentionBackendError", "attention_weights", "choose_impl", "flex_available", "fused_widths",
            "kernel_available", "relative_attention_2d", "relative_attention_qkv", "relative_table",
-           "resize_relative_table", "split_heads", "IMPLS", "KERNEL_MAX_HEAD_WIDTH", "NAIVE_MAX_PIXELS",
-           "SDPA_ALIGNMENT"]
-
-IMPLS = ("auto", "naive", "fused", "kernel", "flex")
+           "resize_relative_table", "split_heads", "check_impl", "FLEX_STATE", "IMPLS", "PATHS",
+           "KERNEL_MAX_HEAD_WIDTH", "NAIVE_MAX_PIXELS", "SDPA_ALIGNMENT"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +49,27 @@ NAIVE_MAX_PIXELS = 256
 SDPA_ALIGNMENT = 8
 # The scaled_dot_product_attention backends that never build the dense (L, L) matrix.
 MEMORY_LEAN_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
-_FLEX_FAILED = False  # set when compiling FlexAttention failed once: "auto" then uses the fused path
+
+
+class FlexState:
+    """What this process has learned about the compiled FlexAttention, in one place:
+
+    - `failed`: a compile error or a refused output happened once; "auto" uses the fused path from then on;
+    - `signatures`: {input signature: whether its output passed the check since the last compile}. A
+      compile (a dynamic graph after the first, static, size) may make the new graph serve the signatures
+      seen before it too, so each of those is checked once more.
+
+    `reset()` forgets both (a fresh process's state; tests call it)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.failed = False
+        self.signatures = {}
+
+
+FLEX_STATE = FlexState()
 
 
 def _upcast(t):
@@ -208,7 +226,7 @@ def _fused(q, k, v, rel_h, rel_w, scale, layer="attention"):
 def flex_available(device: torch.device) -> bool:
     """True when FlexAttention can serve `impl="auto"` on this device: CUDA, a torch that has it, and no
     compile failure seen in this process."""
-    return device.type == "cuda" and _flex_attention is not None and not _FLEX_FAILED
+    return device.type == "cuda" and _flex_attention is not None and not FLEX_STATE.failed
 
 
 @lru_cache(maxsize=1)
@@ -226,10 +244,6 @@ def _flex_width(n):
 # TF32 rounding by about 1e-2 at most).
 FLEX_CHECK_ROWS = 8
 FLEX_CHECK_TOLERANCE = 0.05
-# {input signature: whether its output passed the check since the last compile}. A compile (a dynamic graph
-# after the first, static, size) may make the new graph serve the signatures seen before it too, so each of
-# those is checked once more.
-_FLEX_SIGNATURES = {}
 
 
 def _compiled_graphs() -> int:
@@ -370,17 +384,17 @@ def _flex(q, k, v, rel_h, rel_w, scale, layer="attention", compiled=None):
             graphs = _compiled_graphs()
             out = _compiled_flex(q, k, v, score_mod, layer)
             if _compiled_graphs() != graphs:
-                _FLEX_SIGNATURES.update(dict.fromkeys(_FLEX_SIGNATURES, False))
+                FLEX_STATE.signatures.update(dict.fromkeys(FLEX_STATE.signatures, False))
             signature = (q.device.type, q.dtype, B, Nh, H, W, q.shape[-1], v.shape[-1], torch.is_grad_enabled(),
                          *(t is not None and t.requires_grad for t in (q, k, v, bias_h)), rel_h is not None)
-            if not _FLEX_SIGNATURES.get(signature, False):
+            if not FLEX_STATE.signatures.get(signature, False):
                 error = _flex_row_error(out, q, k, v, bias_h, bias_w, scale, W)
                 if not error <= FLEX_CHECK_TOLERANCE:
                     raise AttentionBackendError(
                         f"{layer}: the compiled FlexAttention output differs from the exact softmax on a {H}x{W} "
                         f"map ({q.dtype}, relative error {error:.3g} on {min(FLEX_CHECK_ROWS, H * W)} query "
                         f"rows): a miscompile of torch {torch.__version__}; use MODEL.AA.IMPL 'fused'")
-                _FLEX_SIGNATURES[signature] = True
+                FLEX_STATE.signatures[signature] = True
         else:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
@@ -440,8 +454,7 @@ def relative_attention_qkv(qkv: torch.Tensor, num_heads: int, dk: int, dv: int, 
     B, C, H, W = qkv.shape
     if C != 2 * dk + dv or dk % num_heads or dv % num_heads:
         raise ValueError(f"qkv with {C} channels does not match dk={dk}, dv={dv}, num_heads={num_heads}")
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    check_impl(impl)
     if on_weights is not None and impl != "naive":
         raise ValueError(f"on_weights needs impl='naive' (the one path with dense weights), got {impl!r}")
     auto = impl == "auto"
@@ -457,7 +470,15 @@ def relative_attention_qkv(qkv: torch.Tensor, num_heads: int, dk: int, dv: int, 
     return out.permute(0, 1, 4, 2, 3).reshape(B, dv, H, W)
 
 
-_IMPLEMENTATIONS = {"naive": _naive, "fused": _fused, "kernel": _kernel, "flex": _flex}
+# The attention paths, the one list of them: the config's MODEL.AA.IMPL choices are these and "auto".
+PATHS = {"naive": _naive, "fused": _fused, "kernel": _kernel, "flex": _flex}
+IMPLS = ("auto", *PATHS)
+
+
+def check_impl(impl: str) -> None:
+    """ValueError unless `impl` is "auto" or a path of PATHS."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
 
 def _attend(impl, q, k, v, rel_h, rel_w, layer, auto=False):
@@ -465,18 +486,17 @@ def _attend(impl, q, k, v, rel_h, rel_w, layer, auto=False):
     refused output) is logged once and the fused path used from then on; running out of GPU memory is
     raised as it is (the fused path needs more). Inside a torch.jit trace (fvcore's FLOP count, a
     TorchScript export) "flex" is the fused path: the same attention, in operators a trace can record."""
-    global _FLEX_FAILED
     if impl == "flex" and torch.jit.is_tracing():
         impl = "fused"
     scale = 1.0 / math.sqrt(q.shape[-1])
-    attend = _IMPLEMENTATIONS[impl]
+    attend = PATHS[impl]
     if impl == "flex" and auto:
         try:
             out = attend(q, k, v, rel_h, rel_w, scale, layer)
         except Exception as e:  # a torch.compile / Triton failure or a refused output: the exact fused path
             if isinstance(e, torch.cuda.OutOfMemoryError):  # the fused path needs more memory, not less
                 raise
-            _FLEX_FAILED = True
+            FLEX_STATE.failed = True
             logger.warning("%s: FlexAttention failed (%s: %s); using the fused path from now on",
                            layer, type(e).__name__, e)
             out = _fused(q, k, v, rel_h, rel_w, scale, layer)
@@ -509,8 +529,7 @@ def relative_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel
     Returns:
         (B, Nh, H, W, dvh)
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    check_impl(impl)
     if (rel_h is None) != (rel_w is None):
         raise ValueError("rel_h and rel_w must be given together (or both None for content-only attention)")
     if q.dim() != 5 or k.shape != q.shape or v.shape[:4] != q.shape[:4]:
