@@ -11,7 +11,8 @@ dict is a detection backbone's, plus the head (see `aa_detection.pretrained` for
 
 The attention keyword arguments are the fields of `aa_detection.layers.AttentionSpec` (MODEL.AA's
 keys, meanings and defaults); the norm is trainable BatchNorm ("BN") and `max_input_size` (which sizes
-the relative tables) is the training image size, 224. timm is an optional dependency of aa_detection: only this module needs it.
+the relative tables) is the training image size, 224. timm is an optional dependency of aa_detection:
+only this module needs it.
 """
 from typing import Optional, Set
 

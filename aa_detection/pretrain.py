@@ -40,6 +40,7 @@ from torch import nn
 
 from .errors import DatasetError
 from .layers import AttentionSpec
+from .layers.relative_attention import IMPLS
 from .modeling.liveness import AttentionProbe, dead_layers_message, liveness_scalars
 from .safe_io import atomic_write, load_torch_weights
 
@@ -98,7 +99,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
         elif isinstance(option.default, tuple):
             g.add_argument(flag, nargs="*", default=None, help=text)
         else:
-            g.add_argument(flag, type=type(option.default), default=None, help=text)
+            g.add_argument(flag, type=type(option.default), default=None, help=text,
+                           choices=IMPLS if option.name == "impl" else None)
     g.add_argument("--stride-in-1x1", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--norm", default=None, help="block norm (default BN)")
     g.add_argument("--stem-out-channels", type=int, default=None, help="MODEL.RESNETS.STEM_OUT_CHANNELS")

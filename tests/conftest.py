@@ -54,7 +54,8 @@ def flex_compiled_with(monkeypatch):
     from aa_detection.layers import relative_attention as ra
 
     torch._dynamo.reset()
-    monkeypatch.setattr(ra.FLEX_STATE, "signatures", {})
+    saved = dict(vars(ra.FLEX_STATE))
+    ra.FLEX_STATE.reset()  # as in a fresh process
 
     def compile_with(backend):
         compiled = torch.compile(ra._flex_attention, backend=backend, dynamic=None)
@@ -62,6 +63,7 @@ def flex_compiled_with(monkeypatch):
         return compiled
 
     yield compile_with
+    vars(ra.FLEX_STATE).update(saved)
     torch._dynamo.reset()
 
 

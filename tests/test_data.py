@@ -57,16 +57,30 @@ def test_synthetic_masks_are_the_objects_and_reach_the_dataset_dicts(tmp_path):
         assert rle["size"] == sizes[ann["image_id"]] and mask.sum() == ann["area"]
         ys, xs = np.nonzero(mask)
         assert [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()] == ann["bbox"]
-    json_file, image_root, cache = str(tmp_path / "val.json"), str(tmp_path / "val"), str(tmp_path / "cache")
-    for _ in range(2):  # checked, then read from the cache
-        records = load_checked_coco("masks", json_file, image_root, cache_dir=cache)
+    json_file, image_root, cache = str(tmp_path / "val.json"), str(tmp_path / "val"), tmp_path / "cache"
+    for checked in (False, True):  # checked, then read from the cache file the first load wrote
+        assert any(cache.glob("val-*.json")) == checked
+        records = load_checked_coco("masks", json_file, image_root, cache_dir=str(cache))
         loaded = [a["segmentation"] for r in records for a in r["annotations"]]
         assert loaded == [a["segmentation"] for a in coco["annotations"]]
-    coco["annotations"][0]["segmentation"] = [[1, 2, 3]]
+    # uncompressed RLE (counts a list) is compressed, as detectron2's loader does
+    first = coco["annotations"][0]
+    rle = first["segmentation"]
+    mask = mask_util.decode({"size": rle["size"], "counts": rle["counts"].encode()})
+    flat = mask.flatten(order="F")
+    changes = np.flatnonzero(np.diff(np.concatenate([[0], flat, [1 - flat[-1]]])))
+    first["segmentation"] = {"size": list(mask.shape), "counts": np.diff(np.concatenate([[0], changes])).tolist()}
+    uncompressed = tmp_path / "uncompressed.json"
+    uncompressed.write_text(json.dumps(coco))
+    record = load_checked_coco("rle", str(uncompressed), image_root, cache_dir=str(cache))[first["image_id"] - 1]
+    segm = record["annotations"][0]["segmentation"]
+    assert (mask_util.decode({"size": segm["size"], "counts": segm["counts"].encode()}) == mask).all()
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps(coco))
-    with pytest.raises(DatasetError, match=f"annotation id {coco['annotations'][0]['id']}: 'segmentation' must be"):
-        load_checked_coco("bad", str(bad), image_root, cache_dir=cache)
+    for wrong in ([[1, 2, 3]], {"size": [5, 5], "counts": "0"}):  # too few coordinates; not the image's size
+        first["segmentation"] = wrong
+        bad.write_text(json.dumps(coco))
+        with pytest.raises(DatasetError, match=f"annotation id {first['id']}: 'segmentation' must be"):
+            load_checked_coco("bad", str(bad), image_root, cache_dir=str(cache))
 
 
 def test_ensure_is_idempotent(tmp_path):

@@ -106,7 +106,8 @@ def test_pretraining_records_attention_liveness(pretrained_run):
     for record in _metrics(output):
         assert {k for k in record if k.startswith("attention/")} == expected
         assert record["attention/res4/alive"] == record["attention/res5/alive"] == 1.0, record
-        assert record["attention/res4/attention_to_conv"] > 0.05 and record["attention/res5/attention_to_conv"] > 0.05
+        # the attention channels' output on the scale of the convolution channels' (0.1 at a small start)
+        assert record["attention/res4/attention_to_conv"] > 0.5 and record["attention/res5/attention_to_conv"] > 0.5
 
 
 @pytest.mark.parametrize("norm", ["BN", "FrozenBN"])

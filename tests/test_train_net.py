@@ -98,7 +98,7 @@ def test_the_evaluator_scores_boxes_by_their_overlap_with_the_ground_truth(tiny_
 
 def test_the_evaluator_scores_the_synthetic_masks(tiny_synthetic, tmp_path):
     """The synthetic Mask R-CNN config's evaluator on the ground truth's own masks (decoded from the JSON's
-    RLE) gives mask AP 100; the same masks under other images' instances (the classes swapped) AP 0."""
+    RLE) gives mask AP 100; the same masks with every class shifted by one AP 0."""
     from pycocotools import mask as mask_util
 
     cfg = setup(_args(tiny_synthetic, tmp_path, config=MASK_AA_CFG))

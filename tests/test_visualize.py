@@ -135,7 +135,7 @@ def test_predict_dataset_shows_ground_truth_beside(setup, tmp_path):
         assert out.shape[1] == 2 * r["width"] + GAP and out.shape[0] > r["height"]
 
 
-def test_dataset_registered_from_its_files_as_train_net_does(setup, tmp_path):
+def test_dataset_registered_from_its_files_as_train_net_does(setup, tmp_path, capsys):
     """--dataset NAME JSON IMAGE_ROOT registers a COCO-format dataset, as tools/train_net.py's --dataset,
     and draws it; two values are refused with a usage error."""
     root = setup["val"][0]["file_name"].rsplit("/", 2)[0]
@@ -147,7 +147,7 @@ def test_dataset_registered_from_its_files_as_train_net_does(setup, tmp_path):
     assert out.shape[1] == 2 * first["width"] + GAP  # the ground truth from val.json beside the detections
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--dataset", "mine_val", f"{root}/val.json", *setup["opts"]])
-    assert exit_info.value.code == 2
+    assert exit_info.value.code == 2 and "--dataset takes NAME" in capsys.readouterr().err
 
 
 def test_results_json_without_model(setup, tmp_path):

@@ -4,8 +4,9 @@
     python tools/convert_pretrained_to_d2.py SRC DST.pth [--config-file CFG] [KEY VALUE ...]
 
 SRC: a checkpoint of tools/pretrain_backbone.py (EMA weights when it has them), a torchvision or timm
-ResNet state dict, or a Caffe2 ResNet .pkl such as detectron2's MSRA weights (detectron2://... paths too). With --config-file (and overrides) the relative tables are sized for that config and a
-backbone of another architecture is refused; without it they cover --max-input-size. DST.json gets the
+ResNet state dict, or a Caffe2 ResNet .pkl such as detectron2's MSRA weights (detectron2://... paths too).
+With --config-file (and overrides) the relative tables are sized for that config and a backbone of another
+architecture is refused; without it they cover --max-input-size. DST.json gets the
 pixel mean/std and input format the weights need (set MODEL.PIXEL_MEAN, MODEL.PIXEL_STD, INPUT.FORMAT).
 """
 import argparse

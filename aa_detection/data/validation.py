@@ -106,7 +106,7 @@ def read_coco_json(json_file: str) -> dict:
             raise DatasetError(f"{json_file}: category id {cat['id']} appears twice")
         cat_ids.add(cat["id"])
 
-    image_ids = set()
+    image_ids, sizes = set(), {}
     for i, img in enumerate(data["images"]):
         if not isinstance(img, dict) or not _is_int(img.get("id")):
             raise DatasetError(f"{json_file}: image #{i} ({img!r:.80}) has no integer 'id'")
@@ -114,6 +114,7 @@ def read_coco_json(json_file: str) -> dict:
         if img["id"] in image_ids:
             raise DatasetError(f"{what} appears twice in 'images'")
         image_ids.add(img["id"])
+        sizes[img["id"]] = [img.get("height"), img.get("width")]
         if not isinstance(img.get("file_name"), str) or not img["file_name"]:
             raise DatasetError(f"{what} has no 'file_name'")
         for key in ("width", "height"):
@@ -139,16 +140,16 @@ def read_coco_json(json_file: str) -> dict:
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                            for v in box)):
             raise DatasetError(f"{what}: 'bbox' must be [x, y, width, height] (4 finite numbers), got {box!r}")
-        if "segmentation" in ann and not _is_segmentation(ann["segmentation"]):
+        if "segmentation" in ann and not _is_segmentation(ann["segmentation"], sizes[ann["image_id"]]):
             raise DatasetError(f"{what}: 'segmentation' must be polygons (lists of at least 6 coordinates) or "
-                               f"run-length encoding (a dict with 'size' and 'counts'), "
-                               f"got {ann['segmentation']!r:.80}")
+                               f"run-length encoding of the image's size {sizes[ann['image_id']]} (a dict with "
+                               f"'size' and 'counts'), got {ann['segmentation']!r:.80}")
     return data
 
 
-def _is_segmentation(segm) -> bool:
+def _is_segmentation(segm, size) -> bool:
     if isinstance(segm, dict):
-        return {"size", "counts"} <= set(segm)
+        return {"size", "counts"} <= set(segm) and list(segm["size"]) == size
     return isinstance(segm, list) and bool(segm) and all(
         isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
         and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p) for p in segm)
@@ -196,12 +197,23 @@ def _records(data, image_root):
         obj = {"id": ann["id"], "bbox": ann["bbox"], "category_id": id_map[ann["category_id"]],
                "iscrowd": ann.get("iscrowd", 0)}
         if "segmentation" in ann:
-            obj["segmentation"] = ann["segmentation"]
+            obj["segmentation"] = _compressed(ann["segmentation"])
         by_image.setdefault(ann["image_id"], []).append(obj)
     records = [{"file_name": os.path.join(image_root, img["file_name"]), "height": img["height"],
                 "width": img["width"], "image_id": img["id"], "annotations": by_image.get(img["id"], [])}
                for img in data["images"]]
     return records
+
+
+def _compressed(segm):
+    """Polygons and compressed RLE as they are; uncompressed RLE (counts a list) compressed, as
+    detectron2's COCO loader does, with the counts as a string (the form the cache file can hold)."""
+    if isinstance(segm, dict) and isinstance(segm["counts"], list):
+        from pycocotools import mask as mask_util
+
+        rle = mask_util.frPyObjects(segm, *segm["size"])
+        return {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
+    return segm
 
 
 class _Warnings:

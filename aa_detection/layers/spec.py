@@ -1,9 +1,10 @@
 """The attention options of an AA-ResNet, defined once with their defaults.
 
-`AttentionSpec` is what MODEL.AA holds (`AttentionSpec.from_config(cfg.MODEL.AA)`), what `aa_resnet`,
-the timm classifiers and `tools/pretrain_backbone.py` take as keyword arguments (`spec.as_kwargs()`),
-and where `AAConv2d` and `config.py` read their defaults. A new option is a field here, its use in the
-layer or the backbone, and its docs and tests.
+`AttentionSpec` is what MODEL.AA holds (`AttentionSpec.from_config(cfg.MODEL.AA)`), what `aa_resnet`
+and the timm classifiers take as keyword arguments (`spec.as_kwargs()`), what
+`tools/pretrain_backbone.py` makes a flag of, field by field, and where `AAConv2d` and `config.py` read
+their defaults. A new option is a field here, its use in the layer or the backbone, and its docs and
+tests.
 """
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Tuple

@@ -139,10 +139,11 @@ def draw_predictions(image_rgb: np.ndarray, instances: Instances, names: Sequenc
                      scale: float = 1.0) -> np.ndarray:
     """The detections of `instances` scoring at least `threshold`, with class names, scores and, for an
     instance segmentation model, their masks."""
-    boxes, scores, classes = instances_to_arrays(instances, threshold)
     instances = instances.to("cpu")
-    masks = instances.pred_masks.numpy()[_kept(instances, threshold)] if instances.has("pred_masks") else None
-    return draw_boxes(image_rgb, boxes, classes, names, scores, scale=scale, masks=masks)
+    keep = _kept(instances, threshold)
+    masks = instances.pred_masks.numpy()[keep] if instances.has("pred_masks") else None
+    return draw_boxes(image_rgb, instances.pred_boxes.tensor.numpy()[keep], instances.pred_classes.numpy()[keep],
+                      names, instances.scores.numpy()[keep], scale=scale, masks=masks)
 
 
 def draw_ground_truth(image_rgb: np.ndarray, dataset_dict: dict, names: Sequence[str],
