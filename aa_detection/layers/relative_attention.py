@@ -9,7 +9,7 @@ The offset is key minus query, the 1/sqrt(dkh) scale covers the relative terms t
 rel_h (2H-1, dkh) and rel_w (2W-1, dkh) are shared by all heads.
 """
 import contextlib
-from functools import lru_cache
+from functools import lru_cache, partial
 import logging
 import math
 from typing import Callable, Optional, Tuple
@@ -463,10 +463,7 @@ def relative_attention_qkv(qkv: torch.Tensor, num_heads: int, dk: int, dv: int, 
     if impl == "kernel":
         return kernel_attention(qkv, num_heads, dk, dv, rel_h, rel_w, layer)
     q, k, v = split_heads(qkv, num_heads, dk, dv)
-    if on_weights is not None:
-        out = _naive(q, k, v, rel_h, rel_w, 1.0 / math.sqrt(q.shape[-1]), layer, on_weights).reshape(v.shape)
-    else:
-        out = _attend(impl, q, k, v, rel_h, rel_w, layer, auto)
+    out = _attend(impl, q, k, v, rel_h, rel_w, layer, auto, on_weights)
     return out.permute(0, 1, 4, 2, 3).reshape(B, dv, H, W)
 
 
@@ -481,15 +478,16 @@ def check_impl(impl: str) -> None:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
 
-def _attend(impl, q, k, v, rel_h, rel_w, layer, auto=False):
+def _attend(impl, q, k, v, rel_h, rel_w, layer, auto=False, on_weights=None):
     """(B, Nh, H, W, dvh) through path `impl`. Chosen by "auto", a FlexAttention failure (a compile error, a
     refused output) is logged once and the fused path used from then on; running out of GPU memory is
     raised as it is (the fused path needs more). Inside a torch.jit trace (fvcore's FLOP count, a
-    TorchScript export) "flex" is the fused path: the same attention, in operators a trace can record."""
+    TorchScript export) "flex" is the fused path: the same attention, in operators a trace can record.
+    `on_weights` (impl "naive") receives the naive path's softmax weights."""
     if impl == "flex" and torch.jit.is_tracing():
         impl = "fused"
     scale = 1.0 / math.sqrt(q.shape[-1])
-    attend = PATHS[impl]
+    attend = PATHS[impl] if on_weights is None else partial(_naive, on_weights=on_weights)
     if impl == "flex" and auto:
         try:
             out = attend(q, k, v, rel_h, rel_w, scale, layer)

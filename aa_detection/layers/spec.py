@@ -26,7 +26,7 @@ class AttentionSpec:
     kappa: float = _option(0.2, "key depth over output channels, dk / Fout", "KAPPA")
     upsilon: float = _option(0.1, "value depth over output channels, dv / Fout", "UPSILON")
     relative: bool = _option(True, "2D relative position logits", "RELATIVE")
-    impl: str = _option("auto", "attention path: auto, naive, fused, kernel, flex", "IMPL")
+    impl: str = _option("auto", "attention path: 'auto' or one of relative_attention.PATHS", "IMPL")
     attention_norm: str = _option("", "the attention channels' norm name ('': the block's when trained, "
                                       "else BN)", "NORM")
     attention_gain: float = _option(1.0, "initial weight of the attention channels in their norm (> 0)",

@@ -9,6 +9,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
+import torch
 from detectron2.data import Metadata, MetadataCatalog
 from detectron2.data import detection_utils
 from detectron2.engine import DefaultPredictor
@@ -140,10 +141,10 @@ def draw_predictions(image_rgb: np.ndarray, instances: Instances, names: Sequenc
     """The detections of `instances` scoring at least `threshold`, with class names, scores and, for an
     instance segmentation model, their masks."""
     instances = instances.to("cpu")
-    keep = _kept(instances, threshold)
-    masks = instances.pred_masks.numpy()[keep] if instances.has("pred_masks") else None
-    return draw_boxes(image_rgb, instances.pred_boxes.tensor.numpy()[keep], instances.pred_classes.numpy()[keep],
-                      names, instances.scores.numpy()[keep], scale=scale, masks=masks)
+    kept = instances[torch.from_numpy(_kept(instances, threshold))]
+    boxes, scores, classes = instances_to_arrays(kept)
+    masks = kept.pred_masks.numpy() if kept.has("pred_masks") else None
+    return draw_boxes(image_rgb, boxes, classes, names, scores, scale=scale, masks=masks)
 
 
 def draw_ground_truth(image_rgb: np.ndarray, dataset_dict: dict, names: Sequence[str],
