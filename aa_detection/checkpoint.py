@@ -39,7 +39,7 @@ from torch import nn
 
 from .errors import WeightsError
 from .layers import AAConv2d
-from .layers.relative_attention import resize_relative_table
+from .layers.relative_logits import resize_relative_table
 from .safe_io import AtomicWritePathManager, load_pickle_weights, load_torch_weights
 
 __all__ = ["AACheckpointer", "ATTENTION_PARAMETERS", "is_attention_parameter", "fit_aa_layers", "pretrained_shapes"]

@@ -45,7 +45,7 @@ from torch import nn
 from .checkpoint import fit_aa_layers, is_attention_parameter
 from .errors import ConfigError, UsageError, WeightsError
 from .layers import AAConv2d, AttentionSpec
-from .layers.relative_attention import resize_relative_table
+from .layers.relative_logits import resize_relative_table
 from .modeling.backbone import RESNET_BLOCKS, STAGE_NAMES, aa_resnet
 from .safe_io import atomic_write, load_pickle_weights, load_torch_weights
 

@@ -51,19 +51,19 @@ def flex_compiled_with(monkeypatch):
     """flex_compiled_with(backend) -> FlexAttention compiled by torch.compile with that backend, which the
     attention module then uses as it would Inductor's on CUDA (its output checks start afresh); dynamo is
     reset before and after the test, so the first size compiles static."""
-    from aa_detection.layers import relative_attention as ra
+    from aa_detection.layers import flex
 
     torch._dynamo.reset()
-    saved = dict(vars(ra.FLEX_STATE))
-    ra.FLEX_STATE.reset()  # as in a fresh process
+    saved = dict(vars(flex.FLEX_STATE))
+    flex.FLEX_STATE.reset()  # as in a fresh process
 
     def compile_with(backend):
-        compiled = torch.compile(ra._flex_attention, backend=backend, dynamic=None)
-        monkeypatch.setattr(ra, "_compiled_flex_attention", lambda: compiled)
+        compiled = torch.compile(flex._flex_attention, backend=backend, dynamic=None)
+        monkeypatch.setattr(flex, "_compiled_torch_flex", lambda: compiled)
         return compiled
 
     yield compile_with
-    vars(ra.FLEX_STATE).update(saved)
+    vars(flex.FLEX_STATE).update(saved)
     torch._dynamo.reset()
 
 

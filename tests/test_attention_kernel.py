@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from aa_detection.layers import relative_attention_2d
-from aa_detection.layers.kernel import kernel_attention, kernel_isas, using_kernel_isa
-from aa_detection.layers.relative_attention import kernel_available
+from aa_detection.layers.kernel import kernel_attention, kernel_available, kernel_isas, using_kernel_isa
 
 from test_relative_attention import brute_force, random_inputs
 
@@ -94,8 +93,7 @@ def test_kernel_threads_agree():
 
 def test_auto_uses_the_kernel_on_the_cpu(monkeypatch):
     """Below and above NAIVE_MAX_PIXELS, through relative_attention_2d and through the layer's qkv route."""
-    from aa_detection.layers import AAConv2d
-    from aa_detection.layers import relative_attention as ra
+    from aa_detection.layers import AAConv2d, kernel
 
     calls = []
 
@@ -103,7 +101,7 @@ def test_auto_uses_the_kernel_on_the_cpu(monkeypatch):
         calls.append(args[0].shape)
         return kernel_attention(*args)
 
-    monkeypatch.setattr(ra, "kernel_attention", spy)
+    monkeypatch.setattr(kernel, "kernel_attention", spy)
     relative_attention_2d(*random_inputs(1, 1, 2, 3, 2, 2))
     relative_attention_2d(*random_inputs(1, 1, 17, 17, 2, 2))
     AAConv2d(8, 16, num_heads=2, key_depth=4, value_depth=4)(torch.randn(1, 8, 17, 17))
@@ -117,7 +115,7 @@ QKV_SHAPES = [(2, 2, 5, 9, 3, 2, 5), (1, 3, 4, 18, 13, 6, 3), (2, 1, 6, 3, 2, 3,
 
 def _qkv_reference(qkv, Nh, dk, dv, rel_h, rel_w):
     """The naive path with full-size tables gathered from the clipped ones."""
-    from aa_detection.layers.relative_attention import relative_table, split_heads
+    from aa_detection.layers.relative_logits import relative_table, split_heads
 
     B, _, H, W = qkv.shape
     q, k, v = split_heads(qkv, Nh, dk, dv)

@@ -15,7 +15,7 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 from aa_detection.checkpoint import pretrained_shapes  # noqa: E402
 from aa_detection.config import setup_cfg  # noqa: E402
 from aa_detection.layers import AAConv2d  # noqa: E402
-from aa_detection.layers import relative_attention as ra  # noqa: E402
+from aa_detection.layers import flex, relative_attention as ra  # noqa: E402
 from aa_detection.modeling import AABasicBlock, AABottleneckBlock, build_aa_resnet_backbone  # noqa: E402
 
 from common import CONFIG_DIR, imagenet_like_frozen_bn  # noqa: E402
@@ -149,7 +149,7 @@ def test_backbone_on_compiled_flex_matches_naive_over_multi_scale_batches(aot_ea
     aot_eager standing in for Inductor): its FPN features equal the naive path's on six batches of other
     sizes and batch sizes, with at most three compiled graphs for all its attention layers."""
     _, counter = aot_eager_flex
-    monkeypatch.setitem(ra.PATHS, "flex", functools.partial(ra._flex, compiled=True))  # as on CUDA
+    monkeypatch.setitem(ra.PATHS, "flex", functools.partial(flex.attend, compiled=True))  # as on CUDA
     model, _ = _retinanet(False, ["MODEL.AA.IMPL", "flex"])
     naive, _ = _retinanet(False, ["MODEL.AA.IMPL", "naive"])
     naive.load_state_dict(model.state_dict())

@@ -9,7 +9,7 @@ import torch
 from aa_detection.benchmark import attention, report
 from aa_detection.benchmark.common import compare_times, run_in_turns
 from aa_detection.utils.table import format_table
-from aa_detection.layers.relative_attention import kernel_available
+from aa_detection.layers.kernel import kernel_available
 
 from common import ROOT, load_tool  # noqa: E402
 

@@ -11,6 +11,7 @@ import torch
 
 from aa_detection.layers import relative_attention as ra
 from aa_detection.layers import relative_attention_2d
+from aa_detection.layers.flex import FLEX_STATE
 
 from test_relative_attention import random_inputs
 
@@ -27,8 +28,8 @@ def fresh_flex(monkeypatch):
     """Each test compiles FlexAttention afresh: the graphs of earlier tests (two dtypes, batch 1, a 1xN strip)
     would otherwise add up towards torch._dynamo's recompile limit, past which flex is refused."""
     torch._dynamo.reset()
-    monkeypatch.setattr(ra.FLEX_STATE, "signatures", {})
-    monkeypatch.setattr(ra.FLEX_STATE, "failed", False)
+    monkeypatch.setattr(FLEX_STATE, "signatures", {})
+    monkeypatch.setattr(FLEX_STATE, "failed", False)
 
 
 def _cuda_inputs(shape, dtype):
@@ -103,7 +104,7 @@ def test_low_precision_matches_fp32_naive(impl, dtype):
     out = relative_attention_2d(*inputs, impl=impl)
     grads = torch.autograd.grad(out, inputs, grad_out.to(dtype))
     if impl == "auto":  # served by FlexAttention, not by the fused fallback
-        assert ra.choose_impl(out.device, *shape[2:4], shape[4], shape[5], dtype) == "flex" and not ra.FLEX_STATE.failed
+        assert ra.choose_impl(out.device, *shape[2:4], shape[4], shape[5], dtype) == "flex" and not FLEX_STATE.failed
     tolerance = 5 * UNIT_ROUNDOFF[dtype]
     assert out.dtype == dtype and _relative_error(out, ref) < tolerance
     for name, g, r in zip("q k v rel_h rel_w".split(), grads, ref_grads):
@@ -206,7 +207,7 @@ def test_flex_backbone_matches_fused(dtype, monkeypatch):
     images = torch.randn(2, 3, 512, 768, device="cuda") * 50
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         outputs = {impl: backbone(images) for impl, backbone in backbones.items()}
-    assert not ra.FLEX_STATE.failed
+    assert not FLEX_STATE.failed
     for name, ref in outputs["fused"].items():
         assert _relative_error(outputs["flex"][name], ref) < BACKBONE_TOLERANCE[dtype], name
 
@@ -271,6 +272,6 @@ def test_aa_r50_training_step_memory_within_1_3x_of_r50(monkeypatch):
     augmented = _training_step_peak_bytes("retinanet_AA_R_50_FPN_1x.yaml", 800, 1344)
     print(f"training step peak: R50 {baseline / 2**30:.2f} GiB, AA-R50 {augmented / 2**30:.2f} GiB, "
           f"ratio {augmented / baseline:.3f}")
-    assert flex_calls and not ra.FLEX_STATE.failed  # FlexAttention served the AA layers, not the fused fallback
+    assert flex_calls and not FLEX_STATE.failed  # FlexAttention served the AA layers, not the fused fallback
     assert augmented <= 1.3 * baseline
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from aa_detection.layers import relative_attention_2d, relative_table
-from aa_detection.layers.relative_attention import kernel_available
+from aa_detection.layers.kernel import kernel_available
 
 
 def brute_force(q, k, v, rel_h, rel_w):
@@ -137,7 +137,7 @@ def test_bad_arguments_raise():
 
 @pytest.mark.parametrize("old_side, new_side", [(4, 7), (7, 4), (5, 5), (1, 3), (3, 1)])
 def test_resized_table_gives_every_offset_the_same_embedding(old_side, new_side):
-    from aa_detection.layers.relative_attention import resize_relative_table
+    from aa_detection.layers.relative_logits import resize_relative_table
 
     rel = torch.randn(2 * old_side - 1, 3)
     resized = resize_relative_table(rel, 2 * new_side - 1)

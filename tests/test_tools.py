@@ -7,7 +7,7 @@ pytest.importorskip("detectron2", reason="detectron2 is not installed; see READM
 import torch  # noqa: E402
 
 from aa_detection.analysis import count_parameters, flop_count  # noqa: E402
-from aa_detection.layers.relative_attention import kernel_available  # noqa: E402
+from aa_detection.layers.kernel import kernel_available  # noqa: E402
 from aa_detection.config import setup_cfg  # noqa: E402
 from aa_detection.layers import AAConv2d  # noqa: E402
 
@@ -76,7 +76,7 @@ def test_flop_count_of_a_detector_is_the_same_for_every_attention_path():
 
 
 def test_flop_count_counts_the_kernel_attention():
-    from aa_detection.layers.relative_attention import kernel_available
+    from aa_detection.layers.kernel import kernel_available
 
     if not kernel_available():
         pytest.skip("aa_detection._C is not built")

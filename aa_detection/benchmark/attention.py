@@ -43,8 +43,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..layers import AttentionSpec, attention_depths
-from ..layers import kernel, relative_attention
-from ..layers.relative_attention import relative_attention_2d, relative_attention_qkv, split_heads
+from ..layers import kernel, naive, relative_attention
+from ..layers.relative_attention import relative_attention_2d, relative_attention_qkv
+from ..layers.relative_logits import split_heads
 from ..errors import ConfigError
 from ..safe_io import atomic_write
 from ..utils.table import format_table
@@ -114,7 +115,7 @@ def paths_for(device: torch.device, wanted: Sequence[str], naive_estimate: float
     runs_here = {
         "naive": naive_estimate <= budget,
         "fused": True,
-        "kernel": device.type == "cpu" and relative_attention.kernel_available(),
+        "kernel": device.type == "cpu" and kernel.kernel_available(),
         "flex": device.type == "cuda",
     }
     return [p for p in PATHS if p in wanted and runs_here[p]]
@@ -257,7 +258,7 @@ def _best_rates(device, dtype, repeats):
         a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
         mm = max(mm, 2 * n**3 / _best_time(lambda _: torch.mm(a, b), repeats, device))
     exps = {"torch.exp": (lambda x: torch.exp(x, out=x), 1)}  # name: (call, exps per element)
-    if device.type == "cpu" and dtype == torch.float32 and relative_attention.kernel_available():
+    if device.type == "cpu" and dtype == torch.float32 and kernel.kernel_available():
         exps["kernel exp"] = (kernel._C.fast_exp_, 1)
     if device.type == "cuda":  # torch.exp there is bound by memory, an attention kernel's exps are not
         exps[f"{EXP_CHAIN} chained exps"] = (_compiled_exp_chain(), EXP_CHAIN)
@@ -535,8 +536,8 @@ def run(args: argparse.Namespace, device: torch.device, sizes: Sequence[str], ex
         device=str(device),
         amp=args.amp,
         compute_dtype=compute_dtype(args.amp),
-        kernel_isa=kernel._C.kernel_isa() if relative_attention.kernel_available() else None,
-        naive_max_pixels=relative_attention.NAIVE_MAX_PIXELS,
+        kernel_isa=kernel._C.kernel_isa() if kernel.kernel_available() else None,
+        naive_max_pixels=naive.NAIVE_MAX_PIXELS,
         rates=rates,
         args=vars(args),
     )

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .relative_attention import check_impl, relative_attention_qkv, split_heads
+from .relative_attention import check_impl, relative_attention_qkv
+from .relative_logits import split_heads
 from .spec import AttentionSpec
 
 __all__ = ["AAConv2d", "attention_depths"]

@@ -13,7 +13,7 @@ from typing import Iterator, List, Optional
 
 import torch
 
-__all__ = ["kernel_attention", "kernel_available", "kernel_isas", "using_kernel_isa", "KERNEL_MAX_HEAD_WIDTH"]
+__all__ = ["attend", "kernel_attention", "kernel_available", "kernel_isas", "using_kernel_isa", "KERNEL_MAX_HEAD_WIDTH"]
 
 try:  # the C++/OpenMP CPU kernel, built by setup.py
     from aa_detection import _C
@@ -102,3 +102,16 @@ def kernel_attention(qkv: torch.Tensor, num_heads: int, dk: int, dv: int, rel_h:
     qkv, rel_h, rel_w = (t.float().contiguous() for t in (qkv, rel_h, rel_w))
     out, _ = torch.ops.aa_detection.attention_forward(qkv, rel_h, rel_w, num_heads, dk, dv, scale)
     return out.to(dtype)
+
+
+def attend(q, k, v, rel_h, rel_w, scale, layer="attention"):
+    """The kernel as an attention path: q, k (B, Nh, H, W, dkh), v (B, Nh, H, W, dvh) -> (B, Nh, H, W, dvh),
+    packed into the qkv layout (one copy); `relative_attention_qkv` calls `kernel_attention` on its qkv
+    directly."""
+    B, Nh, H, W, dkh = q.shape
+    dvh = v.shape[-1]
+    if not math.isclose(scale, 1.0 / math.sqrt(dkh)):
+        raise ValueError("the kernel path uses the scale 1/sqrt(dkh)")
+    qkv = torch.cat([t.permute(0, 1, 4, 2, 3).reshape(B, -1, H, W) for t in (q.float(), k.float(), v.float())], 1)
+    out = kernel_attention(qkv, Nh, Nh * dkh, Nh * dvh, rel_h, rel_w, layer)
+    return out.reshape(B, Nh, dvh, H, W).permute(0, 1, 3, 4, 2).to(v.dtype)
