@@ -26,4 +26,4 @@ else:
     except ImportError:  # the classifiers are optional
         pass
     else:
-        from . import classification  # noqa: F401  (registers aa_resnet*, d2_resnet* in timm's registry)
+        from .pretraining import classifiers  # noqa: F401  (registers aa_resnet*, d2_resnet* in timm's registry)

@@ -355,7 +355,7 @@ def validate_cfg(cfg: CN, origins: Optional[Dict[str, str]] = None) -> CN:
     if error is not None:
         raise _backbone_error(cfg, error, origin) from error
     if os.path.isfile(cfg.MODEL.WEIGHTS):  # weights that say what they need (pixel format, architecture)
-        from .pretrained import check_weights_format
+        from .pretraining.convert import check_weights_format
 
         check_weights_format(cfg, cfg.MODEL.WEIGHTS)
     return cfg

@@ -20,7 +20,7 @@ from aa_detection.checkpoint import AACheckpointer, pretrained_shapes  # noqa: E
 from aa_detection.config import setup_cfg  # noqa: E402
 from aa_detection.errors import ConfigError, WeightsError  # noqa: E402
 from aa_detection.layers import AAConv2d  # noqa: E402
-from aa_detection.pretrained import check_weights_format  # noqa: E402
+from aa_detection.pretraining.convert import check_weights_format  # noqa: E402
 from common import load_tool  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -144,7 +144,7 @@ def test_msra_pkl_converted_loads_through_detectron2s_own_checkpointer(tmp_path)
 
 
 def test_torchvision_converted_weights_load_into_aa_resnet(tmp_path):
-    from aa_detection.pretrained import convert_pretrained
+    from aa_detection.pretraining.convert import convert_pretrained
 
     tv = torchvision.models.resnet50(weights=None, width_per_group=16)
     _randomize_norms(tv)

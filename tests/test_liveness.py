@@ -97,7 +97,7 @@ def test_block_norms_users_pick_train_every_attention_parameter(norm):
 @pytest.mark.parametrize("name", ["aa_resnet18", "aa_resnet50"])
 def test_timm_classifier_trains_every_attention_parameter(name):
     timm = pytest.importorskip("timm", reason="timm is not installed")
-    import aa_detection.classification  # noqa: F401
+    import aa_detection.pretraining.classifiers  # noqa: F401
 
     model = timm.create_model(name, num_classes=5).train()
     x, y = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])

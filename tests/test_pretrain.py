@@ -12,14 +12,14 @@ import torchvision  # noqa: E402
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-import aa_detection.classification  # noqa: E402,F401
+import aa_detection.pretraining.classifiers  # noqa: E402,F401
 from aa_detection.checkpoint import AACheckpointer  # noqa: E402
 from aa_detection.config import setup_cfg  # noqa: E402
 from aa_detection.data.classification import ensure_shapes_classification_set  # noqa: E402
 from aa_detection.errors import ConfigError, DatasetError, WeightsError  # noqa: E402
 from aa_detection.layers import AAConv2d  # noqa: E402
-from aa_detection.pretrain import build_argument_parser, pretrain  # noqa: E402
-from aa_detection.pretrained import check_weights_format, convert_pretrained  # noqa: E402
+from aa_detection.pretraining.train import build_argument_parser, pretrain  # noqa: E402
+from aa_detection.pretraining.convert import check_weights_format, convert_pretrained  # noqa: E402
 
 pytestmark = pytest.mark.slow  # pretraining runs
 
@@ -217,7 +217,7 @@ def test_torchvision_resnet_converts_to_the_same_features(tmp_path):
         torch.save({"layer1.0.conv1.weight": torch.zeros(1), "conv1.0.weight": torch.zeros(1)}, src)
         convert_pretrained(src, dst)
     torch.save(model.backbone.bottom_up.state_dict(), src)  # detectron2 names, not a classifier checkpoint
-    with pytest.raises(WeightsError, match=r"r18\.pth: neither an aa_detection.pretrain checkpoint"):
+    with pytest.raises(WeightsError, match=r"r18\.pth: neither an aa_detection.pretraining.train checkpoint"):
         convert_pretrained(src, dst)
 
 
@@ -226,7 +226,7 @@ def test_no_aug_evaluates_on_the_framing_it_trains_on(shapes):
     (crop 1.0), not a 1/0.875 zoom of them; --crop-pct still chooses."""
     from PIL import Image
 
-    from aa_detection.pretrain import _loaders, _split_dataset
+    from aa_detection.pretraining.train import _loaders, _split_dataset
 
     device = torch.device("cpu")
     data_config = {"input_size": (3, 64, 64), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3,

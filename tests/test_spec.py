@@ -42,8 +42,8 @@ def test_a_config_hands_its_spec_to_the_backbone():
 
 def test_classifiers_and_pretraining_take_every_option():
     timm = pytest.importorskip("timm", reason="timm is not installed (pip install timm)")
-    import aa_detection.classification  # noqa: F401
-    from aa_detection.pretrain import build_argument_parser, model_kwargs
+    import aa_detection.pretraining.classifiers  # noqa: F401
+    from aa_detection.pretraining.train import build_argument_parser, model_kwargs
 
     model = timm.create_model("aa_resnet18", num_classes=3, num_heads=2, aa_stages=["res5"], downsample_stages=[])
     assert model.res5[0].conv1.num_heads == 2 and not hasattr(model.res4[0].conv1, "num_heads")

@@ -15,7 +15,7 @@ import sys
 
 from aa_detection.config import add_trust_config_argument, setup_cfg
 from aa_detection.errors import exit_on_user_error
-from aa_detection.pretrained import convert_pretrained
+from aa_detection.pretraining.convert import convert_pretrained
 
 
 def main(argv=None):

@@ -5,12 +5,12 @@
     torchrun --nproc_per_node 8 tools/pretrain_backbone.py --data /data/imagenet --output output/aa_r50_in1k
     python tools/pretrain_backbone.py ... --resume     # continue from OUTPUT/last.pth
 
-See aa_detection/pretrain.py (recipe, files written) and README.md, "Pretraining the backbone".
+See aa_detection/pretraining/train.py (recipe, files written) and README.md, "Pretraining the backbone".
 """
 import sys
 
 from aa_detection.errors import exit_on_user_error
-from aa_detection.pretrain import build_argument_parser, pretrain
+from aa_detection.pretraining.train import build_argument_parser, pretrain
 
 
 def main(argv=None):

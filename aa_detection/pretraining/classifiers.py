@@ -1,13 +1,13 @@
 """AA-ResNet image classifiers in timm's model registry (importing this module registers them).
 
-    import aa_detection.classification  # noqa: F401
+    import aa_detection.pretraining.classifiers  # noqa: F401
     model = timm.create_model("aa_resnet50", num_classes=1000)
 
 `aa_resnet18/34/50/101` are the detection backbone of `aa_detection.modeling.aa_resnet` (the same
 function builds both) with detectron2's classifier head; `d2_resnet18/34/50/101` are their plain
 twins (no attention stages), so a baseline has the same parameter names. Parameter names are
 detectron2's (`stem.conv1.weight`, `res4.2.conv2.qkv.weight`, `linear.weight`): a classifier's state
-dict is a detection backbone's, plus the head (see `aa_detection.pretrained` for the conversion).
+dict is a detection backbone's, plus the head (see `aa_detection.pretraining.convert` for the conversion).
 
 The attention keyword arguments are the fields of `aa_detection.layers.AttentionSpec` (MODEL.AA's
 keys, meanings and defaults); the norm is trainable BatchNorm ("BN") and `max_input_size` (which sizes
@@ -24,10 +24,10 @@ try:
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 except ImportError as e:  # timm is optional for the rest of the package
-    raise ImportError("aa_detection.classification needs timm: pip install timm (or aa_detection[timm])") from e
+    raise ImportError("aa_detection.pretraining.classifiers needs timm: pip install timm (or aa_detection[timm])") from e
 
-from .layers import AttentionSpec
-from .modeling.backbone import aa_resnet
+from ..layers import AttentionSpec
+from ..modeling.backbone import aa_resnet
 
 __all__ = ["AAResNetClassifier"]
 

@@ -38,15 +38,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import DatasetError
-from .layers import AttentionSpec
-from .layers.relative_attention import IMPLS
-from .modeling.liveness import AttentionProbe, dead_layers_message, liveness_scalars
-from .safe_io import atomic_write, load_torch_weights
+from ..errors import DatasetError
+from ..layers import AttentionSpec
+from ..layers.relative_attention import IMPLS
+from ..modeling.liveness import AttentionProbe, dead_layers_message, liveness_scalars
+from ..safe_io import atomic_write, load_torch_weights
 
 __all__ = ["build_argument_parser", "pretrain", "model_kwargs"]
 
-logger = logging.getLogger("aa_detection.pretrain")
+logger = logging.getLogger(__name__)
 
 # Model keyword arguments settable from the command line (MODEL.AA's meanings; None keeps the model default).
 MODEL_OPTIONS = tuple(f.name for f in fields(AttentionSpec)) + (
@@ -297,7 +297,7 @@ def pretrain(args: argparse.Namespace) -> dict:
     from timm.utils import ModelEmaV3
     from detectron2.utils.logger import setup_logger
 
-    import aa_detection.classification  # noqa: F401  (registers the models)
+    import aa_detection.pretraining.classifiers  # noqa: F401  (registers the models)
 
     rank, world_size, device = _init_distributed(args.device)
     train_set, val_set = _datasets(args.data)  # before anything is written

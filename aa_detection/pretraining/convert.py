@@ -2,7 +2,7 @@
 
 `convert_pretrained(src, dst, cfg=...)` reads one of
 
-- a classifier checkpoint of `aa_detection.pretrain` (last.pth / best.pth): its EMA weights when it
+- a classifier checkpoint of `aa_detection.pretraining.train` (last.pth / best.pth): its EMA weights when it
   has them, else its model weights; names are already detectron2's (the classifier is the backbone);
 - a torchvision or timm ResNet state dict (.pth/.pt, or .safetensors): `conv1`, `bn1`, `layerN.*`,
   `downsample.*` renamed to detectron2's `stem.conv1`, `resN+1.*`, `shortcut.*`; depth, widths and
@@ -42,12 +42,12 @@ from detectron2.utils.file_io import PathManager
 import torch
 from torch import nn
 
-from .checkpoint import fit_aa_layers, is_attention_parameter
-from .errors import ConfigError, UsageError, WeightsError
-from .layers import AAConv2d, AttentionSpec
-from .layers.relative_logits import resize_relative_table
-from .modeling.backbone import RESNET_BLOCKS, STAGE_NAMES, aa_resnet
-from .safe_io import atomic_write, load_pickle_weights, load_torch_weights
+from ..checkpoint import fit_aa_layers, is_attention_parameter
+from ..errors import ConfigError, UsageError, WeightsError
+from ..layers import AAConv2d, AttentionSpec
+from ..layers.relative_logits import resize_relative_table
+from ..modeling.backbone import RESNET_BLOCKS, STAGE_NAMES, aa_resnet
+from ..safe_io import atomic_write, load_pickle_weights, load_torch_weights
 
 __all__ = ["convert_pretrained", "check_weights_format", "describe_resnet", "architecture_differences",
            "torchvision_to_d2_names", "IMAGENET_PIXEL_MEAN", "IMAGENET_PIXEL_STD", "MSRA_PIXEL_MEAN",
@@ -174,7 +174,7 @@ def read_pretrained(path: str, weights: str = "auto") -> dict:
     is anything detectron2's PathManager opens (detectron2://..., a URL, a file). weights: "auto" (a
     classifier's EMA when it has one), "ema" or "model"."""
     data = _load(PathManager.get_local_path(path))
-    if isinstance(data, dict) and "architecture" in data and "model" in data:  # aa_detection.pretrain
+    if isinstance(data, dict) and "architecture" in data and "model" in data:  # aa_detection.pretraining.train
         if weights == "auto":
             weights = "ema" if data.get("ema") is not None else "model"
         if data.get(weights) is None:
@@ -189,7 +189,7 @@ def read_pretrained(path: str, weights: str = "auto") -> dict:
         if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
             data = data[wrapper]
     if not isinstance(data, dict) or not any(k.startswith("layer1.") for k in data):
-        raise WeightsError(f"{path}: neither an aa_detection.pretrain checkpoint nor a torchvision/timm ResNet "
+        raise WeightsError(f"{path}: neither an aa_detection.pretraining.train checkpoint nor a torchvision/timm ResNet "
                          "state dict (no `layer1.*` keys)")
     state = torchvision_to_d2_names(data)
     return {"state": state, "architecture": _plain_architecture(state, path), "pixel_mean": IMAGENET_PIXEL_MEAN,
