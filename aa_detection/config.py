@@ -33,7 +33,7 @@ from .data.validation import BAD_IMAGE_POLICIES, IMAGE_CHECKS
 from .errors import ConfigError
 from .layers.relative_attention import IMPLS
 from .layers.spec import AttentionSpec
-from .modeling.backbone import check_aa_stages
+from .modeling.backbone import RESNET_BLOCKS, STAGE_NAMES
 
 __all__ = ["ConfigError", "add_aa_config", "add_aa_defaults", "load_cfg", "validate_cfg", "setup_cfg",
            "BAD_IMAGE_POLICIES", "OPTIMIZERS", "AA_BACKBONES"]
@@ -261,6 +261,13 @@ def _check_choice(cfg, key, allowed, origin, any_case=False):
                           + (" (any case)" if any_case else ""))
 
 
+def _check_subset(cfg, key, allowed, origin):
+    values = list(_value(cfg, key))
+    unknown = [v for v in values if v not in allowed]
+    if unknown:
+        raise ConfigError(f"{origin(key)}: {key}={values} has {unknown}: allowed values are {list(allowed)}")
+
+
 def _check_register(cfg, origin):
     for entry in cfg.DATASETS.REGISTER:
         if not isinstance(entry, (list, tuple)) or len(entry) != 3 or not all(isinstance(x, str) for x in entry):
@@ -347,10 +354,9 @@ def validate_cfg(cfg: CN, origins: Optional[Dict[str, str]] = None) -> CN:
     _check_choice(cfg, "DATASETS.CHECK_IMAGES", IMAGE_CHECKS, origin)
     _check_choice(cfg, "MODEL.BACKBONE.NAME", sorted(name for name, _ in BACKBONE_REGISTRY), origin)
     _check_register(cfg, origin)
-    try:
-        check_aa_stages(cfg)
-    except ValueError as e:
-        raise _backbone_error(cfg, e, origin) from e
+    _check_choice(cfg, "MODEL.RESNETS.DEPTH", sorted(RESNET_BLOCKS), origin)  # the plain builder's too
+    for key in ("MODEL.AA.STAGES", "MODEL.AA.DOWNSAMPLE_STAGES"):
+        _check_subset(cfg, key, STAGE_NAMES, origin)
     error = _builds_on_meta(cfg)
     if error is not None:
         raise _backbone_error(cfg, error, origin) from error

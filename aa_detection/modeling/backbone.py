@@ -25,7 +25,6 @@ __all__ = [
     "AABasicBlock",
     "AABottleneckBlock",
     "STAGE_NAMES",
-    "check_aa_stages",
     "build_aa_resnet_backbone",
     "build_aa_resnet_fpn_backbone",
     "build_retinanet_aa_resnet_fpn_backbone",
@@ -118,17 +117,6 @@ def max_input_size(cfg: CfgNode, size_divisibility: int = 1) -> int:
     return -(-longest // divisibility) * divisibility
 
 
-def check_aa_stages(cfg: CfgNode) -> None:
-    """ValueError naming the key and the allowed values when MODEL.AA.STAGES or MODEL.RESNETS.DEPTH is unknown."""
-    stages = list(cfg.MODEL.AA.STAGES)
-    bad = [s for s in stages if s not in STAGE_NAMES]
-    if bad:
-        raise ValueError(f"MODEL.AA.STAGES={stages} has {bad}: allowed values are {list(STAGE_NAMES)}")
-    depth = cfg.MODEL.RESNETS.DEPTH
-    if depth not in RESNET_BLOCKS:
-        raise ValueError(f"MODEL.RESNETS.DEPTH={depth}: allowed values are {sorted(RESNET_BLOCKS)}")
-
-
 def aa_resnet(
     *,
     depth: int = 50,
@@ -172,7 +160,7 @@ def aa_resnet(
         if not value <= set(STAGE_NAMES):
             raise ValueError(f"{name}={sorted(value)}: allowed values are {list(STAGE_NAMES)}")
     if depth not in RESNET_BLOCKS:
-        raise ValueError(f"depth={depth}: allowed values are {sorted(RESNET_BLOCKS)}")
+        raise ValueError(f"MODEL.RESNETS.DEPTH (depth)={depth}: allowed values are {sorted(RESNET_BLOCKS)}")
     if res5_dilation not in (1, 2):
         raise ValueError(f"res5_dilation={res5_dilation}: allowed values are 1 and 2")
     if res2_out_channels is None:
@@ -235,7 +223,6 @@ def aa_resnet(
 
 def aa_resnet_arguments(cfg: CfgNode, input_shape: ShapeSpec, size_divisibility: int = 1) -> dict:
     """The `aa_resnet` arguments a YAML config gives (MODEL.RESNETS, MODEL.BACKBONE.FREEZE_AT, MODEL.AA, INPUT)."""
-    check_aa_stages(cfg)
     r = cfg.MODEL.RESNETS
     return dict(
         depth=r.DEPTH, out_features=r.OUT_FEATURES, in_channels=input_shape.channels, norm=r.NORM,
