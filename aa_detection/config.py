@@ -397,9 +397,9 @@ def split_overrides(items: Sequence[str], opts: Sequence[str] = ()) -> Tuple[Lis
 def setup_cfg(config_file: Optional[str] = None, opts: Sequence[str] = (), datasets: Sequence[Sequence[str]] = (),
               prepare_data: bool = False, trusted: Sequence[str] = ()) -> CN:
     """A frozen config: `load_cfg`, `validate_cfg`, then `aa_detection.data.register_datasets` (which
-    sets MODEL.RETINANET.NUM_CLASSES and MODEL.ROI_HEADS.NUM_CLASSES from the training datasets); with `prepare_data`,
-    `aa_detection.data.prepare_datasets` first (generates the synthetic dataset when it is named and
-    missing; checks the named datasets, the result cached on disk).
+    sets MODEL.RETINANET.NUM_CLASSES and MODEL.ROI_HEADS.NUM_CLASSES from the training datasets); with
+    `prepare_data`, `aa_detection.data.prepare_datasets` first (generates the synthetic dataset when it is
+    named and missing; checks the named datasets, the result cached on disk).
 
     Everything that can be checked without data is checked before any model is built; see the steps.
     Importing this module registers the project's backbones, so any config built here can name them.

@@ -24,7 +24,8 @@ try:
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 except ImportError as e:  # timm is optional for the rest of the package
-    raise ImportError("aa_detection.pretraining.classifiers needs timm: pip install timm (or aa_detection[timm])") from e
+    raise ImportError("aa_detection.pretraining.classifiers needs timm: pip install timm "
+                      "(or aa_detection[timm])") from e
 
 from ..layers import AttentionSpec
 from ..modeling.backbone import aa_resnet

@@ -297,7 +297,7 @@ def pretrain(args: argparse.Namespace) -> dict:
     from timm.utils import ModelEmaV3
     from detectron2.utils.logger import setup_logger
 
-    import aa_detection.pretraining.classifiers  # noqa: F401  (registers the models)
+    from . import classifiers  # noqa: F401  (registers the models)
 
     rank, world_size, device = _init_distributed(args.device)
     train_set, val_set = _datasets(args.data)  # before anything is written
